@@ -1,0 +1,147 @@
+//! Command-line and environment configuration. Every flag has a `RELAY_*` variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::protocol::{valid_role_name, Limits, LLM_ROLE};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logging flags, shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log output format.
+    #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `chat_relay=debug,tower_http=info`.
+    #[arg(long, env = "RELAY_LOG", default_value = "chat_relay=info,tower_http=info", global = true)]
+    pub log_level: String,
+}
+
+/// Redis connection flags, shared by the relay and the LLM worker.
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    /// Redis URL.
+    #[arg(long, env = "RELAY_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Timeout for one Redis command; past it a send is answered with `store_unavailable`.
+    #[arg(long, env = "RELAY_REDIS_TIMEOUT_MS", default_value_t = 3000)]
+    pub redis_timeout_ms: u64,
+    /// Prefix of the room stream keys.
+    #[arg(long, env = "RELAY_KEY_PREFIX", default_value = "chat:session:")]
+    pub key_prefix: String,
+    /// Consumer group of the LLM participant, created with each room.
+    #[arg(long, env = "RELAY_LLM_GROUP", default_value = "llm")]
+    pub llm_group: String,
+}
+
+impl RedisArgs {
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+}
+
+/// `chat-relay serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on for WebSocket and HTTP.
+    #[arg(long, env = "RELAY_LISTEN", default_value = "0.0.0.0:3000")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    /// Stream retention: `XADD ... MAXLEN ~ N`. 0 keeps everything.
+    #[arg(long, env = "RELAY_RETENTION", default_value_t = 100_000)]
+    pub retention: u64,
+    /// Largest accepted text frame, in bytes; larger frames get `frame_too_large`.
+    #[arg(long, env = "RELAY_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+    /// Longest `bd.text`, in characters after trimming.
+    #[arg(long, env = "RELAY_MAX_TEXT_CHARS", default_value_t = 2000)]
+    pub max_text_chars: usize,
+    /// Deepest JSON nesting accepted in a frame.
+    #[arg(long, env = "RELAY_MAX_JSON_DEPTH", default_value_t = 32)]
+    pub max_json_depth: usize,
+    /// Frames queued per socket before the client counts as too slow and is disconnected.
+    #[arg(long, env = "RELAY_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+    /// Appends one socket may have in flight before its reads pause.
+    #[arg(long, env = "RELAY_SEND_WINDOW", default_value_t = 32)]
+    pub send_window: usize,
+    /// Roles clients may use (comma-separated). `llm` is always refused.
+    #[arg(long, env = "RELAY_ROLES", value_delimiter = ',', default_value = "A,B,user")]
+    pub roles: Vec<String>,
+    /// Seconds between WebSocket pings; a peer silent for three intervals is dropped.
+    #[arg(long, env = "RELAY_PING_SECS", default_value_t = 20)]
+    pub ping_secs: u64,
+    /// Seconds one socket write may take before the peer counts as dead.
+    #[arg(long, env = "RELAY_WRITE_TIMEOUT_SECS", default_value_t = 10)]
+    pub write_timeout_secs: u64,
+    /// Seconds to let sessions and in-flight appends finish on shutdown.
+    #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--roles: '{0}' is not a valid role name ([A-Za-z0-9._-], 1-32 chars)")]
+    BadRole(String),
+    #[error("--roles must name at least one role other than 'llm'")]
+    NoRoles,
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    #[error("--key-prefix must not contain '{{' or '}}' (Redis Cluster hash tags)")]
+    BadPrefix,
+}
+
+impl ServeConfig {
+    /// Fails on impossible values; warns on risky ones.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for role in &self.roles {
+            if !valid_role_name(role) {
+                return Err(ConfigError::BadRole(role.clone()));
+            }
+        }
+        if self.roles.iter().all(|r| r == LLM_ROLE) {
+            return Err(ConfigError::NoRoles);
+        }
+        if self.roles.iter().any(|r| r == LLM_ROLE) {
+            tracing::warn!("--roles lists 'llm'; it stays reserved for the LLM participant");
+        }
+        for (name, v) in [
+            ("--max-frame-bytes", self.max_frame_bytes),
+            ("--max-text-chars", self.max_text_chars),
+            ("--max-json-depth", self.max_json_depth),
+            ("--outbound-queue", self.outbound_queue),
+            ("--send-window", self.send_window),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if self.ping_secs == 0 {
+            return Err(ConfigError::Zero("--ping-secs"));
+        }
+        if self.redis.key_prefix.contains(['{', '}']) {
+            return Err(ConfigError::BadPrefix);
+        }
+        if self.retention > 0 && self.retention < 1000 {
+            tracing::warn!(retention = self.retention, "short retention: clients resuming after a brief outage may find their last id trimmed");
+        }
+        Ok(())
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_frame_bytes: self.max_frame_bytes,
+            max_text_chars: self.max_text_chars,
+            max_depth: self.max_json_depth,
+        }
+    }
+}

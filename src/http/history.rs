@@ -1,0 +1,126 @@
+//! `GET /v1/sessions/{sid}` and `GET /v1/sessions/{sid}/messages`: the room read from its stream.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{checked_sid, ApiError};
+use crate::protocol::{delivery_frame, ErrorCode, StreamId};
+use crate::relay::Shared;
+
+const DEFAULT_PAGE: u64 = 100;
+const MAX_PAGE: u64 = 1000;
+/// Entries scanned per read when counting participants.
+const SCAN_PAGE: u64 = 1000;
+
+#[derive(Debug, Deserialize)]
+pub struct PageQuery {
+    after: Option<String>,
+    before: Option<String>,
+    limit: Option<String>,
+}
+
+fn parse_id(name: &'static str, raw: Option<&str>) -> Result<Option<StreamId>, ApiError> {
+    raw.filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse().map_err(|_| {
+                ApiError::bad_request(
+                    ErrorCode::InvalidLastId,
+                    format!("{name} must be a stream id such as 1700000000000-0"),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// Oldest first. With `after`: the page after it; with only `before`: the newest page before
+/// it (scrolling back); with neither: the newest `limit` entries. `next_after` continues forward.
+pub async fn messages(
+    State(shared): State<Arc<Shared>>,
+    Path(sid): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let sid = checked_sid(Some(&sid))?;
+    let after = parse_id("after", q.after.as_deref())?;
+    let before = parse_id("before", q.before.as_deref())?;
+    let limit = match q.limit.as_deref() {
+        None | Some("") => DEFAULT_PAGE,
+        Some(l) => match l.parse::<u64>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(
+                    ErrorCode::InvalidBody,
+                    format!("limit must be a number from 1 to {MAX_PAGE}"),
+                ))
+            }
+        },
+    };
+    let entries = match after {
+        Some(_) => {
+            let until = before.map(StreamId::prev);
+            shared.store.range_after(sid, after, until, limit).await?
+        }
+        None => shared.store.range_before(sid, before, limit).await?,
+    };
+    let next_after = entries.last().map(|e| e.id.to_string());
+    let messages: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let frame = delivery_frame(e.id, &e.participant, &e.event, &e.body);
+            serde_json::from_str(&frame).unwrap_or(Value::Null)
+        })
+        .collect();
+    Ok(Json(json!({
+        "sid": sid,
+        "count": messages.len(),
+        "messages": messages,
+        "next_after": next_after,
+    })))
+}
+
+/// Whether the room exists, its length, first/last id, and entries per participant.
+pub async fn room_info(
+    State(shared): State<Arc<Shared>>,
+    Path(sid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let sid = checked_sid(Some(&sid))?;
+    let Some(info) = shared.store.info(sid).await? else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            format!("room '{sid}' has no messages"),
+        ));
+    };
+    // Retention bounds the stream, so a full scan is bounded too.
+    let mut participants: BTreeMap<String, u64> = BTreeMap::new();
+    let mut events: BTreeMap<String, u64> = BTreeMap::new();
+    let mut after = None;
+    loop {
+        let page = shared.store.range_after(sid, after, None, SCAN_PAGE).await?;
+        for e in &page {
+            *participants.entry(e.participant.clone()).or_default() += 1;
+            *events.entry(e.event.clone()).or_default() += 1;
+        }
+        match page.last() {
+            Some(last) if page.len() as u64 == SCAN_PAGE => after = Some(last.id),
+            _ => break,
+        }
+    }
+    let members_here = shared.rooms.get(sid).map_or(0, |r| r.member_count());
+    Ok(Json(json!({
+        "sid": sid,
+        "exists": true,
+        "key": shared.store.keys().room(sid),
+        "length": info.length,
+        "first_id": info.first_id.map(|i| i.to_string()),
+        "last_id": info.last_id.map(|i| i.to_string()),
+        "participants": participants,
+        "events": events,
+        "connected_here": members_here,
+    })))
+}

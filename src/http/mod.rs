@@ -1,0 +1,87 @@
+//! The HTTP API: room history and info, health, and the browser page.
+
+mod error;
+mod history;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+pub use error::ApiError;
+
+use crate::protocol::{valid_sid, ErrorCode};
+use crate::relay::Shared;
+
+pub fn router() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/", get(index))
+        .route("/app.js", get(app_js))
+        .route("/style.css", get(style_css))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/sessions/{sid}", get(history::room_info))
+        .route("/v1/sessions/{sid}/messages", get(history::messages))
+        .fallback(not_found)
+}
+
+/// Checks a room id from a path or query, as every entry point does.
+pub fn checked_sid(sid: Option<&str>) -> Result<&str, ApiError> {
+    match sid {
+        Some(s) if valid_sid(s) => Ok(s),
+        Some(_) => Err(ApiError::bad_request(
+            ErrorCode::InvalidSid,
+            "sid must be 1-128 characters of A-Z a-z 0-9 . _ -",
+        )),
+        None => Err(ApiError::bad_request(
+            ErrorCode::InvalidSid,
+            "missing sid: connect to /v1/session/chat?sid=ROOM",
+        )),
+    }
+}
+
+async fn index() -> Html<&'static str> {
+    Html(include_str!("../../test-clients/web/index.html"))
+}
+
+async fn app_js() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../../test-clients/web/app.js"),
+    )
+        .into_response()
+}
+
+async fn style_css() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("../../test-clients/web/style.css"),
+    )
+        .into_response()
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.store.ping().await {
+        Ok(()) => Json(serde_json::json!({"status": "ready", "redis": "ok"})).into_response(),
+        Err(err) => {
+            tracing::warn!(cause = %err, "readiness check: redis unreachable");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::StoreUnavailable,
+                "redis is unreachable",
+            )
+            .into_response()
+        }
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such endpoint")
+}

@@ -1,0 +1,51 @@
+//! chat-relay: a real-time chat relay in which people and an LLM talk in rooms, with Redis
+//! Streams as the durable, ordered log.
+//!
+//! # Layout
+//!
+//! ```text
+//!  client ──ws──▶ ws::session ──parse──▶ protocol ──▶ dispatch ──Action──▶ store.append ──▶ Redis
+//!    ▲              (reader: pipelined appends, acks)                      (XADD + PUBLISH,
+//!    │                                                                      one Lua script)
+//!    └──── ws::session writer ◀── room::Room (fan-out) ◀── room feed ◀── SUBSCRIBE chat:session:<sid>
+//!          (replay after last_id,                           (recovers from XRANGE when the
+//!           skip ids already sent)                            subscription was lost)
+//! ```
+//!
+//! Dependencies point one way: `protocol` ← `store` ← `room` ← `dispatch` ← `ws`/`http` ←
+//! `relay`. Only `store` talks to Redis.
+
+pub mod config;
+pub mod dispatch;
+pub mod http;
+pub mod protocol;
+pub mod relay;
+pub mod room;
+pub mod store;
+pub mod telemetry;
+pub mod ws;
+
+pub use config::ServeConfig;
+pub use relay::run;
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,92 @@
+//! The catalogue of errors a client can see. Codes are stable snake_case strings that clients
+//! match on; messages are short and human, and never carry internals (no Redis error text).
+
+use std::borrow::Cow;
+
+/// Every error code the relay sends, in one place so docs, tests and clients agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    BadJson,
+    NotObject,
+    InvalidHeader,
+    InvalidEvent,
+    UnknownEvent,
+    ReservedEvent,
+    InvalidRole,
+    ReservedRole,
+    RoleMismatch,
+    InvalidBody,
+    EmptyText,
+    TextTooLong,
+    FrameTooLarge,
+    TooDeep,
+    BinaryUnsupported,
+    InvalidSid,
+    InvalidLastId,
+    InvalidCid,
+    StoreUnavailable,
+    RateLimited,
+    NotFound,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::NotObject => "not_object",
+            ErrorCode::InvalidHeader => "invalid_header",
+            ErrorCode::InvalidEvent => "invalid_event",
+            ErrorCode::UnknownEvent => "unknown_event",
+            ErrorCode::ReservedEvent => "reserved_event",
+            ErrorCode::InvalidRole => "invalid_role",
+            ErrorCode::ReservedRole => "reserved_role",
+            ErrorCode::RoleMismatch => "role_mismatch",
+            ErrorCode::InvalidBody => "invalid_body",
+            ErrorCode::EmptyText => "empty_text",
+            ErrorCode::TextTooLong => "text_too_long",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::TooDeep => "too_deep",
+            ErrorCode::BinaryUnsupported => "binary_unsupported",
+            ErrorCode::InvalidSid => "invalid_sid",
+            ErrorCode::InvalidLastId => "invalid_last_id",
+            ErrorCode::InvalidCid => "invalid_cid",
+            ErrorCode::StoreUnavailable => "store_unavailable",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Whether the same request may succeed if simply sent again later.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::StoreUnavailable | ErrorCode::RateLimited | ErrorCode::Internal
+        )
+    }
+}
+
+/// An error addressed to one client: a stable code plus a human message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", code.as_str())]
+pub struct ClientError {
+    pub code: ErrorCode,
+    pub message: Cow<'static, str>,
+}
+
+impl ClientError {
+    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn store_unavailable() -> Self {
+        Self::new(
+            ErrorCode::StoreUnavailable,
+            "the message store is temporarily unavailable; nothing was stored, please retry",
+        )
+    }
+}

@@ -1,0 +1,347 @@
+//! Turning one client text frame into a validated [`Inbound`], or a refusal naming the problem.
+//!
+//! Order of checks is cheapest-first so hostile input costs little: size, nesting depth (a
+//! linear byte scan, before serde recurses), JSON, envelope shape, event, then the event's body.
+//! Roles are checked later by the dispatcher, which knows what the connection was granted.
+
+use serde_json::{Map, Value};
+
+use super::{ClientError, ErrorCode, EventKind, StreamId, SERVER_HEADER_FIELDS};
+
+/// Limits applied to every client frame; all configurable.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_text_chars: usize,
+    pub max_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 * 1024,
+            max_text_chars: 2000,
+            max_depth: 32,
+        }
+    }
+}
+
+/// A client envelope that passed validation. The stored envelope is rebuilt from these typed
+/// fields, never from the client's bytes, so a duplicate `"role"` key cannot smuggle a second
+/// role into history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inbound {
+    pub event: EventKind,
+    /// `hd.role` as sent; `None` when absent. Resolved against the connection's grant later.
+    pub role: Option<String>,
+    pub cid: Option<String>,
+    /// Header fields the relay does not interpret, kept as the spec asks (minus server-owned ones).
+    pub extra: Map<String, Value>,
+    /// The body, normalised for the event (e.g. `bd.text` trimmed).
+    pub body: Value,
+}
+
+/// A refusal: the error plus the frame's `cid`, when one could be read, so the client can match
+/// the error to what it sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub error: ClientError,
+    pub cid: Option<String>,
+}
+
+impl From<ClientError> for Refusal {
+    fn from(error: ClientError) -> Self {
+        Refusal { error, cid: None }
+    }
+}
+
+const MAX_CID_BYTES: usize = 128;
+
+/// Parse and validate one text frame.
+pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<Inbound, Refusal> {
+    if text.len() > limits.max_frame_bytes {
+        return Err(ClientError::new(
+            ErrorCode::FrameTooLarge,
+            format!("frame too large (max {} bytes)", limits.max_frame_bytes),
+        )
+        .into());
+    }
+    if depth_exceeds(text.as_bytes(), limits.max_depth) {
+        return Err(ClientError::new(
+            ErrorCode::TooDeep,
+            format!("JSON nested too deeply (max depth {})", limits.max_depth),
+        )
+        .into());
+    }
+    let value: Value = serde_json::from_str(text)
+        .map_err(|_| ClientError::new(ErrorCode::BadJson, "frame is not valid JSON"))?;
+    let Value::Object(mut envelope) = value else {
+        return Err(ClientError::new(
+            ErrorCode::NotObject,
+            "frame must be a JSON object {\"hd\": {...}, \"bd\": ...}",
+        )
+        .into());
+    };
+    let Some(Value::Object(mut hd)) = envelope.remove("hd") else {
+        return Err(ClientError::new(
+            ErrorCode::InvalidHeader,
+            "envelope needs an object \"hd\" with at least \"event\"",
+        )
+        .into());
+    };
+
+    // Read cid first so every later refusal can echo it.
+    let cid = match hd.remove("cid") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(c)) if !c.is_empty() && c.len() <= MAX_CID_BYTES => Some(c),
+        Some(_) => {
+            return Err(ClientError::new(
+                ErrorCode::InvalidCid,
+                "hd.cid must be a non-empty string of at most 128 bytes",
+            )
+            .into())
+        }
+    };
+    let refuse = |code, message: String| Refusal {
+        error: ClientError::new(code, message),
+        cid: cid.clone(),
+    };
+
+    let event = match hd.remove("event") {
+        Some(Value::String(name)) => match EventKind::from_name(&name) {
+            Some(kind) => kind,
+            None if EventKind::is_server_event(&name) => {
+                return Err(refuse(
+                    ErrorCode::ReservedEvent,
+                    format!("event '{name}' is sent by the relay only, not by clients"),
+                ))
+            }
+            None => {
+                return Err(refuse(
+                    ErrorCode::UnknownEvent,
+                    format!(
+                        "unknown event '{}'; known events: {}",
+                        truncate(&name, 64),
+                        EventKind::client_event_list()
+                    ),
+                ))
+            }
+        },
+        _ => {
+            return Err(refuse(
+                ErrorCode::InvalidEvent,
+                "hd.event must be a string such as \"chat.message\"".into(),
+            ))
+        }
+    };
+    let role = match hd.remove("role") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(r)) => Some(r),
+        Some(_) => {
+            return Err(refuse(
+                ErrorCode::InvalidRole,
+                "hd.role must be a string".into(),
+            ))
+        }
+    };
+    for field in SERVER_HEADER_FIELDS {
+        hd.remove(*field);
+    }
+
+    let body = envelope.remove("bd").unwrap_or(Value::Object(Map::new()));
+    let body = validate_body(event, body, limits).map_err(|e| Refusal {
+        error: e,
+        cid: cid.clone(),
+    })?;
+    Ok(Inbound {
+        event,
+        role,
+        cid,
+        extra: hd,
+        body,
+    })
+}
+
+fn validate_body(event: EventKind, body: Value, limits: &Limits) -> Result<Value, ClientError> {
+    match event {
+        EventKind::ChatMessage => {
+            let Value::Object(mut bd) = body else {
+                return Err(ClientError::new(
+                    ErrorCode::InvalidBody,
+                    "chat.message needs bd.text (a string)",
+                ));
+            };
+            let text = checked_text(bd.get("text"), limits, "chat.message needs bd.text")?;
+            bd.insert("text".into(), Value::String(text));
+            Ok(Value::Object(bd))
+        }
+        EventKind::LlmRequest => {
+            let Value::Object(mut bd) = body else {
+                return Err(ClientError::new(
+                    ErrorCode::InvalidBody,
+                    "llm.request needs bd.text (or bd.prompt)",
+                ));
+            };
+            let raw = bd.get("text").or_else(|| bd.get("prompt"));
+            let text = checked_text(raw, limits, "llm.request needs bd.text (or bd.prompt)")?;
+            bd.remove("prompt");
+            bd.insert("text".into(), Value::String(text));
+            Ok(Value::Object(bd))
+        }
+        EventKind::LlmCancel => {
+            let turn_ok = body
+                .get("turn_id")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.parse::<StreamId>().is_ok());
+            if turn_ok {
+                Ok(body)
+            } else {
+                Err(ClientError::new(
+                    ErrorCode::InvalidBody,
+                    "llm.cancel needs bd.turn_id, the stream id of the turn to stop",
+                ))
+            }
+        }
+        EventKind::ChatTyping => match body {
+            Value::Object(_) => Ok(body),
+            _ => Err(ClientError::new(
+                ErrorCode::InvalidBody,
+                "chat.typing takes an object body (may be empty)",
+            )),
+        },
+    }
+}
+
+/// Trim and bound a text field: 1..=max characters after trimming, as the voice-chat backend did.
+fn checked_text(
+    raw: Option<&Value>,
+    limits: &Limits,
+    missing: &'static str,
+) -> Result<String, ClientError> {
+    let Some(Value::String(text)) = raw else {
+        return Err(ClientError::new(ErrorCode::InvalidBody, missing));
+    };
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(ClientError::new(
+            ErrorCode::EmptyText,
+            "message is empty after trimming whitespace",
+        ));
+    }
+    if trimmed.chars().count() > limits.max_text_chars {
+        return Err(ClientError::new(
+            ErrorCode::TextTooLong,
+            format!("message too long (max {} characters)", limits.max_text_chars),
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// True when arrays/objects nest deeper than `max`. A linear scan that skips string contents,
+/// so it runs before serde and bounds serde's recursion on hostile input.
+fn depth_exceeds(bytes: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    s.chars().take(max_chars).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Inbound, Refusal> {
+        parse_client_frame(text, &Limits::default())
+    }
+
+    fn code(text: &str) -> &'static str {
+        parse(text).unwrap_err().error.code.as_str()
+    }
+
+    #[test]
+    fn accepts_the_prior_wire_format() {
+        let inb = parse(r#"{"hd":{"event":"chat.message","role":"A","timestamp":"2024-01-01T00:00:00Z"},"bd":{"text":" 안녕하세요! 🎉 "}}"#).unwrap();
+        assert_eq!(inb.event, EventKind::ChatMessage);
+        assert_eq!(inb.role.as_deref(), Some("A"));
+        assert_eq!(inb.body["text"], "안녕하세요! 🎉");
+        assert_eq!(inb.extra["timestamp"], "2024-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn refusals_have_codes() {
+        assert_eq!(code("not json"), "bad_json");
+        assert_eq!(code("[1,2]"), "not_object");
+        assert_eq!(code(r#"{"bd":{}}"#), "invalid_header");
+        assert_eq!(code(r#"{"hd":"x"}"#), "invalid_header");
+        assert_eq!(code(r#"{"hd":{}}"#), "invalid_event");
+        assert_eq!(code(r#"{"hd":{"event":5}}"#), "invalid_event");
+        assert_eq!(code(r#"{"hd":{"event":"nope"}}"#), "unknown_event");
+        assert_eq!(code(r#"{"hd":{"event":"llm.response"}}"#), "reserved_event");
+        assert_eq!(code(r#"{"hd":{"event":"chat.message","role":1},"bd":{"text":"x"}}"#), "invalid_role");
+        assert_eq!(code(r#"{"hd":{"event":"chat.message"},"bd":{}}"#), "invalid_body");
+        assert_eq!(code(r#"{"hd":{"event":"chat.message"},"bd":{"text":"   "}}"#), "empty_text");
+        assert_eq!(code(r#"{"hd":{"event":"chat.message","cid":7},"bd":{"text":"x"}}"#), "invalid_cid");
+        assert_eq!(code(r#"{"hd":{"event":"llm.cancel"},"bd":{}}"#), "invalid_body");
+        let deep = format!("{}{}", "[".repeat(40), "]".repeat(40));
+        assert_eq!(code(&deep), "too_deep");
+    }
+
+    #[test]
+    fn text_limit_is_in_characters_after_trim() {
+        let ok = format!(r#"{{"hd":{{"event":"chat.message"}},"bd":{{"text":"  {}  "}}}}"#, "가".repeat(2000));
+        assert!(parse(&ok).is_ok());
+        let long = format!(r#"{{"hd":{{"event":"chat.message"}},"bd":{{"text":"{}"}}}}"#, "가".repeat(2001));
+        assert_eq!(code(&long), "text_too_long");
+    }
+
+    #[test]
+    fn refusal_echoes_cid() {
+        let r = parse(r#"{"hd":{"event":"nope","cid":"c-1"}}"#).unwrap_err();
+        assert_eq!(r.cid.as_deref(), Some("c-1"));
+    }
+
+    #[test]
+    fn server_fields_are_dropped() {
+        let inb = parse(r#"{"hd":{"event":"chat.typing","id":"9-9","sid":"other","ts":1}}"#).unwrap();
+        assert!(inb.extra.is_empty());
+    }
+
+    #[test]
+    fn prompt_is_accepted_as_text() {
+        let inb = parse(r#"{"hd":{"event":"llm.request"},"bd":{"prompt":"hi"}}"#).unwrap();
+        assert_eq!(inb.body, serde_json::json!({"text": "hi"}));
+    }
+
+    #[test]
+    fn depth_scan_ignores_brackets_in_strings() {
+        let s = format!(r#"{{"hd":{{"event":"chat.message"}},"bd":{{"text":"{}"}}}}"#, "[".repeat(100));
+        assert!(parse(&s).is_ok());
+        assert!(!depth_exceeds(br#"{"a":"\"[[[["}"#, 2));
+    }
+}

@@ -1,0 +1,151 @@
+//! Frames the relay sends, and the stored envelope format.
+//!
+//! A stored entry's `body` field always starts with `{"hd":{"event":` because the relay writes
+//! it from [`StoredBody`]. Delivery then splices `"id":"<stream id>",` in after `{"hd":{` without
+//! re-parsing, so one serialisation is shared by every socket of the room.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::{ClientError, StreamId};
+
+/// The envelope as stored in the stream's `body` field (and sent for transient events).
+#[derive(Debug, Serialize)]
+pub struct StoredBody<'a> {
+    pub hd: StoredHeader<'a>,
+    pub bd: &'a Value,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StoredHeader<'a> {
+    pub event: &'a str,
+    pub role: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cid: Option<&'a str>,
+    pub sid: &'a str,
+    pub ts: u64,
+    #[serde(flatten)]
+    pub extra: &'a Map<String, Value>,
+}
+
+/// Serialise an envelope for storage: `hd` first, server fields (`sid`, `ts`) added.
+pub fn new_body(
+    event: &str,
+    role: &str,
+    cid: Option<&str>,
+    sid: &str,
+    extra: &Map<String, Value>,
+    bd: &Value,
+) -> String {
+    let body = StoredBody {
+        hd: StoredHeader {
+            event,
+            role,
+            cid,
+            sid,
+            ts: now_ms(),
+            extra,
+        },
+        bd,
+    };
+    // Serialising a struct of strings, numbers and `Value`s cannot fail.
+    serde_json::to_string(&body).unwrap_or_else(|_| String::from("{}"))
+}
+
+/// A transient (not stored) frame: same shape as a stored envelope, without `hd.id`.
+pub fn transient_frame(
+    event: &str,
+    role: &str,
+    sid: &str,
+    extra: &Map<String, Value>,
+    bd: &Value,
+) -> String {
+    new_body(event, role, None, sid, extra, bd)
+}
+
+const BODY_PREFIX: &str = r#"{"hd":{"#;
+
+/// The frame delivered for a stored entry: its envelope with `hd.id` set to the stream id.
+///
+/// Entries the relay wrote take the fast path (a splice). Entries written by hand with
+/// redis-cli are parsed and rebuilt; a body that is not an envelope is wrapped as `bd.raw`.
+pub fn delivery_frame(id: StreamId, participant: &str, event: &str, body: &str) -> String {
+    if let Some(rest) = body.strip_prefix(BODY_PREFIX) {
+        if rest.starts_with('"') {
+            let mut out = String::with_capacity(body.len() + 32);
+            out.push_str(BODY_PREFIX);
+            out.push_str("\"id\":\"");
+            out.push_str(&id.to_string());
+            out.push_str("\",");
+            out.push_str(rest);
+            return out;
+        }
+    }
+    let rebuilt = match serde_json::from_str::<Value>(body) {
+        Ok(Value::Object(mut env)) if env.get("hd").is_some_and(Value::is_object) => {
+            if let Some(Value::Object(hd)) = env.get_mut("hd") {
+                hd.insert("id".into(), Value::String(id.to_string()));
+            }
+            Value::Object(env)
+        }
+        _ => serde_json::json!({
+            "hd": {"id": id.to_string(), "event": event, "role": participant},
+            "bd": {"raw": body},
+        }),
+    };
+    rebuilt.to_string()
+}
+
+/// `{"hd":{"event":"chat.ack","cid":..,"id":..},"bd":{}}` — sent to the sender only, after XADD.
+pub fn ack_frame(cid: Option<&str>, id: StreamId) -> String {
+    serde_json::json!({
+        "hd": {"event": "chat.ack", "cid": cid, "id": id.to_string()},
+        "bd": {},
+    })
+    .to_string()
+}
+
+/// `{"hd":{"event":"error","code":..,"cid":..},"bd":{"message":..,"retryable":..}}`.
+pub fn error_frame(err: &ClientError, cid: Option<&str>) -> String {
+    serde_json::json!({
+        "hd": {"event": "error", "code": err.code.as_str(), "cid": cid},
+        "bd": {"message": err.message, "retryable": err.code.retryable()},
+    })
+    .to_string()
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_matches_a_rebuild() {
+        let bd = serde_json::json!({"text": "안녕 🎉 \"q\""});
+        let body = new_body("chat.message", "A", Some("c1"), "room1", &Map::new(), &bd);
+        assert!(body.starts_with(r#"{"hd":{"event":"chat.message","role":"A","cid":"c1","sid":"room1","ts":"#));
+        assert!(body.contains("안녕 🎉"), "UTF-8 stays unescaped: {body}");
+        let id = StreamId::new(17, 2);
+        let fast: Value = serde_json::from_str(&delivery_frame(id, "A", "chat.message", &body)).unwrap();
+        assert_eq!(fast["hd"]["id"], "17-2");
+        assert_eq!(fast["hd"]["role"], "A");
+        assert_eq!(fast["bd"], bd);
+    }
+
+    #[test]
+    fn foreign_bodies_are_wrapped() {
+        let id = StreamId::new(1, 0);
+        let v: Value = serde_json::from_str(&delivery_frame(id, "B", "chat.message", "hello")).unwrap();
+        assert_eq!(v["bd"]["raw"], "hello");
+        assert_eq!(v["hd"]["role"], "B");
+        let v: Value = serde_json::from_str(&delivery_frame(id, "B", "x", r#"{"bd":1,"hd":{"event":"e"}}"#)).unwrap();
+        assert_eq!(v["hd"]["id"], "1-0");
+        assert_eq!(v["hd"]["event"], "e");
+    }
+}

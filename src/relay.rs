@@ -1,0 +1,110 @@
+//! Wires the relay together and runs it until the shutdown token fires.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ServeConfig;
+use crate::dispatch::RolePolicy;
+use crate::protocol::Limits;
+use crate::room::Rooms;
+use crate::store::{Keys, RedisSettings, Store, StoreError};
+
+/// Per-connection settings every session reads.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub limits: Limits,
+    pub outbound_queue: usize,
+    pub send_window: usize,
+    pub ping_interval: Duration,
+    pub write_timeout: Duration,
+}
+
+/// State shared by every request and session of one relay.
+#[derive(Debug)]
+pub struct Shared {
+    pub store: Store,
+    pub rooms: Rooms,
+    pub roles: RolePolicy,
+    pub session: SessionSettings,
+    pub token: CancellationToken,
+    pub tracker: TaskTracker,
+    pub next_conn: AtomicU64,
+    /// Distinguishes this process's connection ids in `session.join` entries.
+    pub node_id: String,
+}
+
+/// Failure to start the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("cannot set up the Redis client")]
+    Store(#[from] StoreError),
+    #[error("HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Serves WebSocket and HTTP on `listener` until `token` is cancelled, then closes sessions
+/// (1001), lets in-flight appends finish within the grace period, and disconnects from Redis.
+pub async fn run(listener: TcpListener, cfg: ServeConfig, token: CancellationToken) -> Result<(), RelayError> {
+    let settings = RedisSettings {
+        url: cfg.redis.redis_url.clone(),
+        command_timeout: cfg.redis.command_timeout(),
+    };
+    let store = Store::connect(
+        &settings,
+        Keys::new(cfg.redis.key_prefix.clone()),
+        cfg.retention,
+        cfg.redis.llm_group.clone(),
+    )?;
+    let tracker = TaskTracker::new();
+    let rooms = Rooms::start(store.clone(), &tracker, token.clone())?;
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        rooms,
+        roles: RolePolicy::new(&cfg.roles),
+        session: SessionSettings {
+            limits: cfg.limits(),
+            outbound_queue: cfg.outbound_queue,
+            send_window: cfg.send_window,
+            ping_interval: Duration::from_secs(cfg.ping_secs),
+            write_timeout: Duration::from_secs(cfg.write_timeout_secs),
+        },
+        token: token.clone(),
+        tracker: tracker.clone(),
+        next_conn: AtomicU64::new(1),
+        node_id: node_id(),
+    });
+
+    let app = crate::http::router()
+        .merge(crate::ws::router())
+        .with_state(shared.clone());
+    let addr = listener.local_addr().ok();
+    tracing::info!(addr = ?addr, redis = %cfg.redis.redis_url, node = %shared.node_id, "relay listening");
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(token.clone().cancelled_owned())
+    .await;
+
+    tracker.close();
+    let grace = Duration::from_secs(cfg.shutdown_grace_secs);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(remaining = tracker.len(), "shutdown grace expired with tasks still running");
+    }
+    store.quit().await;
+    tracing::info!("relay stopped");
+    served.map_err(RelayError::Serve)
+}
+
+fn node_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:06x}", (nanos ^ std::process::id().rotate_left(16)) & 0xff_ffff)
+}

@@ -1,0 +1,246 @@
+//! One room on this node: its local members and the live cursor that keeps delivery in stream
+//! order, exactly once per member, across lost subscriptions.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc::{self, error::TrySendError};
+
+use crate::protocol::{delivery_frame, StreamId};
+use crate::store::{Live, Store, StoreError};
+
+/// A frame queued for one socket. `id` is set for stored entries so the session can skip what
+/// it already sent during a replay; transient frames have none.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub id: Option<StreamId>,
+    pub frame: Utf8Bytes,
+}
+
+/// Why a member was dropped by the room rather than leaving by itself.
+pub type ConnId = u64;
+
+/// Live entries held while the room catches up from the stream; beyond this the buffer is
+/// dropped and the catch-up simply reads further (the stream is the real buffer).
+const RECOVERY_BUFFER: usize = 4096;
+/// Page size for catch-up reads.
+const RECOVERY_PAGE: u64 = 1000;
+
+#[derive(Debug)]
+pub struct Room {
+    sid: Arc<str>,
+    state: Mutex<RoomState>,
+    pub(super) subscribed: tokio::sync::OnceCell<()>,
+}
+
+#[derive(Debug)]
+struct RoomState {
+    members: Vec<Member>,
+    /// The newest stored entry this node delivered to the room (or the stream's last id when
+    /// the node subscribed). Live entries at or below it are duplicates.
+    last_id: StreamId,
+    recovering: Option<Recovery>,
+    /// Set once the registry removed the room; joins then retry with a fresh room.
+    closed: bool,
+    empty_since: Option<Instant>,
+    evicted: u64,
+}
+
+#[derive(Debug)]
+struct Member {
+    conn: ConnId,
+    tx: mpsc::Sender<Outbound>,
+}
+
+#[derive(Debug, Default)]
+struct Recovery {
+    buffer: Vec<(StreamId, Outbound)>,
+    overflowed: bool,
+}
+
+impl Room {
+    pub(super) fn new(sid: &str) -> Self {
+        Self {
+            sid: sid.into(),
+            state: Mutex::new(RoomState {
+                members: Vec::new(),
+                last_id: StreamId::ZERO,
+                recovering: None,
+                closed: false,
+                empty_since: Some(Instant::now()),
+                evicted: 0,
+            }),
+            subscribed: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    pub fn sid(&self) -> &str {
+        &self.sid
+    }
+
+    /// The lock is never held across an `.await`; a poisoned lock only means another thread
+    /// panicked mid-fan-out, and the state is still consistent enough to keep serving.
+    fn lock(&self) -> MutexGuard<'_, RoomState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a member; `false` if the room was closed meanwhile (the caller retries).
+    pub(super) fn add_member(&self, conn: ConnId, tx: mpsc::Sender<Outbound>) -> bool {
+        let mut st = self.lock();
+        if st.closed {
+            return false;
+        }
+        st.members.push(Member { conn, tx });
+        st.empty_since = None;
+        true
+    }
+
+    pub(super) fn remove_member(&self, conn: ConnId) {
+        let mut st = self.lock();
+        st.members.retain(|m| m.conn != conn);
+        if st.members.is_empty() && st.empty_since.is_none() {
+            st.empty_since = Some(Instant::now());
+        }
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.lock().members.len()
+    }
+
+    /// Marks the room closed if it has been empty for at least `idle`.
+    pub(super) fn close_if_idle(&self, idle: std::time::Duration) -> bool {
+        let mut st = self.lock();
+        let idle_enough = st.members.is_empty() && st.empty_since.is_some_and(|t| t.elapsed() >= idle);
+        if idle_enough {
+            st.closed = true;
+        }
+        idle_enough
+    }
+
+    /// Raise the live cursor to the stream's newest id seen at subscription time.
+    pub(super) fn set_baseline(&self, id: StreamId) {
+        let mut st = self.lock();
+        st.last_id = st.last_id.max(id);
+    }
+
+    /// A message from the room's channel.
+    pub(super) fn on_live(&self, live: Live) {
+        match live {
+            Live::Transient(frame) => {
+                let out = Outbound {
+                    id: None,
+                    frame: frame.into(),
+                };
+                let mut st = self.lock();
+                self.fan_out(&mut st, &out);
+            }
+            Live::Entry { id, body } => {
+                let out = Outbound {
+                    id: Some(id),
+                    frame: delivery_frame(id, "", "", &body).into(),
+                };
+                let mut st = self.lock();
+                if let Some(rec) = st.recovering.as_mut() {
+                    if rec.buffer.len() < RECOVERY_BUFFER {
+                        rec.buffer.push((id, out));
+                    } else {
+                        rec.overflowed = true;
+                        rec.buffer.clear();
+                    }
+                    return;
+                }
+                self.deliver_entry(&mut st, id, &out);
+            }
+        }
+    }
+
+    fn deliver_entry(&self, st: &mut RoomState, id: StreamId, out: &Outbound) {
+        if id <= st.last_id {
+            return;
+        }
+        st.last_id = id;
+        self.fan_out(st, out);
+    }
+
+    /// Queue a frame for every member without waiting: a member whose queue is full is
+    /// dropped (its session sees the channel close and disconnects it as a slow consumer).
+    fn fan_out(&self, st: &mut RoomState, out: &Outbound) {
+        let before = st.members.len();
+        st.members.retain(|m| match m.tx.try_send(out.clone()) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                tracing::warn!(room = %self.sid, conn = m.conn, "outbound queue full; dropping slow client");
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        });
+        let dropped = before - st.members.len();
+        if dropped > 0 {
+            st.evicted += dropped as u64;
+            if st.members.is_empty() {
+                st.empty_since = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Start buffering live entries: the subscription was lost or lagged, so entries may be
+    /// missing between the cursor and whatever arrives next.
+    pub(super) fn begin_recovery(&self) {
+        let mut st = self.lock();
+        if st.recovering.is_none() {
+            st.recovering = Some(Recovery::default());
+        }
+    }
+
+    /// Catch up from the stream after `last_id`, then replay the live entries buffered
+    /// meanwhile, then go live. Loops while the buffer overflowed, since those entries are in
+    /// the stream too.
+    pub(super) async fn recover(&self, store: &Store) -> Result<(), StoreError> {
+        loop {
+            let after = self.lock().last_id;
+            let page = store
+                .range_after(&self.sid, Some(after), None, RECOVERY_PAGE)
+                .await?;
+            let full_page = page.len() as u64 == RECOVERY_PAGE;
+            {
+                let mut st = self.lock();
+                for e in &page {
+                    let out = Outbound {
+                        id: Some(e.id),
+                        frame: delivery_frame(e.id, &e.participant, &e.event, &e.body).into(),
+                    };
+                    self.deliver_entry(&mut st, e.id, &out);
+                }
+                if full_page {
+                    continue;
+                }
+                let Some(rec) = st.recovering.as_mut() else {
+                    return Ok(());
+                };
+                if rec.overflowed {
+                    rec.overflowed = false;
+                    rec.buffer.clear();
+                    continue;
+                }
+                let buffered = std::mem::take(&mut rec.buffer);
+                st.recovering = None;
+                for (id, out) in &buffered {
+                    self.deliver_entry(&mut st, *id, out);
+                }
+                if page.is_empty() && buffered.is_empty() {
+                    tracing::debug!(room = %self.sid, "recovered; nothing was missed");
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    pub fn is_recovering(&self) -> bool {
+        self.lock().recovering.is_some()
+    }
+
+    pub fn evicted(&self) -> u64 {
+        self.lock().evicted
+    }
+}

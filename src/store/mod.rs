@@ -1,0 +1,395 @@
+//! The only module that talks to Redis (the only importer of `fred`).
+//!
+//! # Redis Streams in brief
+//! Each room is one stream (`chat:session:<sid>`); `XADD` gives every entry an id `<ms>-<seq>`
+//! that only grows, which is the room's single order. Appends go through `append.lua`, which also
+//! `PUBLISH`es the entry on the room's channel so every relay node can deliver it live without
+//! polling, and creates the LLM consumer group when the room is new. History reads (`XRANGE`)
+//! serve resume, recovery after a lost subscription, and the HTTP API.
+//!
+//! # Connections
+//! One shared [`Client`] serves appends and reads; fred pipelines concurrent commands on it.
+//! Subscribers and blocking reads get their own connections ([`Store::subscriber`],
+//! [`Store::dedicated_client`]): a blocked command stalls everything queued behind it.
+//! Every command has a timeout so a dead Redis turns into `store_unavailable`, not silence.
+
+pub mod keys;
+
+pub use keys::Keys;
+
+use std::time::Duration;
+
+use fred::clients::SubscriberClient;
+use fred::prelude::{
+    Builder, ClientLike, Config, KeysInterface, LuaInterface, PubsubInterface, ReconnectPolicy,
+    StreamsInterface, TcpConfig,
+};
+use fred::types::scripts::Script;
+use fred::types::Value;
+
+pub use fred::clients::Client;
+pub use fred::types::Message as PubsubMessage;
+
+use crate::protocol::StreamId;
+use keys::{field, TRANSIENT_MARK};
+
+const APPEND_LUA: &str = include_str!("append.lua");
+
+/// What can go wrong talking to Redis. Callers map it to `store_unavailable` for clients; the
+/// cause is kept for logs.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis command failed")]
+    Redis(#[from] fred::error::Error),
+    #[error("unexpected reply from redis: {0}")]
+    Reply(&'static str),
+}
+
+/// How to reach Redis.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    /// Per-command timeout: how long a client waits before hearing `store_unavailable`.
+    pub command_timeout: Duration,
+}
+
+/// A stream entry as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub id: StreamId,
+    pub participant: String,
+    pub event: String,
+    pub body: String,
+}
+
+/// The result of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub id: StreamId,
+    /// This append created the room's stream.
+    pub created: bool,
+}
+
+/// A message from a room's live channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Live {
+    /// A stored entry, in stream order; `body` is the stored envelope.
+    Entry { id: StreamId, body: String },
+    /// A frame that is not stored (typing, LLM deltas), ready to send.
+    Transient(String),
+}
+
+/// Summary of a room's stream (`XINFO STREAM`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    pub length: u64,
+    pub first_id: Option<StreamId>,
+    pub last_id: Option<StreamId>,
+    /// The greatest id ever generated, even if trimmed or deleted since.
+    pub last_generated_id: StreamId,
+}
+
+/// Handle to the room streams. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    client: Client,
+    builder: Builder,
+    keys: Keys,
+    retention: u64,
+    llm_group: String,
+    append_script: Script,
+}
+
+impl Store {
+    /// Builds the shared client and starts connecting in the background: a relay started while
+    /// Redis is down still serves `/healthz` and answers sends with `store_unavailable` until
+    /// Redis comes back.
+    pub fn connect(
+        settings: &RedisSettings,
+        keys: Keys,
+        retention: u64,
+        llm_group: impl Into<String>,
+    ) -> Result<Store, StoreError> {
+        let mut config = Config::from_url(&settings.url)?;
+        config.fail_fast = false;
+        let mut builder = Builder::from_config(config);
+        let timeout = settings.command_timeout;
+        builder
+            .with_performance_config(|p| {
+                p.default_command_timeout = timeout;
+                // Pub/sub messages wait here between the socket and our dispatcher; a lag is
+                // recovered from the stream, but a roomy buffer makes it rare.
+                p.broadcast_channel_capacity = 16 * 1024;
+            })
+            .with_connection_config(|c| {
+                c.connection_timeout = timeout;
+                c.internal_command_timeout = timeout;
+                c.tcp = TcpConfig {
+                    nodelay: Some(true),
+                    ..Default::default()
+                };
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+        let client = builder.build()?;
+        client.connect();
+        Ok(Store {
+            client,
+            builder,
+            keys,
+            retention,
+            llm_group: llm_group.into(),
+            append_script: Script::from_lua(APPEND_LUA),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Wait until the shared client has connected once (startup logging and tests).
+    pub async fn wait_connected(&self) -> Result<(), StoreError> {
+        self.client.wait_for_connect().await?;
+        Ok(())
+    }
+
+    /// A new subscriber connection with the same settings.
+    pub fn subscriber(&self) -> Result<SubscriberClient, StoreError> {
+        let sub = self.builder.build_subscriber_client()?;
+        sub.connect();
+        Ok(sub)
+    }
+
+    /// A new, unshared connection for blocking reads (`XREAD`/`XREADGROUP BLOCK`), with the
+    /// command timeout lifted above `block` so a quiet stream is not reported as a failure.
+    pub fn dedicated_client(&self, block: Duration) -> Result<Client, StoreError> {
+        let mut builder = self.builder.clone();
+        builder.with_performance_config(|p| {
+            p.default_command_timeout += block;
+        });
+        let client = builder.build()?;
+        client.connect();
+        Ok(client)
+    }
+
+    /// `PING` — for readiness checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let _: Value = self.client.ping(None).await?;
+        Ok(())
+    }
+
+    /// Append an envelope to a room and publish it to every node, atomically (see `append.lua`).
+    pub async fn append(
+        &self,
+        sid: &str,
+        participant: &str,
+        event: &str,
+        body: &str,
+    ) -> Result<Appended, StoreError> {
+        let key = self.keys.room(sid);
+        let retention = self.retention.to_string();
+        let args = vec![retention.as_str(), participant, event, body, &self.llm_group];
+        // After a Redis restart the script cache is empty. Falling back to EVAL (which also
+        // caches it) rather than SCRIPT LOAD + EVALSHA keeps concurrent appends of one socket in
+        // the order they were issued: each is retried by exactly one further command.
+        let reply: Value = match self
+            .client
+            .evalsha(self.append_script.sha1().clone(), key.as_str(), args.clone())
+            .await
+        {
+            Err(err) if err.details().starts_with("NOSCRIPT") => {
+                self.client
+                    .eval(APPEND_LUA, key.as_str(), args)
+                    .await?
+            }
+            other => other?,
+        };
+        let Value::Array(parts) = reply else {
+            return Err(StoreError::Reply("append script returned no array"));
+        };
+        let id = parts
+            .first()
+            .and_then(value_str)
+            .and_then(|s| s.parse().ok())
+            .ok_or(StoreError::Reply("append script returned no id"))?;
+        let created = matches!(parts.get(1), Some(Value::Integer(1)));
+        Ok(Appended { id, created })
+    }
+
+    /// Publish a frame to the room's live channel without storing it.
+    pub async fn publish_transient(&self, sid: &str, frame: &str) -> Result<(), StoreError> {
+        let payload = format!("{TRANSIENT_MARK}\n{frame}");
+        let _: Value = self
+            .client
+            .publish(self.keys.channel(sid), payload)
+            .await?;
+        Ok(())
+    }
+
+    /// Entries with `after < id` (and `id <= until` when given), oldest first, at most `count`.
+    pub async fn range_after(
+        &self,
+        sid: &str,
+        after: Option<StreamId>,
+        until: Option<StreamId>,
+        count: u64,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let start = match after {
+            Some(id) => format!("({id}"),
+            None => "-".to_owned(),
+        };
+        let end = until.map_or_else(|| "+".to_owned(), |id| id.to_string());
+        let reply: Value = self
+            .client
+            .xrange(self.keys.room(sid), start, end, Some(count))
+            .await?;
+        parse_entries(reply)
+    }
+
+    /// The newest entries with `id < before` (all when `None`), returned oldest first.
+    pub async fn range_before(
+        &self,
+        sid: &str,
+        before: Option<StreamId>,
+        count: u64,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let end = match before {
+            Some(id) => format!("({id}"),
+            None => "+".to_owned(),
+        };
+        let reply: Value = self
+            .client
+            .xrevrange(self.keys.room(sid), end, "-", Some(count))
+            .await?;
+        let mut entries = parse_entries(reply)?;
+        entries.reverse();
+        Ok(entries)
+    }
+
+    /// The room's stream summary, or `None` when the room has never been written.
+    pub async fn info(&self, sid: &str) -> Result<Option<StreamInfo>, StoreError> {
+        let key = self.keys.room(sid);
+        let exists: i64 = self.client.exists(&key).await?;
+        if exists == 0 {
+            return Ok(None);
+        }
+        let reply: Value = self.client.xinfo_stream(&key, false, None).await?;
+        parse_stream_info(reply).map(Some)
+    }
+
+    /// Parse a pub/sub message from a room channel into the room id and what it carries.
+    pub fn parse_live<'a>(&self, msg: &'a PubsubMessage) -> Option<(&'a str, Live)> {
+        let sid = self.keys.sid_of(&msg.channel)?;
+        let payload = msg.value.as_str()?;
+        let (head, rest) = payload.split_once('\n')?;
+        let live = if head == TRANSIENT_MARK {
+            Live::Transient(rest.to_owned())
+        } else {
+            Live::Entry {
+                id: head.parse().ok()?,
+                body: rest.to_owned(),
+            }
+        };
+        Some((sid, live))
+    }
+
+    pub async fn quit(&self) {
+        let _ = self.client.quit().await;
+    }
+}
+
+fn value_str(v: &Value) -> Option<String> {
+    v.as_str().map(|s| s.into_owned())
+}
+
+/// `XRANGE`-shaped reply → entries. Entries whose payload is nil (deleted while pending) or that
+/// lack fields are skipped rather than failing the whole read.
+pub(crate) fn parse_entries(reply: Value) -> Result<Vec<Entry>, StoreError> {
+    let items = match reply {
+        Value::Array(items) => items,
+        Value::Null => return Ok(Vec::new()),
+        _ => return Err(StoreError::Reply("stream range is not an array")),
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(pair) = item else { continue };
+        let mut pair = pair.into_iter();
+        let (Some(id), Some(fields)) = (pair.next(), pair.next()) else {
+            continue;
+        };
+        let Some(id) = value_str(&id).and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        if let Some(entry) = entry_from_fields(id, fields) {
+            out.push(entry);
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn entry_from_fields(id: StreamId, fields: Value) -> Option<Entry> {
+    let Value::Array(fields) = fields else {
+        return None;
+    };
+    let mut entry = Entry {
+        id,
+        participant: String::new(),
+        event: String::new(),
+        body: String::new(),
+    };
+    let mut it = fields.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        let (Some(k), Some(v)) = (value_str(&k), value_str(&v)) else {
+            continue;
+        };
+        match k.as_str() {
+            field::PARTICIPANT => entry.participant = v,
+            field::EVENT => entry.event = v,
+            field::BODY => entry.body = v,
+            _ => {}
+        }
+    }
+    Some(entry)
+}
+
+fn parse_stream_info(reply: Value) -> Result<StreamInfo, StoreError> {
+    let pairs: Vec<(String, Value)> = match reply {
+        Value::Array(items) => {
+            let mut it = items.into_iter();
+            let mut pairs = Vec::new();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                if let Some(k) = value_str(&k) {
+                    pairs.push((k, v));
+                }
+            }
+            pairs
+        }
+        Value::Map(map) => map
+            .inner()
+            .into_iter()
+            .filter_map(|(k, v)| k.as_str().map(|k| (k.to_string(), v)))
+            .collect(),
+        _ => return Err(StoreError::Reply("XINFO STREAM is not a map")),
+    };
+    let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let entry_id = |v: Option<Value>| -> Option<StreamId> {
+        match v? {
+            Value::Array(e) => e.first().and_then(value_str).and_then(|s| s.parse().ok()),
+            _ => None,
+        }
+    };
+    let length = match get("length") {
+        Some(Value::Integer(n)) => n.max(0) as u64,
+        _ => return Err(StoreError::Reply("XINFO STREAM has no length")),
+    };
+    let last_generated_id = get("last-generated-id")
+        .as_ref()
+        .and_then(value_str)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_default();
+    Ok(StreamInfo {
+        length,
+        first_id: entry_id(get("first-entry")),
+        last_id: entry_id(get("last-entry")),
+        last_generated_id,
+    })
+}

@@ -1,0 +1,426 @@
+//! One WebSocket connection in one room.
+//!
+//! Two halves run concurrently. The reader parses frames, dispatches them and keeps up to
+//! `send_window` appends in flight (pipelined on the shared Redis client, acked in order). The
+//! writer is the only task that touches the socket's sink: it replays history after `last_id`,
+//! then forwards the room's live frames, skipping ids it already sent, plus the reader's acks
+//! and errors. Every queue is bounded; a client that cannot keep up is disconnected and resumes
+//! with `last_id`, because the stream, not the relay's memory, is the buffer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::dispatch::{dispatch, presence_body, Action, ConnCtx};
+use crate::protocol::{
+    ack_frame, delivery_frame, error_frame, parse_client_frame, ClientError, ErrorCode, StreamId,
+};
+use crate::relay::Shared;
+use crate::room::{ConnId, Outbound};
+
+/// What the upgrade handler checked and hands to the session.
+#[derive(Debug, Clone)]
+pub struct SessionParams {
+    pub sid: String,
+    pub last_id: Option<StreamId>,
+    pub role: Option<String>,
+    pub conn: ConnId,
+}
+
+/// WebSocket close codes the relay uses (RFC 6455 §7.4 and the IANA registry).
+mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// History page size for a resume.
+const REPLAY_PAGE: u64 = 500;
+/// Acks and errors waiting for the writer; when full, the reader stops reading this client.
+const CONTROL_QUEUE: usize = 64;
+
+type Pending = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+
+/// Why the writer stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The reader ended (client closed, read error or shutdown).
+    ReaderDone,
+    /// The room dropped this member: its queue was full.
+    Slow,
+    /// No pong for three ping intervals, or a write timed out.
+    Dead,
+    /// History could not be read for the resume.
+    StoreDown,
+    /// A frame exceeded the hard size cap.
+    TooBig,
+}
+
+pub async fn run(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) {
+    let span = tracing::info_span!("session", room = %params.sid, conn = params.conn);
+    session(socket, shared, params).instrument(span).await;
+}
+
+async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) {
+    let (mut sink, stream) = socket.split();
+    let conn_label = format!("{}-{}", shared.node_id, params.conn);
+    let ctx = ConnCtx::new(params.sid.clone(), params.role.clone());
+    let (room_tx, room_rx) = mpsc::channel(shared.session.outbound_queue);
+
+    let room = match shared.rooms.join(&params.sid, params.conn, room_tx).await {
+        Ok(room) => room,
+        Err(err) => {
+            tracing::warn!(cause = %err, "cannot join room: store unavailable");
+            refuse(&mut sink, ClientError::store_unavailable()).await;
+            return;
+        }
+    };
+    let join = presence_body("session.join", &ctx.default_role, &params.sid, &conn_label);
+    let joined = match shared
+        .store
+        .append(&params.sid, &ctx.default_role, "session.join", &join)
+        .await
+    {
+        Ok(a) => a.id,
+        Err(err) => {
+            tracing::warn!(cause = %err, "cannot record join: store unavailable");
+            shared.rooms.leave(&room, params.conn);
+            refuse(&mut sink, ClientError::store_unavailable()).await;
+            return;
+        }
+    };
+    tracing::info!(role = %ctx.default_role, last_id = ?params.last_id.map(|i| i.to_string()), "joined");
+
+    let last_pong = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let stop = CancellationToken::new();
+    let (ctrl_tx, ctrl_rx) = mpsc::channel::<Ctrl>(CONTROL_QUEUE);
+
+    // A fresh client starts at its own join entry; a resuming one right after its last id.
+    let (replay_after, cursor) = match params.last_id {
+        Some(last) => (Some(last), last),
+        None => (None, joined.prev()),
+    };
+    let writer = Writer {
+        shared: shared.clone(),
+        sid: params.sid.clone(),
+        last_sent: cursor,
+        last_pong: last_pong.clone(),
+        started,
+    };
+    let reader = Reader {
+        shared: shared.clone(),
+        ctx: ctx.clone(),
+        ctrl: ctrl_tx,
+        last_pong,
+        started,
+    };
+    let read_stop = stop.clone();
+    let read = reader.run(stream, read_stop);
+    let write = async {
+        let end = writer.run(&mut sink, room_rx, ctrl_rx, replay_after).await;
+        stop.cancel();
+        end
+    };
+    let (end, ()) = tokio::join!(write, read);
+
+    shared.rooms.leave(&room, params.conn);
+    let (code, reason, notice) = match end {
+        End::ReaderDone if shared.token.is_cancelled() => (close::GOING_AWAY, "relay shutting down", None),
+        End::ReaderDone => (close::NORMAL, "bye", None),
+        End::Slow => (
+            close::TRY_AGAIN_LATER,
+            "too slow: reconnect with last_id",
+            Some(ClientError::new(
+                ErrorCode::RateLimited,
+                "you fell too far behind the room; reconnect with last_id to catch up",
+            )),
+        ),
+        End::Dead => (close::POLICY, "no pong", None),
+        End::TooBig => (close::TOO_BIG, "frame too large", None),
+        End::StoreDown => (
+            close::TRY_AGAIN_LATER,
+            "store unavailable",
+            Some(ClientError::store_unavailable()),
+        ),
+    };
+    if let Some(err) = notice {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            sink.send(Message::Text(error_frame(&err, None).into())),
+        )
+        .await;
+    }
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        sink.send(Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }))),
+    )
+    .await;
+    tracing::info!(?end, code, "left");
+
+    let leave = presence_body("session.leave", &ctx.default_role, &params.sid, &conn_label);
+    if let Err(err) = shared
+        .store
+        .append(&params.sid, &ctx.default_role, "session.leave", &leave)
+        .await
+    {
+        tracing::warn!(cause = %err, "could not record leave");
+    }
+}
+
+/// Send one error frame and close: the connection cannot be served.
+async fn refuse(sink: &mut SplitSink<WebSocket, Message>, err: ClientError) {
+    let _ = sink.send(Message::Text(error_frame(&err, None).into())).await;
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code: close::TRY_AGAIN_LATER,
+            reason: Utf8Bytes::from_static("store unavailable"),
+        })))
+        .await;
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    sid: String,
+    /// Newest stored entry sent to this client; anything at or below it is a duplicate.
+    last_sent: StreamId,
+    last_pong: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl Writer {
+    async fn run(
+        mut self,
+        sink: &mut SplitSink<WebSocket, Message>,
+        mut room_rx: mpsc::Receiver<Outbound>,
+        mut ctrl_rx: mpsc::Receiver<Ctrl>,
+        replay_after: Option<StreamId>,
+    ) -> End {
+        let write_timeout = self.shared.session.write_timeout;
+        if replay_after.is_some() {
+            loop {
+                let page = match self
+                    .shared
+                    .store
+                    .range_after(&self.sid, Some(self.last_sent), None, REPLAY_PAGE)
+                    .await
+                {
+                    Ok(page) => page,
+                    Err(err) => {
+                        tracing::warn!(cause = %err, "resume failed: cannot read history");
+                        return End::StoreDown;
+                    }
+                };
+                for e in &page {
+                    let frame = delivery_frame(e.id, &e.participant, &e.event, &e.body);
+                    if !send(sink, Message::Text(frame.into()), write_timeout).await {
+                        return End::Dead;
+                    }
+                    self.last_sent = e.id;
+                }
+                if (page.len() as u64) < REPLAY_PAGE {
+                    break;
+                }
+            }
+        }
+
+        let ping_every = self.shared.session.ping_interval;
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        loop {
+            let msg = tokio::select! {
+                biased;
+                ctrl = ctrl_rx.recv() => match ctrl {
+                    Some(Ctrl::Frame(frame)) => Message::Text(frame.into()),
+                    Some(Ctrl::TooBig) => return End::TooBig,
+                    None => return End::ReaderDone,
+                },
+                out = room_rx.recv() => match out {
+                    Some(out) => {
+                        if let Some(id) = out.id {
+                            if id <= self.last_sent {
+                                continue;
+                            }
+                            self.last_sent = id;
+                        }
+                        Message::Text(out.frame)
+                    }
+                    None => {
+                        tracing::warn!("disconnecting slow client");
+                        return End::Slow;
+                    }
+                },
+                _ = ping.tick() => {
+                    let silent_for = self.started.elapsed().as_millis() as u64
+                        - self.last_pong.load(Ordering::Relaxed).min(self.started.elapsed().as_millis() as u64);
+                    if silent_for > 3 * ping_every.as_millis() as u64 {
+                        tracing::info!(silent_ms = silent_for, "peer stopped answering pings");
+                        return End::Dead;
+                    }
+                    Message::Ping(Default::default())
+                }
+            };
+            if !send(sink, msg, write_timeout).await {
+                return End::Dead;
+            }
+        }
+    }
+}
+
+/// One bounded write; `false` when the peer is gone or too slow to take a frame.
+async fn send(sink: &mut SplitSink<WebSocket, Message>, msg: Message, timeout: Duration) -> bool {
+    matches!(tokio::time::timeout(timeout, sink.send(msg)).await, Ok(Ok(())))
+}
+
+struct Reader {
+    shared: Arc<Shared>,
+    ctx: ConnCtx,
+    ctrl: mpsc::Sender<Ctrl>,
+    last_pong: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl Reader {
+    async fn run(self, mut stream: SplitStream<WebSocket>, stop: CancellationToken) {
+        let window = self.shared.session.send_window;
+        let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = self.shared.token.cancelled() => break,
+                Some(reply) = inflight.next(), if !inflight.is_empty() => {
+                    if let Some(frame) = reply {
+                        if self.ctrl.send(Ctrl::Frame(frame)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                msg = stream.next(), if inflight.len() < window => {
+                    let alive = self.started.elapsed().as_millis() as u64;
+                    match msg {
+                        Some(Ok(Message::Text(text))) => {
+                            self.last_pong.store(alive, Ordering::Relaxed);
+                            match self.handle(text.as_str()) {
+                                Handled::Reply(frame) => {
+                                    if self.ctrl.send(Ctrl::Frame(frame)).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                Handled::Pending(fut) => inflight.push_back(fut),
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            let err = ClientError::new(
+                                ErrorCode::BinaryUnsupported,
+                                "binary frames are not supported; send JSON text frames",
+                            );
+                            if self.ctrl.send(Ctrl::Frame(error_frame(&err, None))).await.is_err() {
+                                break;
+                            }
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                            self.last_pong.store(alive, Ordering::Relaxed);
+                        }
+                        Some(Ok(Message::Close(_))) | None => break,
+                        Some(Err(err)) => {
+                            tracing::debug!(cause = %err, "read error");
+                            if is_too_big(&err) {
+                                let e = ClientError::new(
+                                    ErrorCode::FrameTooLarge,
+                                    format!("frame too large (max {} bytes)", self.shared.session.limits.max_frame_bytes),
+                                );
+                                let _ = self.ctrl.send(Ctrl::Frame(error_frame(&e, None))).await;
+                                let _ = self.ctrl.send(Ctrl::TooBig).await;
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        // Finish what was accepted: every append in flight still gets its ack or error.
+        while let Some(reply) = inflight.next().await {
+            if let Some(frame) = reply {
+                let _ = self.ctrl.send(Ctrl::Frame(frame)).await;
+            }
+        }
+    }
+
+    fn handle(&self, text: &str) -> Handled {
+        let inbound = match parse_client_frame(text, &self.shared.session.limits) {
+            Ok(i) => i,
+            Err(refusal) => {
+                tracing::debug!(code = refusal.error.code.as_str(), "refused frame");
+                return Handled::Reply(error_frame(&refusal.error, refusal.cid.as_deref()));
+            }
+        };
+        let cid = inbound.cid.clone();
+        match dispatch(inbound, &self.ctx, &self.shared.roles) {
+            Err(err) => {
+                tracing::debug!(code = err.code.as_str(), "refused envelope");
+                Handled::Reply(error_frame(&err, cid.as_deref()))
+            }
+            Ok(Action::Store {
+                event,
+                role,
+                cid,
+                body,
+            }) => {
+                let store = self.shared.store.clone();
+                let sid = self.ctx.sid.clone();
+                Handled::Pending(Box::pin(async move {
+                    match store.append(&sid, &role, event, &body).await {
+                        Ok(appended) => Some(ack_frame(cid.as_deref(), appended.id)),
+                        Err(err) => {
+                            tracing::warn!(cause = %err, "append failed");
+                            Some(error_frame(&ClientError::store_unavailable(), cid.as_deref()))
+                        }
+                    }
+                }))
+            }
+            Ok(Action::Publish { frame }) => {
+                let store = self.shared.store.clone();
+                let sid = self.ctx.sid.clone();
+                Handled::Pending(Box::pin(async move {
+                    if let Err(err) = store.publish_transient(&sid, &frame).await {
+                        tracing::debug!(cause = %err, "transient publish failed");
+                    }
+                    None
+                }))
+            }
+        }
+    }
+}
+
+enum Handled {
+    Reply(String),
+    Pending(Pending),
+}
+
+fn is_too_big(err: &axum::Error) -> bool {
+    let text = err.to_string();
+    text.contains("too long") || text.contains("too big") || text.contains("Space limit")
+}
+
+/// What the reader hands the writer.
+#[derive(Debug)]
+enum Ctrl {
+    /// An ack or error frame for this client only.
+    Frame(String),
+    /// The client sent a frame beyond the hard size cap: close with 1009.
+    TooBig,
+}
+
