@@ -117,9 +117,14 @@ make_venv() {
   rm -rf "$venv"
   if ! "$PYTHON" -m venv "$venv" >>"$PREP_LOG" 2>&1; then
     rm -rf "$venv"
-    local ver
+    local ver pkgs=(python3-venv)
     ver="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-    apt_install "'$PYTHON -m venv' does not work (no ensurepip)" python3-venv "python$ver-venv"
+    # The versioned package is the one that actually matters when python3 is not the distro
+    # default; only ask for it if apt knows it, or the whole install would fail.
+    if have apt-cache && apt-cache show "python$ver-venv" >/dev/null 2>&1; then
+      pkgs+=("python$ver-venv")
+    fi
+    apt_install "'$PYTHON -m venv' does not work (no ensurepip)" "${pkgs[@]}"
     "$PYTHON" -m venv "$venv" >>"$PREP_LOG" 2>&1 || die "'$PYTHON -m venv' still fails; see $PREP_LOG"
   fi
 }
@@ -263,6 +268,10 @@ PY
   fi
 }
 
+port_in_use() { # PORT -> 0 iff something accepts connections on 127.0.0.1:PORT
+  (: <"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
 # Guards against PID reuse: never signal a process that is not a llama-server.
 is_our_server() {
   local pid="$1"
@@ -288,6 +297,7 @@ cmd_start() {
   if ! [[ "$port" =~ ^[0-9]+$ ]] || ((10#$port < 1 || 10#$port > 65535)); then
     die "start needs a PORT (1-65535)"
   fi
+  port=$((10#$port)) # "08" would otherwise name a different pid file than the port curl uses
   [[ -n "$pidfile" ]] || pidfile="$CACHE/llama-server.$port.pid"
   local base="http://127.0.0.1:$port"
 
@@ -300,6 +310,12 @@ cmd_start() {
       echo "$base/v1"
       return 0
     fi
+  fi
+
+  # Without this, a second server would fail to bind but our /health poll would be answered by
+  # the first one, and we would record a dead pid as a working server.
+  if port_in_use "$port"; then
+    die "port $port on 127.0.0.1 is already in use"
   fi
 
   is_ready || cmd_prepare
@@ -329,6 +345,8 @@ cmd_start() {
     fi
     sleep 0.5
   done
+
+  kill -0 "$pid" 2>/dev/null || die "llama-server pid $pid exited right after /health; see $SERVER_LOG"
 
   # The first completion after start takes ~3 s (lazy init), which would skew any timing test.
   # It also catches a server that is healthy but crashes on inference (e.g. SIGILL).
@@ -370,7 +388,7 @@ cmd_stop() {
     done
     ((found)) || say "no servers recorded in $CACHE"
   elif [[ "$arg" =~ ^[0-9]+$ ]]; then
-    stop_pidfile "$CACHE/llama-server.$arg.pid"
+    stop_pidfile "$CACHE/llama-server.$((10#$arg)).pid"
   else
     stop_pidfile "$arg"
   fi

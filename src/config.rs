@@ -20,7 +20,12 @@ pub struct LogArgs {
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
     /// Log filter, e.g. `info` or `chat_relay=debug,tower_http=info`.
-    #[arg(long, env = "RELAY_LOG", default_value = "chat_relay=info,tower_http=info", global = true)]
+    #[arg(
+        long,
+        env = "RELAY_LOG",
+        default_value = "chat_relay=info,tower_http=info",
+        global = true
+    )]
     pub log_level: String,
 }
 
@@ -28,7 +33,11 @@ pub struct LogArgs {
 #[derive(Debug, Clone, Args)]
 pub struct RedisArgs {
     /// Redis URL.
-    #[arg(long, env = "RELAY_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "RELAY_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: String,
     /// Timeout for one Redis command; past it a send is answered with `store_unavailable`.
     #[arg(long, env = "RELAY_REDIS_TIMEOUT_MS", default_value_t = 3000)]
@@ -74,7 +83,12 @@ pub struct ServeConfig {
     #[arg(long, env = "RELAY_SEND_WINDOW", default_value_t = 32)]
     pub send_window: usize,
     /// Roles clients may use (comma-separated). `llm` is always refused.
-    #[arg(long, env = "RELAY_ROLES", value_delimiter = ',', default_value = "A,B,user")]
+    #[arg(
+        long,
+        env = "RELAY_ROLES",
+        value_delimiter = ',',
+        default_value = "A,B,user"
+    )]
     pub roles: Vec<String>,
     /// Seconds between WebSocket pings; a peer silent for three intervals is dropped.
     #[arg(long, env = "RELAY_PING_SECS", default_value_t = 20)]

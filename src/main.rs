@@ -7,7 +7,11 @@ use tokio_util::sync::CancellationToken;
 use chat_relay::config::{LogArgs, ServeConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "chat-relay", version, about = "Real-time chat relay on Redis Streams")]
+#[command(
+    name = "chat-relay",
+    version,
+    about = "Real-time chat relay on Redis Streams"
+)]
 struct Cli {
     #[command(flatten)]
     log: LogArgs,

@@ -49,7 +49,11 @@ pub enum RelayError {
 
 /// Serves WebSocket and HTTP on `listener` until `token` is cancelled, then closes sessions
 /// (1001), lets in-flight appends finish within the grace period, and disconnects from Redis.
-pub async fn run(listener: TcpListener, cfg: ServeConfig, token: CancellationToken) -> Result<(), RelayError> {
+pub async fn run(
+    listener: TcpListener,
+    cfg: ServeConfig,
+    token: CancellationToken,
+) -> Result<(), RelayError> {
     let settings = RedisSettings {
         url: cfg.redis.redis_url.clone(),
         command_timeout: cfg.redis.command_timeout(),
@@ -94,7 +98,10 @@ pub async fn run(listener: TcpListener, cfg: ServeConfig, token: CancellationTok
     tracker.close();
     let grace = Duration::from_secs(cfg.shutdown_grace_secs);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(remaining = tracker.len(), "shutdown grace expired with tasks still running");
+        tracing::warn!(
+            remaining = tracker.len(),
+            "shutdown grace expired with tasks still running"
+        );
     }
     store.quit().await;
     tracing::info!("relay stopped");
@@ -106,5 +113,8 @@ fn node_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{:06x}", (nanos ^ std::process::id().rotate_left(16)) & 0xff_ffff)
+    format!(
+        "{:06x}",
+        (nanos ^ std::process::id().rotate_left(16)) & 0xff_ffff
+    )
 }

@@ -88,7 +88,11 @@ pub enum Action {
 }
 
 /// Decide what an envelope means for this connection.
-pub fn dispatch(inbound: Inbound, ctx: &ConnCtx, roles: &RolePolicy) -> Result<Action, ClientError> {
+pub fn dispatch(
+    inbound: Inbound,
+    ctx: &ConnCtx,
+    roles: &RolePolicy,
+) -> Result<Action, ClientError> {
     let role = resolve_role(inbound.role.as_deref(), ctx, roles)?;
     let Inbound {
         event,
@@ -110,7 +114,11 @@ pub fn dispatch(inbound: Inbound, ctx: &ConnCtx, roles: &RolePolicy) -> Result<A
     })
 }
 
-fn resolve_role(requested: Option<&str>, ctx: &ConnCtx, roles: &RolePolicy) -> Result<String, ClientError> {
+fn resolve_role(
+    requested: Option<&str>,
+    ctx: &ConnCtx,
+    roles: &RolePolicy,
+) -> Result<String, ClientError> {
     if requested == Some(LLM_ROLE) {
         return Err(ClientError::new(
             ErrorCode::ReservedRole,
@@ -156,17 +164,37 @@ mod tests {
     #[test]
     fn roles() {
         let ctx = ConnCtx::new("r1", None);
-        let ok = run(r#"{"hd":{"event":"chat.message","role":"A"},"bd":{"text":"hi"}}"#, &ctx).unwrap();
+        let ok = run(
+            r#"{"hd":{"event":"chat.message","role":"A"},"bd":{"text":"hi"}}"#,
+            &ctx,
+        )
+        .unwrap();
         assert!(matches!(ok, Action::Store { ref role, .. } if role == "A"));
-        let dflt = run(r#"{"hd":{"event":"chat.message"},"bd":{"text":"hi"}}"#, &ctx).unwrap();
+        let dflt = run(
+            r#"{"hd":{"event":"chat.message"},"bd":{"text":"hi"}}"#,
+            &ctx,
+        )
+        .unwrap();
         assert!(matches!(dflt, Action::Store { ref role, .. } if role == "user"));
-        let llm = run(r#"{"hd":{"event":"chat.message","role":"llm"},"bd":{"text":"hi"}}"#, &ctx).unwrap_err();
+        let llm = run(
+            r#"{"hd":{"event":"chat.message","role":"llm"},"bd":{"text":"hi"}}"#,
+            &ctx,
+        )
+        .unwrap_err();
         assert_eq!(llm.code, ErrorCode::ReservedRole);
-        let bad = run(r#"{"hd":{"event":"chat.message","role":"Z"},"bd":{"text":"hi"}}"#, &ctx).unwrap_err();
+        let bad = run(
+            r#"{"hd":{"event":"chat.message","role":"Z"},"bd":{"text":"hi"}}"#,
+            &ctx,
+        )
+        .unwrap_err();
         assert_eq!(bad.code, ErrorCode::InvalidRole);
         let mut bound = ConnCtx::new("r1", None);
         bound.bound_role = Some("A".into());
-        let mism = run(r#"{"hd":{"event":"chat.message","role":"B"},"bd":{"text":"hi"}}"#, &bound).unwrap_err();
+        let mism = run(
+            r#"{"hd":{"event":"chat.message","role":"B"},"bd":{"text":"hi"}}"#,
+            &bound,
+        )
+        .unwrap_err();
         assert_eq!(mism.code, ErrorCode::RoleMismatch);
     }
 
@@ -174,7 +202,9 @@ mod tests {
     fn typing_is_published_not_stored() {
         let ctx = ConnCtx::new("r1", Some("B".into()));
         let a = run(r#"{"hd":{"event":"chat.typing"}}"#, &ctx).unwrap();
-        let Action::Publish { frame } = a else { panic!("typing must not be stored") };
+        let Action::Publish { frame } = a else {
+            panic!("typing must not be stored")
+        };
         let v: Value = serde_json::from_str(&frame).unwrap();
         assert_eq!(v["hd"]["role"], "B");
         assert_eq!(v["hd"]["sid"], "r1");

@@ -14,14 +14,21 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<std::borrow::Cow<'static, str>>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        code: ErrorCode,
+        message: impl Into<std::borrow::Cow<'static, str>>,
+    ) -> Self {
         Self {
             status,
             error: ClientError::new(code, message),
         }
     }
 
-    pub fn bad_request(code: ErrorCode, message: impl Into<std::borrow::Cow<'static, str>>) -> Self {
+    pub fn bad_request(
+        code: ErrorCode,
+        message: impl Into<std::borrow::Cow<'static, str>>,
+    ) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 }

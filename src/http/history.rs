@@ -101,7 +101,10 @@ pub async fn room_info(
     let mut events: BTreeMap<String, u64> = BTreeMap::new();
     let mut after = None;
     loop {
-        let page = shared.store.range_after(sid, after, None, SCAN_PAGE).await?;
+        let page = shared
+            .store
+            .range_after(sid, after, None, SCAN_PAGE)
+            .await?;
         for e in &page {
             *participants.entry(e.participant.clone()).or_default() += 1;
             *events.entry(e.event.clone()).or_default() += 1;

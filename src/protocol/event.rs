@@ -48,7 +48,10 @@ impl EventKind {
     }
 
     pub fn from_name(name: &str) -> Option<EventKind> {
-        Self::CLIENT_EVENTS.iter().copied().find(|e| e.name() == name)
+        Self::CLIENT_EVENTS
+            .iter()
+            .copied()
+            .find(|e| e.name() == name)
     }
 
     pub fn is_server_event(name: &str) -> bool {

@@ -231,7 +231,10 @@ fn checked_text(
     if trimmed.chars().count() > limits.max_text_chars {
         return Err(ClientError::new(
             ErrorCode::TextTooLong,
-            format!("message too long (max {} characters)", limits.max_text_chars),
+            format!(
+                "message too long (max {} characters)",
+                limits.max_text_chars
+            ),
         ));
     }
     Ok(trimmed.to_owned())
@@ -303,20 +306,41 @@ mod tests {
         assert_eq!(code(r#"{"hd":{"event":5}}"#), "invalid_event");
         assert_eq!(code(r#"{"hd":{"event":"nope"}}"#), "unknown_event");
         assert_eq!(code(r#"{"hd":{"event":"llm.response"}}"#), "reserved_event");
-        assert_eq!(code(r#"{"hd":{"event":"chat.message","role":1},"bd":{"text":"x"}}"#), "invalid_role");
-        assert_eq!(code(r#"{"hd":{"event":"chat.message"},"bd":{}}"#), "invalid_body");
-        assert_eq!(code(r#"{"hd":{"event":"chat.message"},"bd":{"text":"   "}}"#), "empty_text");
-        assert_eq!(code(r#"{"hd":{"event":"chat.message","cid":7},"bd":{"text":"x"}}"#), "invalid_cid");
-        assert_eq!(code(r#"{"hd":{"event":"llm.cancel"},"bd":{}}"#), "invalid_body");
+        assert_eq!(
+            code(r#"{"hd":{"event":"chat.message","role":1},"bd":{"text":"x"}}"#),
+            "invalid_role"
+        );
+        assert_eq!(
+            code(r#"{"hd":{"event":"chat.message"},"bd":{}}"#),
+            "invalid_body"
+        );
+        assert_eq!(
+            code(r#"{"hd":{"event":"chat.message"},"bd":{"text":"   "}}"#),
+            "empty_text"
+        );
+        assert_eq!(
+            code(r#"{"hd":{"event":"chat.message","cid":7},"bd":{"text":"x"}}"#),
+            "invalid_cid"
+        );
+        assert_eq!(
+            code(r#"{"hd":{"event":"llm.cancel"},"bd":{}}"#),
+            "invalid_body"
+        );
         let deep = format!("{}{}", "[".repeat(40), "]".repeat(40));
         assert_eq!(code(&deep), "too_deep");
     }
 
     #[test]
     fn text_limit_is_in_characters_after_trim() {
-        let ok = format!(r#"{{"hd":{{"event":"chat.message"}},"bd":{{"text":"  {}  "}}}}"#, "가".repeat(2000));
+        let ok = format!(
+            r#"{{"hd":{{"event":"chat.message"}},"bd":{{"text":"  {}  "}}}}"#,
+            "가".repeat(2000)
+        );
         assert!(parse(&ok).is_ok());
-        let long = format!(r#"{{"hd":{{"event":"chat.message"}},"bd":{{"text":"{}"}}}}"#, "가".repeat(2001));
+        let long = format!(
+            r#"{{"hd":{{"event":"chat.message"}},"bd":{{"text":"{}"}}}}"#,
+            "가".repeat(2001)
+        );
         assert_eq!(code(&long), "text_too_long");
     }
 
@@ -328,7 +352,8 @@ mod tests {
 
     #[test]
     fn server_fields_are_dropped() {
-        let inb = parse(r#"{"hd":{"event":"chat.typing","id":"9-9","sid":"other","ts":1}}"#).unwrap();
+        let inb =
+            parse(r#"{"hd":{"event":"chat.typing","id":"9-9","sid":"other","ts":1}}"#).unwrap();
         assert!(inb.extra.is_empty());
     }
 
@@ -340,7 +365,10 @@ mod tests {
 
     #[test]
     fn depth_scan_ignores_brackets_in_strings() {
-        let s = format!(r#"{{"hd":{{"event":"chat.message"}},"bd":{{"text":"{}"}}}}"#, "[".repeat(100));
+        let s = format!(
+            r#"{{"hd":{{"event":"chat.message"}},"bd":{{"text":"{}"}}}}"#,
+            "[".repeat(100)
+        );
         assert!(parse(&s).is_ok());
         assert!(!depth_exceeds(br#"{"a":"\"[[[["}"#, 2));
     }

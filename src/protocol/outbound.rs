@@ -129,10 +129,13 @@ mod tests {
     fn splice_matches_a_rebuild() {
         let bd = serde_json::json!({"text": "안녕 🎉 \"q\""});
         let body = new_body("chat.message", "A", Some("c1"), "room1", &Map::new(), &bd);
-        assert!(body.starts_with(r#"{"hd":{"event":"chat.message","role":"A","cid":"c1","sid":"room1","ts":"#));
+        assert!(body.starts_with(
+            r#"{"hd":{"event":"chat.message","role":"A","cid":"c1","sid":"room1","ts":"#
+        ));
         assert!(body.contains("안녕 🎉"), "UTF-8 stays unescaped: {body}");
         let id = StreamId::new(17, 2);
-        let fast: Value = serde_json::from_str(&delivery_frame(id, "A", "chat.message", &body)).unwrap();
+        let fast: Value =
+            serde_json::from_str(&delivery_frame(id, "A", "chat.message", &body)).unwrap();
         assert_eq!(fast["hd"]["id"], "17-2");
         assert_eq!(fast["hd"]["role"], "A");
         assert_eq!(fast["bd"], bd);
@@ -141,10 +144,17 @@ mod tests {
     #[test]
     fn foreign_bodies_are_wrapped() {
         let id = StreamId::new(1, 0);
-        let v: Value = serde_json::from_str(&delivery_frame(id, "B", "chat.message", "hello")).unwrap();
+        let v: Value =
+            serde_json::from_str(&delivery_frame(id, "B", "chat.message", "hello")).unwrap();
         assert_eq!(v["bd"]["raw"], "hello");
         assert_eq!(v["hd"]["role"], "B");
-        let v: Value = serde_json::from_str(&delivery_frame(id, "B", "x", r#"{"bd":1,"hd":{"event":"e"}}"#)).unwrap();
+        let v: Value = serde_json::from_str(&delivery_frame(
+            id,
+            "B",
+            "x",
+            r#"{"bd":1,"hd":{"event":"e"}}"#,
+        ))
+        .unwrap();
         assert_eq!(v["hd"]["id"], "1-0");
         assert_eq!(v["hd"]["event"], "e");
     }

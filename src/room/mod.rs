@@ -10,7 +10,7 @@
 //! room buffers live entries, re-reads the stream after the last id it delivered, and then
 //! replays the buffer, skipping what it already sent ([`Room::recover`]).
 
-mod room;
+mod members;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use room::{ConnId, Outbound, Room};
+pub use members::{ConnId, Outbound, Room};
 
 use crate::store::{Store, StoreError};
 

@@ -187,19 +187,27 @@ impl Store {
     ) -> Result<Appended, StoreError> {
         let key = self.keys.room(sid);
         let retention = self.retention.to_string();
-        let args = vec![retention.as_str(), participant, event, body, &self.llm_group];
+        let args = vec![
+            retention.as_str(),
+            participant,
+            event,
+            body,
+            &self.llm_group,
+        ];
         // After a Redis restart the script cache is empty. Falling back to EVAL (which also
         // caches it) rather than SCRIPT LOAD + EVALSHA keeps concurrent appends of one socket in
         // the order they were issued: each is retried by exactly one further command.
         let reply: Value = match self
             .client
-            .evalsha(self.append_script.sha1().clone(), key.as_str(), args.clone())
+            .evalsha(
+                self.append_script.sha1().clone(),
+                key.as_str(),
+                args.clone(),
+            )
             .await
         {
             Err(err) if err.details().starts_with("NOSCRIPT") => {
-                self.client
-                    .eval(APPEND_LUA, key.as_str(), args)
-                    .await?
+                self.client.eval(APPEND_LUA, key.as_str(), args).await?
             }
             other => other?,
         };
@@ -218,10 +226,7 @@ impl Store {
     /// Publish a frame to the room's live channel without storing it.
     pub async fn publish_transient(&self, sid: &str, frame: &str) -> Result<(), StoreError> {
         let payload = format!("{TRANSIENT_MARK}\n{frame}");
-        let _: Value = self
-            .client
-            .publish(self.keys.channel(sid), payload)
-            .await?;
+        let _: Value = self.client.publish(self.keys.channel(sid), payload).await?;
         Ok(())
     }
 
@@ -370,7 +375,12 @@ fn parse_stream_info(reply: Value) -> Result<StreamInfo, StoreError> {
             .collect(),
         _ => return Err(StoreError::Reply("XINFO STREAM is not a map")),
     };
-    let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let get = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
     let entry_id = |v: Option<Value>| -> Option<StreamId> {
         match v? {
             Value::Array(e) => e.first().and_then(value_str).and_then(|s| s.parse().ok()),

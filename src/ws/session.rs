@@ -137,7 +137,9 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
 
     shared.rooms.leave(&room, params.conn);
     let (code, reason, notice) = match end {
-        End::ReaderDone if shared.token.is_cancelled() => (close::GOING_AWAY, "relay shutting down", None),
+        End::ReaderDone if shared.token.is_cancelled() => {
+            (close::GOING_AWAY, "relay shutting down", None)
+        }
         End::ReaderDone => (close::NORMAL, "bye", None),
         End::Slow => (
             close::TRY_AGAIN_LATER,
@@ -184,7 +186,9 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
 
 /// Send one error frame and close: the connection cannot be served.
 async fn refuse(sink: &mut SplitSink<WebSocket, Message>, err: ClientError) {
-    let _ = sink.send(Message::Text(error_frame(&err, None).into())).await;
+    let _ = sink
+        .send(Message::Text(error_frame(&err, None).into()))
+        .await;
     let _ = sink
         .send(Message::Close(Some(CloseFrame {
             code: close::TRY_AGAIN_LATER,
@@ -239,7 +243,8 @@ impl Writer {
         }
 
         let ping_every = self.shared.session.ping_interval;
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         loop {
             let msg = tokio::select! {
                 biased;
@@ -282,7 +287,10 @@ impl Writer {
 
 /// One bounded write; `false` when the peer is gone or too slow to take a frame.
 async fn send(sink: &mut SplitSink<WebSocket, Message>, msg: Message, timeout: Duration) -> bool {
-    matches!(tokio::time::timeout(timeout, sink.send(msg)).await, Ok(Ok(())))
+    matches!(
+        tokio::time::timeout(timeout, sink.send(msg)).await,
+        Ok(Ok(()))
+    )
 }
 
 struct Reader {
@@ -386,7 +394,10 @@ impl Reader {
                         Ok(appended) => Some(ack_frame(cid.as_deref(), appended.id)),
                         Err(err) => {
                             tracing::warn!(cause = %err, "append failed");
-                            Some(error_frame(&ClientError::store_unavailable(), cid.as_deref()))
+                            Some(error_frame(
+                                &ClientError::store_unavailable(),
+                                cid.as_deref(),
+                            ))
                         }
                     }
                 }))
@@ -423,4 +434,3 @@ enum Ctrl {
     /// The client sent a frame beyond the hard size cap: close with 1009.
     TooBig,
 }
-

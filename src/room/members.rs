@@ -111,7 +111,8 @@ impl Room {
     /// Marks the room closed if it has been empty for at least `idle`.
     pub(super) fn close_if_idle(&self, idle: std::time::Duration) -> bool {
         let mut st = self.lock();
-        let idle_enough = st.members.is_empty() && st.empty_since.is_some_and(|t| t.elapsed() >= idle);
+        let idle_enough =
+            st.members.is_empty() && st.empty_since.is_some_and(|t| t.elapsed() >= idle);
         if idle_enough {
             st.closed = true;
         }

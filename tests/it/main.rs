@@ -1,0 +1,11 @@
+//! One integration-test binary (links once): real redis-server per test, real relays on port 0,
+//! real WebSocket clients.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod bad_input;
+mod history;
+mod multi_node;
+mod relay_core;
+mod resilience;

@@ -1,0 +1,153 @@
+//! Rooms, delivery order, stored fields, acks.
+
+use serde_json::{json, Value};
+
+use crate::support::{redis::xrange, unique_sid, RedisServer, Relay, WsClient};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_participants_see_every_message_in_stream_order() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), &[]).await;
+    let sid = unique_sid("two");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let mut b = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=B"))).await;
+
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let cid = a.chat("A", &format!("a{i}")).await;
+        acked.push(a.expect_ack(&cid).await);
+        let cid = b.chat("B", &format!("b{i}")).await;
+        acked.push(b.expect_ack(&cid).await);
+    }
+    // The sender receives its own messages too (delivery comes from the stream).
+    let seen_a: Vec<String> = a
+        .collect_messages(10)
+        .await
+        .iter()
+        .map(|m| m["hd"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    let seen_b: Vec<String> = b
+        .collect_messages(10)
+        .await
+        .iter()
+        .map(|m| m["hd"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(seen_a, seen_b, "both members see one order");
+
+    let client = redis.client().await;
+    let stored: Vec<String> = xrange(&client, &format!("chat:session:{sid}"))
+        .await
+        .into_iter()
+        .filter(|(_, f)| f.iter().any(|(k, v)| k == "event" && v == "chat.message"))
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(seen_a, stored, "delivery order is stream order");
+    let mut sorted_acks = acked.clone();
+    sorted_acks.sort_by_key(|id| {
+        id.split_once('-')
+            .map(|(m, s)| (m.parse::<u64>().unwrap(), s.parse::<u64>().unwrap()))
+    });
+    assert_eq!(sorted_acks, stored, "every ack names a stored entry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_participants_and_rooms_are_isolated() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), &[]).await;
+    let room1 = unique_sid("iso1");
+    let room2 = unique_sid("iso2");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={room1}&role=A"))).await;
+    let mut b = WsClient::join(&relay.ws_url(&format!("sid={room1}&role=B"))).await;
+    let mut u = WsClient::join(&relay.ws_url(&format!("sid={room1}"))).await;
+    let mut other = WsClient::join(&relay.ws_url(&format!("sid={room2}&role=A"))).await;
+
+    let cid = u.chat("user", "hello from user").await;
+    u.expect_ack(&cid).await;
+    for c in [&mut a, &mut b, &mut u] {
+        let m = c.collect_messages(1).await.remove(0);
+        assert_eq!(m["bd"]["text"], "hello from user");
+        assert_eq!(m["hd"]["role"], "user");
+    }
+    // The other room hears nothing of room1; its next message is its own.
+    let cid = other.chat("A", "room2 only").await;
+    other.expect_ack(&cid).await;
+    let m = other.collect_messages(1).await.remove(0);
+    assert_eq!(m["bd"]["text"], "room2 only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_fields_and_utf8_round_trip() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), &[]).await;
+    let sid = unique_sid("utf8");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let text = "안녕하세요! こんにちは 你好 🎉👩‍👩‍👧 \"quoted\" \\ back";
+    a.send_json(&json!({"hd": {"event": "chat.message", "role": "A", "cid": "k1", "timestamp": "2024-01-01T00:00:00Z"}, "bd": {"text": text}})).await;
+    let id = a.expect_ack("k1").await;
+    let live = a.collect_messages(1).await.remove(0);
+    assert_eq!(live["bd"]["text"], text);
+    assert_eq!(live["hd"]["id"], id.as_str());
+    assert_eq!(live["hd"]["sid"], sid.as_str());
+    assert_eq!(
+        live["hd"]["timestamp"], "2024-01-01T00:00:00Z",
+        "unknown header fields are kept"
+    );
+    assert!(live["hd"]["ts"].as_u64().is_some());
+
+    let client = redis.client().await;
+    let entries = xrange(&client, &format!("chat:session:{sid}")).await;
+    let (sid_entry, fields) = entries
+        .iter()
+        .find(|(eid, _)| *eid == id)
+        .expect("acked id is stored");
+    assert_eq!(sid_entry, &id);
+    let get = |k: &str| {
+        fields
+            .iter()
+            .find(|(f, _)| f == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    assert_eq!(get("participant"), "A");
+    assert_eq!(get("event"), "chat.message");
+    let body = get("body");
+    assert!(
+        body.contains("안녕하세요") && body.contains("🎉"),
+        "body readable in redis-cli: {body}"
+    );
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["hd"]["role"], "A");
+    assert_eq!(body["hd"]["sid"], sid.as_str());
+    assert_eq!(body["hd"]["cid"], "k1");
+    assert_eq!(body["bd"]["text"], text);
+    // The join entry is stored too, so history shows who was there.
+    assert_eq!(
+        entries[0].1.iter().find(|(k, _)| k == "event").unwrap().1,
+        "session.join"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_is_broadcast_not_stored_and_leave_is_stored() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), &[]).await;
+    let sid = unique_sid("typing");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let mut b = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=B"))).await;
+    a.expect_event("session.join").await; // B's join
+    b.send_json(&json!({"hd": {"event": "chat.typing", "role": "B"}, "bd": {}}))
+        .await;
+    let t = a.expect_event("chat.typing").await;
+    assert_eq!(t["hd"]["role"], "B");
+    assert!(t["hd"].get("id").is_none(), "typing has no stream id");
+    b.close().await;
+    let left = a.expect_event("session.leave").await;
+    assert_eq!(left["hd"]["role"], "B");
+    let client = redis.client().await;
+    let events: Vec<String> = xrange(&client, &format!("chat:session:{sid}"))
+        .await
+        .into_iter()
+        .map(|(_, f)| f.into_iter().find(|(k, _)| k == "event").unwrap().1)
+        .collect();
+    assert_eq!(events, ["session.join", "session.join", "session.leave"]);
+}

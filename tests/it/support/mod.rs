@@ -1,0 +1,21 @@
+#![allow(dead_code)]
+
+pub mod redis;
+pub mod relay;
+pub mod ws;
+
+pub use self::redis::RedisServer;
+pub use relay::{Relay, RelayProcess};
+pub use ws::WsClient;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A room id unique in this test run, so tests never share a room.
+pub fn unique_sid(name: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
