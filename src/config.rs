@@ -5,7 +5,14 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use crate::llm::LlmArgs;
 use crate::protocol::{valid_role_name, Limits, LLM_ROLE};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Toggle {
+    On,
+    Off,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -48,6 +55,9 @@ pub struct RedisArgs {
     /// Consumer group of the LLM participant, created with each room.
     #[arg(long, env = "RELAY_LLM_GROUP", default_value = "llm")]
     pub llm_group: String,
+    /// Stream retention: `XADD ... MAXLEN ~ N`. 0 keeps everything.
+    #[arg(long, env = "RELAY_RETENTION", default_value_t = 100_000)]
+    pub retention: u64,
 }
 
 impl RedisArgs {
@@ -64,9 +74,11 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub redis: RedisArgs,
-    /// Stream retention: `XADD ... MAXLEN ~ N`. 0 keeps everything.
-    #[arg(long, env = "RELAY_RETENTION", default_value_t = 100_000)]
-    pub retention: u64,
+    /// Run the LLM participant inside this process (`off` when workers run separately).
+    #[arg(long, env = "RELAY_LLM", value_enum, default_value_t = Toggle::On)]
+    pub llm: Toggle,
+    #[command(flatten)]
+    pub llm_args: LlmArgs,
     /// Largest accepted text frame, in bytes; larger frames get `frame_too_large`.
     #[arg(long, env = "RELAY_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
     pub max_frame_bytes: usize,
@@ -145,8 +157,8 @@ impl ServeConfig {
         if self.redis.key_prefix.contains(['{', '}']) {
             return Err(ConfigError::BadPrefix);
         }
-        if self.retention > 0 && self.retention < 1000 {
-            tracing::warn!(retention = self.retention, "short retention: clients resuming after a brief outage may find their last id trimmed");
+        if self.redis.retention > 0 && self.redis.retention < 1000 {
+            tracing::warn!(retention = self.redis.retention, "short retention: clients resuming after a brief outage may find their last id trimmed");
         }
         Ok(())
     }
@@ -157,5 +169,33 @@ impl ServeConfig {
             max_text_chars: self.max_text_chars,
             max_depth: self.max_json_depth,
         }
+    }
+}
+
+/// `chat-relay llm-worker`: the LLM participant as its own process.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerConfig {
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub llm_args: LlmArgs,
+}
+
+impl RedisArgs {
+    pub fn settings(&self) -> crate::store::RedisSettings {
+        crate::store::RedisSettings {
+            url: self.redis_url.clone(),
+            command_timeout: self.command_timeout(),
+        }
+    }
+
+    /// A store handle for these settings (connects in the background).
+    pub fn store(&self) -> Result<crate::store::Store, crate::store::StoreError> {
+        crate::store::Store::connect(
+            &self.settings(),
+            crate::store::Keys::new(self.key_prefix.clone()),
+            self.retention,
+            self.llm_group.clone(),
+        )
     }
 }

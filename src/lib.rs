@@ -18,6 +18,7 @@
 pub mod config;
 pub mod dispatch;
 pub mod http;
+pub mod llm;
 pub mod protocol;
 pub mod relay;
 pub mod room;

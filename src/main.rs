@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use chat_relay::config::{LogArgs, ServeConfig};
+use chat_relay::config::{LogArgs, ServeConfig, WorkerConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the relay: WebSocket rooms, HTTP API and the browser page.
     Serve(ServeConfig),
+    /// Run only the LLM participant (any number of workers share one consumer group).
+    LlmWorker(WorkerConfig),
 }
 
 #[tokio::main]
@@ -35,15 +37,31 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-            let token = CancellationToken::new();
-            let on_signal = token.clone();
-            tokio::spawn(async move {
-                chat_relay::shutdown_signal().await;
-                tracing::info!("shutdown requested");
-                on_signal.cancel();
-            });
+            let token = shutdown_token();
             chat_relay::run(listener, cfg, token).await?;
+        }
+        Command::LlmWorker(cfg) => {
+            let token = shutdown_token();
+            let store = cfg.redis.store().context("invalid Redis settings")?;
+            let tracker = tokio_util::task::TaskTracker::new();
+            chat_relay::llm::run_worker(store.clone(), cfg.llm_args, token, tracker.clone()).await?;
+            tracker.close();
+            // Turns in flight are left pending for another worker; give them a moment to end.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait()).await;
+            store.quit().await;
         }
     }
     Ok(())
+}
+
+/// A token cancelled by SIGINT or SIGTERM.
+fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let on_signal = token.clone();
+    tokio::spawn(async move {
+        chat_relay::shutdown_signal().await;
+        tracing::info!("shutdown requested");
+        on_signal.cancel();
+    });
+    token
 }

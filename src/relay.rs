@@ -8,11 +8,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ServeConfig;
+use crate::config::{ServeConfig, Toggle};
 use crate::dispatch::RolePolicy;
 use crate::protocol::Limits;
 use crate::room::Rooms;
-use crate::store::{Keys, RedisSettings, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// Per-connection settings every session reads.
 #[derive(Debug, Clone)]
@@ -54,17 +54,16 @@ pub async fn run(
     cfg: ServeConfig,
     token: CancellationToken,
 ) -> Result<(), RelayError> {
-    let settings = RedisSettings {
-        url: cfg.redis.redis_url.clone(),
-        command_timeout: cfg.redis.command_timeout(),
-    };
-    let store = Store::connect(
-        &settings,
-        Keys::new(cfg.redis.key_prefix.clone()),
-        cfg.retention,
-        cfg.redis.llm_group.clone(),
-    )?;
+    let store = cfg.redis.store()?;
     let tracker = TaskTracker::new();
+    if cfg.llm == Toggle::On {
+        let (store, args, token, t) = (store.clone(), cfg.llm_args.clone(), token.clone(), tracker.clone());
+        tracker.spawn(async move {
+            if let Err(err) = crate::llm::run_worker(store, args, token, t).await {
+                tracing::error!(cause = %err, "LLM participant stopped");
+            }
+        });
+    }
     let rooms = Rooms::start(store.clone(), &tracker, token.clone())?;
     let shared = Arc::new(Shared {
         store: store.clone(),

@@ -10,7 +10,8 @@ use std::collections::BTreeSet;
 use serde_json::{Map, Value};
 
 use crate::protocol::{
-    new_body, transient_frame, ClientError, ErrorCode, EventKind, Inbound, DEFAULT_ROLE, LLM_ROLE,
+    new_body, transient_frame, ClientError, ErrorCode, EventKind, Inbound, StreamId, DEFAULT_ROLE,
+    LLM_ROLE,
 };
 
 /// Who may speak as whom.
@@ -82,6 +83,8 @@ pub enum Action {
         role: String,
         cid: Option<String>,
         body: String,
+        /// For `llm.cancel`: the turn to stop once the cancel is stored.
+        cancels: Option<StreamId>,
     },
     /// Deliver to the room now; not stored, not acked.
     Publish { frame: String },
@@ -104,6 +107,9 @@ pub fn dispatch(
     Ok(match event {
         EventKind::ChatMessage | EventKind::LlmRequest | EventKind::LlmCancel => Action::Store {
             event: event.name(),
+            cancels: (event == EventKind::LlmCancel)
+                .then(|| body.get("turn_id").and_then(Value::as_str).and_then(|t| t.parse().ok()))
+                .flatten(),
             body: new_body(event.name(), &role, cid.as_deref(), &ctx.sid, &extra, &body),
             role,
             cid,

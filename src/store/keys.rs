@@ -6,20 +6,66 @@
 //! | `<prefix><sid>` | pub/sub channel | live fan-out of the same entries (`<id>\n<body>`) and of transient frames (`-\n<frame>`) |
 //! | group `llm` on each room stream | consumer group | the LLM participant's read position, created at `0` with the room |
 //!
+//! | `chat:rooms` | stream | registry of rooms for LLM workers (`sid` field) |
+//! | `chat:llm:turn:{<room key>}:<turn>` | string | lease of a turn being answered, then `done:<reply id>` |
+//! | `chat:llm:cancel:{<room key>}:<turn>` | string | a cancelled turn |
+//! | `chat:llm:rate:{<room key>}:<window>` | string | LLM turns counted per room per window |
+//! | `chat:llm:cancel` | pub/sub channel | cancel notices to workers (`<sid> <turn>`) |
+//! | `chat:llm:dead` | stream | LLM requests that failed too often |
+//!
 //! The channel deliberately has the key's name: in Redis Cluster a sharded channel hashes like a
 //! key, so publishing from the append script stays on the room's own shard.
+
+use crate::protocol::StreamId;
 
 /// Names derived from the configured prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    /// The prefix up to its first `:` (`chat:`), for the relay's auxiliary keys.
+    root: String,
 }
 
 impl Keys {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self {
-            prefix: prefix.into(),
-        }
+        let prefix = prefix.into();
+        let root = match prefix.find(':') {
+            Some(i) => prefix[..=i].to_owned(),
+            None => prefix.clone(),
+        };
+        Self { prefix, root }
+    }
+
+    /// `chat:rooms`: a capped stream with one entry per new room (and periodic re-announcements
+    /// of active rooms), tailed by LLM workers to discover rooms without scanning keys.
+    pub fn rooms_registry(&self) -> String {
+        format!("{}rooms", self.root)
+    }
+
+    /// `chat:llm:dead`: LLM requests that failed too many deliveries.
+    pub fn dead_letters(&self) -> String {
+        format!("{}llm:dead", self.root)
+    }
+
+    /// `chat:llm:turn:{chat:session:<sid>}:<turn>`: the lease, then the done-marker, of a turn.
+    /// The room key is the hash tag, so scripts can use both keys on Redis Cluster.
+    pub fn turn(&self, sid: &str, turn: StreamId) -> String {
+        format!("{}llm:turn:{{{}}}:{turn}", self.root, self.room(sid))
+    }
+
+    /// `chat:llm:cancel:{chat:session:<sid>}:<turn>`: set when someone cancels a turn.
+    pub fn cancel_flag(&self, sid: &str, turn: StreamId) -> String {
+        format!("{}llm:cancel:{{{}}}:{turn}", self.root, self.room(sid))
+    }
+
+    /// `chat:llm:cancel`: channel on which cancels reach the worker generating the turn.
+    pub fn cancel_channel(&self) -> String {
+        format!("{}llm:cancel", self.root)
+    }
+
+    /// `chat:llm:rate:{chat:session:<sid>}:<window>`: LLM turns started in one window.
+    pub fn turn_rate(&self, sid: &str, window: u64) -> String {
+        format!("{}llm:rate:{{{}}}:{window}", self.root, self.room(sid))
     }
 
     pub fn prefix(&self) -> &str {

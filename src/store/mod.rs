@@ -14,8 +14,10 @@
 //! Every command has a timeout so a dead Redis turns into `store_unavailable`, not silence.
 
 pub mod keys;
+mod turns;
 
 pub use keys::Keys;
+pub use turns::{Finished, GroupEntry, TurnLock};
 
 use std::time::Duration;
 
@@ -33,7 +35,28 @@ pub use fred::types::Message as PubsubMessage;
 use crate::protocol::StreamId;
 use keys::{field, TRANSIENT_MARK};
 
-const APPEND_LUA: &str = include_str!("append.lua");
+/// A Lua script with its source, so a cache miss (Redis restarted) can fall back to EVAL.
+#[derive(Debug, Clone)]
+struct Lua {
+    src: &'static str,
+    script: Script,
+}
+
+impl Lua {
+    fn new(src: &'static str) -> Self {
+        Self {
+            src,
+            script: Script::from_lua(src),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Scripts {
+    append: Lua,
+    turn_lock: Lua,
+    finish: Lua,
+}
 
 /// What can go wrong talking to Redis. Callers map it to `store_unavailable` for clients; the
 /// cause is kept for logs.
@@ -97,7 +120,7 @@ pub struct Store {
     keys: Keys,
     retention: u64,
     llm_group: String,
-    append_script: Script,
+    scripts: Scripts,
 }
 
 impl Store {
@@ -138,7 +161,11 @@ impl Store {
             keys,
             retention,
             llm_group: llm_group.into(),
-            append_script: Script::from_lua(APPEND_LUA),
+            scripts: Scripts {
+                append: Lua::new(include_str!("append.lua")),
+                turn_lock: Lua::new(include_str!("turn_lock.lua")),
+                finish: Lua::new(include_str!("finish.lua")),
+            },
         })
     }
 
@@ -187,30 +214,10 @@ impl Store {
     ) -> Result<Appended, StoreError> {
         let key = self.keys.room(sid);
         let retention = self.retention.to_string();
-        let args = vec![
-            retention.as_str(),
-            participant,
-            event,
-            body,
-            &self.llm_group,
-        ];
-        // After a Redis restart the script cache is empty. Falling back to EVAL (which also
-        // caches it) rather than SCRIPT LOAD + EVALSHA keeps concurrent appends of one socket in
-        // the order they were issued: each is retried by exactly one further command.
-        let reply: Value = match self
-            .client
-            .evalsha(
-                self.append_script.sha1().clone(),
-                key.as_str(),
-                args.clone(),
-            )
-            .await
-        {
-            Err(err) if err.details().starts_with("NOSCRIPT") => {
-                self.client.eval(APPEND_LUA, key.as_str(), args).await?
-            }
-            other => other?,
-        };
+        let args = vec![retention.as_str(), participant, event, body, &self.llm_group];
+        let reply = self
+            .eval_script(&self.scripts.append, key.as_str(), args)
+            .await?;
         let Value::Array(parts) = reply else {
             return Err(StoreError::Reply("append script returned no array"));
         };
@@ -220,7 +227,35 @@ impl Store {
             .and_then(|s| s.parse().ok())
             .ok_or(StoreError::Reply("append script returned no id"))?;
         let created = matches!(parts.get(1), Some(Value::Integer(1)));
+        if created {
+            // Outside the script: the registry lives on another shard under Redis Cluster. A
+            // crash right here only delays discovery until a worker's next start-up scan.
+            if let Err(err) = self.announce_room(sid).await {
+                tracing::warn!(room = %sid, cause = %err, "could not announce the new room");
+            }
+        }
         Ok(Appended { id, created })
+    }
+
+    /// Runs a script by hash. After a Redis restart the script cache is empty: falling back to
+    /// EVAL (which also caches it) rather than SCRIPT LOAD + EVALSHA keeps concurrent calls of
+    /// one socket in the order they were issued, since each is retried by exactly one command.
+    async fn eval_script<K, A>(&self, lua: &Lua, keys: K, args: Vec<A>) -> Result<Value, StoreError>
+    where
+        K: Into<fred::types::MultipleKeys> + Clone + Send,
+        A: Into<Value> + Clone + Send,
+    {
+        let args: Vec<Value> = args.into_iter().map(Into::into).collect();
+        match self
+            .client
+            .evalsha(lua.script.sha1().clone(), keys.clone(), args.clone())
+            .await
+        {
+            Err(err) if err.details().starts_with("NOSCRIPT") => {
+                Ok(self.client.eval(lua.src, keys, args).await?)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// Publish a frame to the room's live channel without storing it.

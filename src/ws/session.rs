@@ -386,12 +386,20 @@ impl Reader {
                 role,
                 cid,
                 body,
+                cancels,
             }) => {
                 let store = self.shared.store.clone();
                 let sid = self.ctx.sid.clone();
                 Handled::Pending(Box::pin(async move {
                     match store.append(&sid, &role, event, &body).await {
-                        Ok(appended) => Some(ack_frame(cid.as_deref(), appended.id)),
+                        Ok(appended) => {
+                            if let Some(turn) = cancels {
+                                if let Err(err) = store.signal_cancel(&sid, turn).await {
+                                    tracing::warn!(cause = %err, "cancel stored but not signalled");
+                                }
+                            }
+                            Some(ack_frame(cid.as_deref(), appended.id))
+                        }
                         Err(err) => {
                             tracing::warn!(cause = %err, "append failed");
                             Some(error_frame(

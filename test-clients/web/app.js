@@ -24,7 +24,7 @@
   const UNCONFIRMED_MS = 8000; // after a resume, how long an un-acked send may stay "pending"
   const HISTORY_LIMIT = 100;
 
-  /** "1700000000000-3" -> [1700000000000n, 3n]. BigInt because ms-seq can exceed 2^53 in seq. */
+  /** "1700000000000-3" -> [1700000000000n, 3n]. BigInt because seq is a u64 and may pass 2^53. */
   function parseId(id) {
     const m = /^(\d+)(?:-(\d+))?$/.exec(String(id));
     return m ? [BigInt(m[1]), BigInt(m[2] || '0')] : [-1n, -1n];
@@ -125,13 +125,14 @@
 
   const list = () => $('messages');
 
-  function nearBottom() {
-    const l = list();
-    return l.scrollHeight - l.scrollTop - l.clientHeight < 80;
-  }
+  // Whether the reader is at the bottom of the list. Tracked from scroll events rather than
+  // measured at insert time, so growth from any source (new entries, a streaming reply, a
+  // resized window) keeps a following reader at the bottom and leaves a reader of old messages alone.
+  let following = true;
 
-  function scrollIfFollowing(wasNear) {
-    if (wasNear) list().scrollTop = list().scrollHeight;
+  function stickToBottom(force = false) {
+    if (force) following = true;
+    if (following) list().scrollTop = list().scrollHeight;
   }
 
   /**
@@ -196,9 +197,8 @@
         [badge('llm'), timeEl(Date.now()), el('div', { class: 'text' }), cancel]);
       t = { el: node, parts: [], state: 'streaming' };
       view.turns.set(turnId, t);
-      const near = nearBottom();
       list().append(node);
-      scrollIfFollowing(near);
+      stickToBottom();
     }
     return t;
   }
@@ -259,9 +259,8 @@
     if (!room.lastId || cmpId(id, room.lastId) > 0) room.lastId = id;
     if (room.frames.has(id)) return;
     room.frames.set(id, frame);
-    const near = nearBottom();
     renderStored(frame);
-    scrollIfFollowing(near);
+    stickToBottom();
   }
 
   function renderStored(frame) {
@@ -290,9 +289,16 @@
       case 'llm.response':
       case 'llm.error': {
         const t = turnFor(hd.turn_id || hd.id);
-        const node = t.el;
-        // One bubble per turn: a second final entry for the same turn keeps the first on screen.
-        if (node.dataset.id && node.dataset.id !== hd.id) return;
+        let node = t.el;
+        if (node.dataset.id && node.dataset.id !== hd.id) {
+          // A second final for one turn (e.g. a redelivered turn answered twice): the bubble keeps
+          // the first, and this one becomes a quiet line so every stored entry is still visible.
+          const what = hd.event === 'llm.error' ? `error: ${bd.message || hd.code}` : bd.text;
+          node = systemEl(`another LLM ${hd.event === 'llm.error' ? 'result' : 'reply'} for an earlier turn – ${what}`, ts);
+          setStoredAttrs(node, frame);
+          place(node);
+          return;
+        }
         setStoredAttrs(node, frame);
         if (hd.event === 'llm.response') {
           node.querySelector('.text').textContent = bd.text ?? t.parts.join('');
@@ -364,9 +370,8 @@
         const seq = Number.isInteger(bd.seq) ? bd.seq : t.parts.length;
         if (t.parts[seq] !== undefined) return; // duplicate seq
         t.parts[seq] = bd.delta;
-        const near = nearBottom();
         t.el.querySelector('.text').textContent = t.parts.join(''); // join() skips holes, keeping seq order
-        scrollIfFollowing(near);
+        stickToBottom();
         return;
       }
       default:
@@ -414,8 +419,7 @@
     countdown: null,
     stableTimer: null,
     wanted: false, // false once the user leaves: closes are then not reconnected
-    notifiedFailure: false,
-    everOpened: false,
+    notifiedFailure: false, // one "could not connect" notice per failure streak, not one per retry
   };
 
   function setState(state, label) {
@@ -423,9 +427,8 @@
     const s = $('status');
     s.dataset.state = state;
     s.textContent = label || state;
-    const live = state === 'live';
+    // The composer stays usable while reconnecting: sends are queued and flushed on open.
     for (const id of ['text', 'send', 'ask-llm']) $(id).disabled = !view.room;
-    $('send-form').classList.toggle('not-live', !live);
   }
 
   function wsUrl() {
@@ -452,8 +455,8 @@
 
     ws.onopen = () => {
       if (conn.ws !== ws) return;
-      conn.everOpened = true;
       conn.notifiedFailure = false;
+      $('notices').querySelectorAll('[data-code="connect_failed"]').forEach((n) => n.remove());
       setState('live', 'live');
       // Reset the backoff only once the socket proves stable: a relay that accepts and
       // immediately closes (store down) must not be hammered every 500 ms.
@@ -565,7 +568,7 @@
     const p = { el: node, event, text, state: 'queued', cid };
     view.pending.set(cid, p);
     list().append(node);
-    scrollIfFollowing(true); // your own message always brings the list to the bottom
+    stickToBottom(true); // your own message always brings the list to the bottom
     transmit(p);
   }
 
@@ -642,7 +645,7 @@
     const known = [...view.room.frames.values()].sort((a, b) => cmpId(a.hd.id, b.hd.id));
     for (const f of known) renderStored(f);
     renderPresence();
-    list().scrollTop = list().scrollHeight;
+    stickToBottom(true);
     $('room-label').textContent = `${settings.sid} · ${settings.role}`;
     $('leave').hidden = false;
     document.title = `${settings.sid} – chat-relay`;
@@ -689,6 +692,11 @@
     });
     $('send-form').addEventListener('submit', (e) => { e.preventDefault(); submitComposer('chat.message'); });
     $('ask-llm').addEventListener('click', () => submitComposer('llm.request'));
+    list().addEventListener('scroll', () => {
+      const l = list();
+      following = l.scrollHeight - l.scrollTop - l.clientHeight < 40;
+    }, { passive: true });
+    if (window.ResizeObserver) new ResizeObserver(() => stickToBottom()).observe(list());
     const box = $('text');
     box.addEventListener('input', () => {
       onTyping();

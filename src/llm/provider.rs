@@ -1,0 +1,261 @@
+//! The one provider: any OpenAI-compatible Chat Completions API with `stream: true` (OpenAI,
+//! Ollama, vLLM, llama.cpp's server, Gemini's OpenAI endpoint).
+//!
+//! Retries (with backoff) happen only before the first token: once text reached the room,
+//! starting over would show it twice.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::prompt::ChatMessage;
+use super::sse::SseDecoder;
+
+/// Why a completion failed; mapped once to a short human message for the room.
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    #[error("cannot reach the LLM server")]
+    Connect(#[source] reqwest::Error),
+    #[error("LLM server answered HTTP {status}")]
+    Status { status: u16, body: String },
+    #[error("LLM server timed out ({0})")]
+    Timeout(&'static str),
+    #[error("LLM server sent a malformed stream: {0}")]
+    Protocol(String),
+}
+
+impl LlmError {
+    /// Stable code stored in `llm.error`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            LlmError::Connect(_) => "llm_unavailable",
+            LlmError::Status { status: 429, .. } => "llm_rate_limited",
+            LlmError::Status { status, .. } if *status >= 500 => "llm_unavailable",
+            LlmError::Status { .. } => "llm_rejected",
+            LlmError::Timeout(_) => "llm_timeout",
+            LlmError::Protocol(_) => "llm_bad_response",
+        }
+    }
+
+    /// What people in the room read; details stay in the logs.
+    pub fn human(&self) -> &'static str {
+        match self {
+            LlmError::Connect(_) | LlmError::Status { .. } => "the AI service is temporarily unavailable",
+            LlmError::Timeout(_) => "the AI service took too long to answer",
+            LlmError::Protocol(_) => "the AI service sent a reply we could not read",
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        match self {
+            LlmError::Connect(_) | LlmError::Timeout(_) => true,
+            LlmError::Status { status, .. } => *status == 429 || *status >= 500,
+            LlmError::Protocol(_) => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+/// What the stream yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Delta(String),
+    Finish(String),
+    Usage(Usage),
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderSettings {
+    pub base_url: String,
+    pub api_key: Option<String>,
+    pub model: String,
+    pub max_tokens: u32,
+    pub connect_timeout: Duration,
+    /// Longest wait for the first byte of the response and between two chunks.
+    pub idle_timeout: Duration,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Provider {
+    http: reqwest::Client,
+    settings: ProviderSettings,
+}
+
+impl Provider {
+    pub fn new(settings: ProviderSettings) -> Result<Provider, LlmError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout)
+            .build()
+            .map_err(LlmError::Connect)?;
+        Ok(Provider { http, settings })
+    }
+
+    pub fn model(&self) -> &str {
+        &self.settings.model
+    }
+
+    /// Starts a streamed completion, retrying connection failures, 429 and 5xx with backoff.
+    pub async fn stream(&self, messages: &[ChatMessage]) -> Result<Completion, LlmError> {
+        let mut backoff = Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            match self.start(messages).await {
+                Ok(c) => return Ok(c),
+                Err(err) if err.retryable() && attempt < self.settings.attempts => {
+                    tracing::info!(cause = %err, attempt, "LLM request failed before the first token; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    async fn start(&self, messages: &[ChatMessage]) -> Result<Completion, LlmError> {
+        let url = format!("{}/chat/completions", self.settings.base_url.trim_end_matches('/'));
+        let body = serde_json::json!({
+            "model": self.settings.model,
+            "messages": messages,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "max_tokens": self.settings.max_tokens,
+        });
+        let mut req = self.http.post(url).json(&body);
+        if let Some(key) = &self.settings.api_key {
+            req = req.bearer_auth(key);
+        }
+        let resp = match tokio::time::timeout(self.settings.idle_timeout, req.send()).await {
+            Err(_) => return Err(LlmError::Timeout("no response")),
+            Ok(Err(e)) => return Err(LlmError::Connect(e)),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            let body = tokio::time::timeout(Duration::from_secs(2), resp.text())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            return Err(LlmError::Status {
+                status: status.as_u16(),
+                body: body.chars().take(300).collect(),
+            });
+        }
+        Ok(Completion {
+            bytes: Box::pin(resp.bytes_stream()),
+            decoder: SseDecoder::new(),
+            queue: std::collections::VecDeque::new(),
+            idle_timeout: self.settings.idle_timeout,
+            done: false,
+        })
+    }
+}
+
+type ByteStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
+
+/// A streamed completion in progress.
+pub struct Completion {
+    bytes: ByteStream,
+    decoder: SseDecoder,
+    queue: std::collections::VecDeque<Event>,
+    idle_timeout: Duration,
+    done: bool,
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Completion").field("done", &self.done).finish()
+    }
+}
+
+impl Completion {
+    /// The next event, or `None` after `[DONE]` (or a clean end of the body).
+    pub async fn next(&mut self) -> Result<Option<Event>, LlmError> {
+        loop {
+            if let Some(ev) = self.queue.pop_front() {
+                return Ok(Some(ev));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            let chunk = match tokio::time::timeout(self.idle_timeout, self.bytes.next()).await {
+                Err(_) => return Err(LlmError::Timeout("stream stalled")),
+                Ok(None) => {
+                    self.done = true;
+                    continue;
+                }
+                Ok(Some(Err(e))) => return Err(LlmError::Protocol(format!("body read failed: {e}"))),
+                Ok(Some(Ok(b))) => b,
+            };
+            let events = self
+                .decoder
+                .feed(&chunk)
+                .map_err(|e| LlmError::Protocol(e.to_string()))?;
+            for ev in events {
+                if ev.data.trim() == "[DONE]" {
+                    self.done = true;
+                    break;
+                }
+                self.queue.extend(parse_chunk(&ev.data)?);
+            }
+        }
+    }
+}
+
+/// One `chat.completion.chunk` → events. An `error` object inside the stream is a failure.
+fn parse_chunk(data: &str) -> Result<Vec<Event>, LlmError> {
+    let v: Value = serde_json::from_str(data)
+        .map_err(|_| LlmError::Protocol("chunk is not JSON".into()))?;
+    if let Some(err) = v.get("error") {
+        return Err(LlmError::Status {
+            status: 500,
+            body: err.to_string().chars().take(300).collect(),
+        });
+    }
+    let mut out = Vec::new();
+    if let Some(choice) = v.get("choices").and_then(Value::as_array).and_then(|c| c.first()) {
+        if let Some(text) = choice.pointer("/delta/content").and_then(Value::as_str) {
+            if !text.is_empty() {
+                out.push(Event::Delta(text.to_owned()));
+            }
+        }
+        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+            out.push(Event::Finish(reason.to_owned()));
+        }
+    }
+    if let Some(usage) = v.get("usage").filter(|u| !u.is_null()) {
+        let usage: Usage = serde_json::from_value(usage.clone())
+            .map_err(|_| LlmError::Protocol("usage has unexpected fields".into()))?;
+        out.push(Event::Usage(usage));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_openai_chunks() {
+        let evs = parse_chunk(r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":null}}]}"#).unwrap();
+        assert!(evs.is_empty());
+        let evs = parse_chunk(r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#).unwrap();
+        assert_eq!(evs, [Event::Delta("Hi".into())]);
+        let evs = parse_chunk(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#).unwrap();
+        assert_eq!(evs, [Event::Finish("stop".into())]);
+        let evs = parse_chunk(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,"prompt_tokens_details":{"cached_tokens":0}}}"#).unwrap();
+        assert_eq!(evs, [Event::Usage(Usage { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 })]);
+        assert!(parse_chunk("nope").is_err());
+        assert!(parse_chunk(r#"{"error":{"message":"overloaded"}}"#).is_err());
+    }
+}

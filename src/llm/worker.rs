@@ -1,0 +1,400 @@
+//! The worker: discovers rooms, reads the consumer group, hands triggers to turns, claims what
+//! dead workers left, and routes cancels to the turn they stop.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use fred::interfaces::{EventInterface, PubsubInterface};
+use serde_json::Value;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::prompt::DEFAULT_SYSTEM_PROMPT;
+use super::provider::{LlmError, Provider, ProviderSettings};
+use super::{LlmArgs, ReplyPolicy};
+use crate::protocol::{valid_sid, StreamId, LLM_ROLE};
+use crate::store::{Entry, GroupEntry, Store, StoreError};
+
+/// How long one `XREADGROUP` blocks; also the longest delay before a newly found room is read.
+const BLOCK: Duration = Duration::from_millis(1000);
+const READ_COUNT: u64 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("Redis client setup failed")]
+    Store(#[from] StoreError),
+    #[error("LLM client setup failed")]
+    Llm(#[from] LlmError),
+    #[error("cannot read the system prompt file")]
+    Prompt(#[source] std::io::Error),
+}
+
+/// State shared by the worker's loops and its turns.
+#[derive(Debug)]
+pub(super) struct Ctx {
+    pub store: Store,
+    pub args: LlmArgs,
+    pub provider: Provider,
+    pub system_prompt: String,
+    pub consumer: String,
+    pub token: CancellationToken,
+    pub tracker: TaskTracker,
+    pub http: reqwest::Client,
+    rooms: Mutex<BTreeSet<String>>,
+    /// Turns running on this worker, with the token that cancels each.
+    pub active: DashMap<(String, StreamId), CancellationToken>,
+    slots: Arc<Semaphore>,
+}
+
+impl Ctx {
+    fn rooms(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs the LLM participant until `token` is cancelled. Unfinished turns are left pending, so
+/// another worker claims them.
+pub async fn run_worker(
+    store: Store,
+    args: LlmArgs,
+    token: CancellationToken,
+    tracker: TaskTracker,
+) -> Result<(), WorkerError> {
+    args.warn_if_risky();
+    let provider = Provider::new(ProviderSettings {
+        base_url: args.llm_base_url.clone(),
+        api_key: args.llm_api_key.clone(),
+        model: args.llm_model.clone(),
+        max_tokens: args.llm_max_tokens,
+        connect_timeout: Duration::from_millis(args.llm_connect_timeout_ms),
+        idle_timeout: Duration::from_secs(args.llm_idle_timeout_secs.max(1)),
+        attempts: args.llm_attempts.max(1),
+    })?;
+    let system_prompt = match (&args.llm_system_prompt, &args.llm_system_prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path).map_err(WorkerError::Prompt)?,
+        (None, None) => DEFAULT_SYSTEM_PROMPT.to_owned(),
+    };
+    let consumer = args.llm_consumer.clone().unwrap_or_else(default_consumer);
+    let ctx = Arc::new(Ctx {
+        slots: Arc::new(Semaphore::new(args.llm_concurrency.max(1))),
+        store,
+        args,
+        provider,
+        system_prompt,
+        consumer,
+        token: token.clone(),
+        tracker: tracker.clone(),
+        http: reqwest::Client::new(),
+        rooms: Mutex::new(BTreeSet::new()),
+        active: DashMap::new(),
+    });
+    tracing::info!(consumer = %ctx.consumer, model = %ctx.provider.model(), base_url = %ctx.args.llm_base_url, "LLM participant starting");
+
+    // Registry position first, then the scan: a room created in between is seen by the tail.
+    let registry_from = retry(&ctx, || ctx.store.registry_tail()).await;
+    let existing = retry(&ctx, || ctx.store.scan_rooms()).await;
+    if let (Some(from), Some(existing)) = (registry_from, existing) {
+        for sid in existing {
+            // Rooms from before this relay version have no group: start at their end rather
+            // than answering their whole history.
+            if let Err(err) = ctx.store.ensure_group(&sid, "$").await {
+                tracing::debug!(room = %sid, cause = %err, "cannot create group");
+                continue;
+            }
+            ctx.rooms().insert(sid);
+        }
+        tracker.spawn(registry_loop(ctx.clone(), from));
+        tracker.spawn(cancel_loop(ctx.clone()));
+        tracker.spawn(claim_loop(ctx.clone()));
+        read_loop(ctx).await?;
+    }
+    Ok(())
+}
+
+fn default_consumer() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Retries a Redis call until it works or the worker stops (`None`).
+async fn retry<T, F, Fut>(ctx: &Ctx, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Ok(v) => return Some(v),
+            Err(err) => tracing::warn!(cause = %err, "LLM worker waiting for Redis"),
+        }
+        tokio::select! {
+            _ = ctx.token.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn read_loop(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
+    let client = ctx.store.dedicated_client(BLOCK)?;
+    // This consumer's own unacknowledged entries first (a restart mid-turn), then new ones.
+    let mut pending = true;
+    let mut backoff = Duration::from_millis(100);
+    while !ctx.token.is_cancelled() {
+        let rooms: Vec<String> = ctx.rooms().iter().cloned().collect();
+        if rooms.is_empty() {
+            tokio::select! {
+                _ = ctx.token.cancelled() => break,
+                _ = tokio::time::sleep(BLOCK) => continue,
+            }
+        }
+        let block = (!pending).then_some(BLOCK);
+        let read = tokio::select! {
+            _ = ctx.token.cancelled() => break,
+            r = ctx.store.group_read(&client, &ctx.consumer, &rooms, pending, READ_COUNT, block) => r,
+        };
+        match read {
+            Ok(entries) => {
+                backoff = Duration::from_millis(100);
+                if pending && (entries.len() as u64) < READ_COUNT {
+                    pending = false;
+                }
+                handle_batch(&ctx, entries).await;
+            }
+            Err(err) => {
+                if let StoreError::Redis(e) = &err {
+                    if e.details().contains("NOGROUP") {
+                        repair_groups(&ctx, &rooms).await;
+                    }
+                }
+                tracing::warn!(cause = %err, "reading the LLM group failed; retrying");
+                tokio::select! {
+                    _ = ctx.token.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    tracing::info!("LLM participant stopped reading");
+    Ok(())
+}
+
+/// A group vanished (Redis restarted without its data): recreate it where the stream still
+/// exists, forget rooms whose stream is gone.
+async fn repair_groups(ctx: &Ctx, rooms: &[String]) {
+    for sid in rooms {
+        match ctx.store.ensure_group(sid, "0").await {
+            Ok(true) => tracing::info!(room = %sid, "recreated the LLM group"),
+            Ok(false) => {}
+            Err(_) => {
+                ctx.rooms().remove(sid);
+            }
+        }
+    }
+}
+
+/// Acks what needs no answer (in one XACK per room) and starts a turn for each trigger.
+async fn handle_batch(ctx: &Arc<Ctx>, entries: Vec<GroupEntry>) {
+    let mut skip: HashMap<String, Vec<StreamId>> = HashMap::new();
+    for ge in entries {
+        match &ge.entry {
+            Some(entry) if is_trigger(entry, ctx.args.llm_reply) => start_turn(ctx, ge).await,
+            Some(_) => skip.entry(ge.sid).or_default().push(ge.id),
+            None => {
+                tracing::warn!(room = %ge.sid, id = %ge.id, "pending entry was trimmed; acknowledging it");
+                skip.entry(ge.sid).or_default().push(ge.id);
+            }
+        }
+    }
+    for (sid, ids) in skip {
+        for id in ids {
+            if let Err(err) = ctx.store.ack(&sid, id).await {
+                tracing::warn!(room = %sid, cause = %err, "ack failed; the entry will be re-read");
+            }
+        }
+    }
+}
+
+async fn start_turn(ctx: &Arc<Ctx>, ge: GroupEntry) {
+    let Some(request) = ge.entry else { return };
+    let key = (ge.sid.clone(), ge.id);
+    if ctx.active.contains_key(&key) {
+        return; // already being answered here (re-read or claimed while running)
+    }
+    let permit = tokio::select! {
+        _ = ctx.token.cancelled() => return,
+        p = ctx.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+    };
+    let cancel = ctx.token.child_token();
+    ctx.active.insert(key, cancel.clone());
+    ctx.tracker.spawn(super::turn::run(ctx.clone(), ge.sid, ge.id, request, cancel, permit));
+}
+
+/// Whether an entry asks for an answer under `policy`. The LLM never answers itself.
+pub(super) fn is_trigger(entry: &Entry, policy: ReplyPolicy) -> bool {
+    if entry.participant == LLM_ROLE {
+        return false;
+    }
+    match entry.event.as_str() {
+        "llm.request" => true,
+        "chat.message" => match policy {
+            ReplyPolicy::Request => false,
+            ReplyPolicy::All => true,
+            ReplyPolicy::Mention => serde_json::from_str::<Value>(&entry.body)
+                .ok()
+                .and_then(|b| b.pointer("/bd/text").and_then(Value::as_str).map(mentions_llm))
+                .unwrap_or(false),
+        },
+        _ => false,
+    }
+}
+
+fn mentions_llm(text: &str) -> bool {
+    text.to_lowercase().contains("@llm")
+}
+
+/// Follows the room registry so new rooms are read within one BLOCK.
+async fn registry_loop(ctx: Arc<Ctx>, mut after: String) {
+    let client = match ctx.store.dedicated_client(Duration::from_secs(5)) {
+        Ok(c) => c,
+        Err(err) => {
+            tracing::error!(cause = %err, "cannot open the registry connection");
+            return;
+        }
+    };
+    while !ctx.token.is_cancelled() {
+        let read = tokio::select! {
+            _ = ctx.token.cancelled() => return,
+            r = ctx.store.read_registry(&client, &after, Duration::from_secs(5)) => r,
+        };
+        match read {
+            Ok(rooms) => {
+                for (id, sid) in rooms {
+                    after = id;
+                    if !valid_sid(&sid) || ctx.rooms().contains(&sid) {
+                        continue;
+                    }
+                    if let Err(err) = ctx.store.ensure_group(&sid, "0").await {
+                        tracing::debug!(room = %sid, cause = %err, "announced room has no stream");
+                        continue;
+                    }
+                    tracing::debug!(room = %sid, "new room");
+                    ctx.rooms().insert(sid);
+                }
+            }
+            Err(err) => {
+                tracing::debug!(cause = %err, "registry read failed; retrying");
+                tokio::select! {
+                    _ = ctx.token.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Cancels reach the worker generating the turn over pub/sub; a missed notice is caught by the
+/// turn's periodic check of the cancel flag.
+async fn cancel_loop(ctx: Arc<Ctx>) {
+    let sub = match ctx.store.subscriber() {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::error!(cause = %err, "cannot open the cancel subscription");
+            return;
+        }
+    };
+    let _resubscribe = sub.manage_subscriptions();
+    let mut messages = sub.message_rx();
+    let channel = ctx.store.keys().cancel_channel();
+    let _ = retry(&ctx, || async { Ok(sub.subscribe(channel.as_str()).await?) }).await;
+    loop {
+        let msg = tokio::select! {
+            _ = ctx.token.cancelled() => break,
+            m = messages.recv() => m,
+        };
+        match msg {
+            Ok(msg) => {
+                let Some(text) = msg.value.as_str() else { continue };
+                let Some((sid, turn)) = text.split_once(' ') else { continue };
+                let Ok(turn) = turn.parse::<StreamId>() else { continue };
+                if let Some(cancel) = ctx.active.get(&(sid.to_owned(), turn)).map(|c| c.value().clone()) {
+                    tracing::info!(room = %sid, turn = %turn, "turn cancelled");
+                    cancel.cancel();
+                }
+            }
+            Err(RecvError::Lagged(n)) => tracing::warn!(missed = n, "cancel notices lagged"),
+            Err(RecvError::Closed) => break,
+        }
+    }
+    let _ = fred::interfaces::ClientLike::quit(&sub).await;
+}
+
+/// Claims requests whose worker died (idle past `--llm-claim-idle-secs`) and answers them, or
+/// dead-letters those delivered too often.
+async fn claim_loop(ctx: Arc<Ctx>) {
+    let idle = ctx.args.claim_idle();
+    let mut tick = tokio::time::interval((idle / 2).max(Duration::from_millis(500)));
+    loop {
+        tokio::select! {
+            _ = ctx.token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let rooms: Vec<String> = ctx.rooms().iter().cloned().collect();
+        for sid in rooms {
+            let claimed = match ctx.store.claim_idle(&sid, &ctx.consumer, idle).await {
+                Ok(c) => c,
+                Err(err) => {
+                    tracing::debug!(room = %sid, cause = %err, "claim failed");
+                    continue;
+                }
+            };
+            for (ge, deliveries) in claimed {
+                if deliveries > ctx.args.llm_max_deliveries {
+                    tracing::error!(room = %sid, id = %ge.id, deliveries, "LLM request failed too often; moving it to the dead-letter stream");
+                    if let Err(err) = ctx.store.dead_letter(&ge, deliveries).await {
+                        tracing::warn!(cause = %err, "dead-lettering failed");
+                    }
+                    continue;
+                }
+                tracing::info!(room = %sid, id = %ge.id, deliveries, "claimed an abandoned LLM request");
+                handle_batch(&ctx, vec![ge]).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(participant: &str, event: &str, text: &str) -> Entry {
+        Entry {
+            id: StreamId::new(1, 0),
+            participant: participant.into(),
+            event: event.into(),
+            body: serde_json::json!({"hd": {"event": event}, "bd": {"text": text}}).to_string(),
+        }
+    }
+
+    #[test]
+    fn triggers_follow_the_policy() {
+        use ReplyPolicy::*;
+        assert!(is_trigger(&e("A", "llm.request", "x"), Request));
+        assert!(!is_trigger(&e("A", "chat.message", "hi @llm"), Request));
+        assert!(is_trigger(&e("A", "chat.message", "hi @LLM"), Mention));
+        assert!(!is_trigger(&e("A", "chat.message", "hi llm"), Mention));
+        assert!(is_trigger(&e("A", "chat.message", "hi"), All));
+        assert!(!is_trigger(&e("llm", "chat.message", "@llm"), All), "never answers itself");
+        assert!(!is_trigger(&e("llm", "llm.request", "x"), All));
+        assert!(!is_trigger(&e("A", "session.join", ""), All));
+    }
+}

@@ -1,0 +1,26 @@
+-- End one LLM turn: store its final entry, mark the turn done and acknowledge the request,
+-- all at once, so a turn has exactly one final entry whatever crashes or races happen.
+--
+-- KEYS[1]  the room stream (also its channel)     KEYS[2]  the turn key
+-- ARGV[1]  MAXLEN ~ retention (0 = unbounded)
+-- ARGV[2]  participant   ARGV[3]  event   ARGV[4]  body
+-- ARGV[5]  consumer group   ARGV[6]  the request entry id (to XACK)   ARGV[7]  done-marker ttl, s
+--
+-- Returns {'stored', id} or, when some worker already finished this turn, {'done', id}.
+local cur = redis.call('GET', KEYS[2])
+if cur and string.sub(cur, 1, 5) == 'done:' then
+  redis.call('XACK', KEYS[1], ARGV[5], ARGV[6])
+  return {'done', string.sub(cur, 6)}
+end
+local id
+if tonumber(ARGV[1]) > 0 then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+    'participant', ARGV[2], 'event', ARGV[3], 'body', ARGV[4])
+else
+  id = redis.call('XADD', KEYS[1], '*',
+    'participant', ARGV[2], 'event', ARGV[3], 'body', ARGV[4])
+end
+redis.call('PUBLISH', KEYS[1], id .. '\n' .. ARGV[4])
+redis.call('SET', KEYS[2], 'done:' .. id, 'EX', ARGV[7])
+redis.call('XACK', KEYS[1], ARGV[5], ARGV[6])
+return {'stored', id}

@@ -1,0 +1,19 @@
+-- Take or renew the lease on one LLM turn.
+--
+-- KEYS[1]  the turn key (hash-tagged with the room key, so it lives on the room's shard)
+-- ARGV[1]  the worker's token   ARGV[2]  lease in ms
+--
+-- Returns {'acquired'}, {'busy'} (another live worker holds it) or {'done', <reply id>}.
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {'acquired'}
+end
+if string.sub(cur, 1, 5) == 'done:' then
+  return {'done', string.sub(cur, 6)}
+end
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {'acquired'}
+end
+return {'busy'}
