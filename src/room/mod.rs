@@ -31,6 +31,8 @@ use crate::store::{Store, StoreError};
 /// How long an empty room keeps its subscription, so a reconnecting client does not pay for a
 /// fresh SUBSCRIBE and baseline read.
 const IDLE_ROOM_TTL: Duration = Duration::from_secs(30);
+/// Longest wait for the server to confirm a re-SUBSCRIBE after a reconnect.
+const RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Rooms recovered at once after the subscription is lost.
 const RECOVERY_CONCURRENCY: usize = 32;
 
@@ -183,7 +185,7 @@ impl Rooms {
                 loop {
                     let res = {
                         let _guard = this.inner.sub_lock.lock().await;
-                        this.inner.subscriber.resubscribe_all().await
+                        this.resubscribe().await
                     };
                     match res {
                         Ok(()) => break,
@@ -216,6 +218,25 @@ impl Rooms {
                 })
                 .await;
         });
+    }
+
+    /// Subscribes again to every tracked room channel. (fred's `resubscribe_all` also sends a
+    /// PSUBSCRIBE with no patterns, which never completes.)
+    async fn resubscribe(&self) -> Result<(), StoreError> {
+        let channels: Vec<String> = self
+            .inner
+            .subscriber
+            .tracked_channels()
+            .into_iter()
+            .map(|c| c.to_string())
+            .collect();
+        if channels.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(RESUBSCRIBE_TIMEOUT, self.inner.subscriber.subscribe(channels)).await {
+            Ok(res) => Ok(res?),
+            Err(_) => Err(StoreError::Reply("SUBSCRIBE timed out")),
+        }
     }
 
     /// Drops rooms that stayed empty for [`IDLE_ROOM_TTL`] and unsubscribes from them.

@@ -6,6 +6,7 @@ mod support;
 
 mod bad_input;
 mod history;
+mod llm;
 mod multi_node;
 mod relay_core;
 mod resilience;

@@ -1,11 +1,13 @@
 #![allow(dead_code)]
 
 pub mod redis;
+pub mod fake_llm;
 pub mod relay;
 pub mod ws;
 
 pub use self::redis::RedisServer;
-pub use relay::{Relay, RelayProcess};
+pub use fake_llm::{Callback, FakeLlm, Mode};
+pub use relay::{Relay, RelayProcess, WorkerProcess};
 pub use ws::WsClient;
 
 use std::sync::atomic::{AtomicU64, Ordering};

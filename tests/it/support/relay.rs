@@ -25,6 +25,12 @@ pub struct Relay {
 impl Relay {
     /// Starts a relay on `redis_url` with extra `serve` flags.
     pub async fn start(redis_url: &str, extra: &[&str]) -> Relay {
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            chat_relay::telemetry::init(&chat_relay::config::LogArgs {
+                log_format: chat_relay::config::LogFormat::Text,
+                log_level: filter,
+            });
+        }
         let mut args = vec![
             "test",
             "--listen",
@@ -133,6 +139,39 @@ impl RelayProcess {
 }
 
 impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The real `chat-relay llm-worker` binary.
+pub struct WorkerProcess {
+    child: Option<Child>,
+}
+
+impl WorkerProcess {
+    pub fn start(redis_url: &str, extra: &[&str]) -> WorkerProcess {
+        let child = Command::new(env!("CARGO_BIN_EXE_chat-relay"))
+            .args(["llm-worker", "--redis-url", redis_url])
+            .args(extra)
+            .env("RELAY_LOG", "chat_relay=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn chat-relay llm-worker");
+        WorkerProcess { child: Some(child) }
+    }
+
+    /// SIGKILL: a crash mid-turn.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
     fn drop(&mut self) {
         self.kill();
     }

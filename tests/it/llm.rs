@@ -1,0 +1,304 @@
+//! The LLM participant against a real HTTP server speaking the OpenAI streaming format.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::redis::xrange;
+use crate::support::{unique_sid, Callback, FakeLlm, Mode, Relay, RedisServer, WorkerProcess, WsClient};
+
+/// What one client saw of one turn.
+struct Turn {
+    started: bool,
+    deltas: Vec<String>,
+    end: Value,
+}
+
+/// Reads until the turn's stored end (`llm.response` or `llm.error`), collecting live deltas.
+async fn watch_turn(c: &mut WsClient) -> Turn {
+    let mut t = Turn { started: false, deltas: Vec::new(), end: Value::Null };
+    loop {
+        let v = c.next_json().await;
+        match v["hd"]["event"].as_str() {
+            Some("llm.start") => t.started = true,
+            Some("llm.delta") => {
+                assert_eq!(v["bd"]["seq"], t.deltas.len(), "deltas arrive in order, none missing");
+                assert_eq!(v["hd"]["role"], "llm");
+                t.deltas.push(v["bd"]["delta"].as_str().unwrap().to_owned());
+            }
+            Some("llm.response") | Some("llm.error") => {
+                t.end = v;
+                return t;
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn relay_with(redis: &RedisServer, fake: &FakeLlm, extra: &[&str]) -> Relay {
+    let base = fake.base_url();
+    let mut args = vec!["--llm-base-url", base.as_str(), "--llm-claim-idle-secs", "2"];
+    args.extend_from_slice(extra);
+    Relay::start(&redis.url(), &args).await
+}
+
+async fn stored_events(redis: &RedisServer, sid: &str, event: &str) -> Vec<Value> {
+    let client = redis.client().await;
+    xrange(&client, &format!("chat:session:{sid}"))
+        .await
+        .into_iter()
+        .filter(|(_, f)| f.iter().any(|(k, v)| k == "event" && v == event))
+        .map(|(_, f)| serde_json::from_str(&f.into_iter().find(|(k, _)| k == "body").unwrap().1).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mention_gets_a_streamed_reply_seen_by_everyone_and_stored_once() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(FakeLlm::tokens(&["Hel", "lo", " there", "!"], Duration::from_millis(20))).await;
+    let relay = relay_with(&redis, &fake, &[]).await;
+    let sid = unique_sid("llm");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let mut b = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=B"))).await;
+    let cid = a.chat("A", "hey @llm, say hello").await;
+    let asked = a.expect_ack(&cid).await;
+
+    let ta = watch_turn(&mut a).await;
+    let tb = watch_turn(&mut b).await;
+    for t in [&ta, &tb] {
+        assert!(t.started, "llm.start seen");
+        assert_eq!(t.deltas.concat(), "Hello there!");
+        assert_eq!(t.end["hd"]["event"], "llm.response");
+        assert_eq!(t.end["hd"]["role"], "llm");
+        assert_eq!(t.end["hd"]["turn_id"], asked.as_str());
+        assert_eq!(t.end["bd"]["text"], "Hello there!");
+        assert_eq!(t.end["bd"]["reason"], "stop");
+        assert!(t.end["bd"]["usage"]["total_tokens"].as_u64().unwrap() > 0, "usage stored");
+    }
+    assert_eq!(ta.end["hd"]["id"], tb.end["hd"]["id"]);
+    let responses = stored_events(&redis, &sid, "llm.response").await;
+    assert_eq!(responses.len(), 1, "one stored reply");
+
+    // The prompt: people as user turns tagged with their stored role.
+    let req = &fake.requests()[0];
+    let msgs = req["messages"].as_array().unwrap();
+    assert_eq!(msgs[0]["role"], "system");
+    assert_eq!(msgs.last().unwrap()["content"], "A: hey @llm, say hello");
+    assert_eq!(req["max_tokens"], 200);
+    assert_eq!(req["stream_options"]["include_usage"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_policies_and_never_answering_itself() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(FakeLlm::tokens(&["ok"], Duration::ZERO)).await;
+    // request: only llm.request is answered.
+    let relay = relay_with(&redis, &fake, &["--llm-reply", "request"]).await;
+    let sid = unique_sid("policy");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let cid = a.chat("A", "@llm are you there?").await;
+    a.expect_ack(&cid).await;
+    a.send_json(&json!({"hd": {"event": "llm.request", "role": "A", "cid": "q1"}, "bd": {"prompt": "answer this"}})).await;
+    let asked = a.expect_ack("q1").await;
+    let t = watch_turn(&mut a).await;
+    assert_eq!(t.end["hd"]["turn_id"], asked.as_str(), "the mention was not answered, the request was");
+    relay.shutdown().await;
+
+    // all: every chat message, but never its own.
+    let relay = relay_with(&redis, &fake, &["--llm-reply", "all"]).await;
+    let sid = unique_sid("policy-all");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let cid = a.chat("A", "no mention here").await;
+    let asked = a.expect_ack(&cid).await;
+    let t = watch_turn(&mut a).await;
+    assert_eq!(t.end["hd"]["turn_id"], asked.as_str());
+    // Nothing more comes: the reply does not trigger a reply.
+    let cid = a.chat("A", "second").await;
+    let second = a.expect_ack(&cid).await;
+    let t = watch_turn(&mut a).await;
+    assert_eq!(t.end["hd"]["turn_id"], second.as_str());
+    assert_eq!(stored_events(&redis, &sid, "llm.response").await.len(), 2);
+    assert_eq!(fake.requests().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_the_turn_promptly_and_records_the_partial_text() {
+    let redis = RedisServer::start();
+    let tokens: Vec<String> = (0..200).map(|i| format!("t{i} ")).collect();
+    let fake = FakeLlm::start(Mode::Tokens { tokens, delay: Duration::from_millis(50) }).await;
+    let relay = relay_with(&redis, &fake, &[]).await;
+    let sid = unique_sid("cancel");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let mut b = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=B"))).await;
+    a.send_json(&json!({"hd": {"event": "llm.request", "role": "A", "cid": "q"}, "bd": {"text": "count"}})).await;
+    let turn = a.expect_ack("q").await;
+    // Wait for a few deltas on B, then B cancels.
+    let mut seen = 0;
+    while seen < 3 {
+        let v = b.next_json().await;
+        if v["hd"]["event"] == "llm.delta" {
+            seen += 1;
+        }
+    }
+    b.send_json(&json!({"hd": {"event": "llm.cancel", "role": "B", "cid": "x"}, "bd": {"turn_id": turn}})).await;
+    let cancelled_at = Instant::now();
+    let end = loop {
+        let v = b.next_json().await;
+        if v["hd"]["event"] == "llm.response" {
+            break v;
+        }
+    };
+    let took = cancelled_at.elapsed();
+    assert_eq!(end["bd"]["reason"], "cancelled");
+    let partial = end["bd"]["text"].as_str().unwrap();
+    assert!(partial.starts_with("t0 t1 t2"), "partial text kept: {partial}");
+    assert!(!partial.contains("t199"), "generation stopped early");
+    assert!(took < Duration::from_secs(5), "cancel took {took:?}");
+    assert_eq!(stored_events(&redis, &sid, "llm.cancel").await.len(), 1, "the cancel is in the history");
+    assert_eq!(stored_events(&redis, &sid, "llm.response").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_failures_end_the_turn_with_llm_error() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(Mode::Status(500)).await;
+    let relay = relay_with(&redis, &fake, &["--llm-idle-timeout-secs", "1", "--llm-attempts", "2"]).await;
+    let sid = unique_sid("fail");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let cid = a.chat("A", "@llm hi").await;
+    a.expect_ack(&cid).await;
+    let t = watch_turn(&mut a).await;
+    assert_eq!(t.end["hd"]["event"], "llm.error");
+    assert_eq!(t.end["hd"]["code"], "llm_unavailable");
+    assert_eq!(t.end["bd"]["message"], "the AI service is temporarily unavailable");
+    assert_eq!(fake.requests().len(), 2, "retried before the first token");
+
+    // A stall after two tokens: timeout, partial text kept.
+    fake.set_mode(Mode::Stall { tokens: vec!["a".into(), "b".into()] });
+    let cid = a.chat("A", "@llm again").await;
+    a.expect_ack(&cid).await;
+    let t = watch_turn(&mut a).await;
+    assert_eq!(t.end["hd"]["event"], "llm.error");
+    assert_eq!(t.end["hd"]["code"], "llm_timeout");
+    assert_eq!(t.end["bd"]["partial"], "ab");
+    let body = t.end.to_string();
+    assert!(!body.contains("fake failure"), "no provider internals reach the room");
+
+    // Nothing listening at all.
+    relay.shutdown().await;
+    let relay = Relay::start(&redis.url(), &["--llm-base-url", "http://127.0.0.1:9/v1", "--llm-attempts", "1"]).await;
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let cid = a.chat("A", "@llm anyone?").await;
+    a.expect_ack(&cid).await;
+    let t = watch_turn(&mut a).await;
+    assert_eq!(t.end["hd"]["code"], "llm_unavailable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_per_room() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(FakeLlm::tokens(&["ok"], Duration::ZERO)).await;
+    let relay = relay_with(&redis, &fake, &["--llm-turns-per-minute", "2"]).await;
+    let sid = unique_sid("rate");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let mut codes = Vec::new();
+    for i in 0..3 {
+        let cid = a.chat("A", &format!("@llm {i}")).await;
+        a.expect_ack(&cid).await;
+        let t = watch_turn(&mut a).await;
+        codes.push(t.end["hd"]["code"].as_str().unwrap_or("ok").to_owned());
+    }
+    assert_eq!(codes, ["ok", "ok", "rate_limited"]);
+    assert_eq!(fake.requests().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_callback_is_retried_until_accepted() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(FakeLlm::tokens(&["one", "two"], Duration::ZERO)).await;
+    let callback = Callback::start(2).await;
+    let url = callback.url();
+    let relay = relay_with(&redis, &fake, &["--usage-callback-url", url.as_str()]).await;
+    let sid = unique_sid("usage");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let cid = a.chat("A", "@llm count").await;
+    let turn = a.expect_ack(&cid).await;
+    watch_turn(&mut a).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while callback.received.lock().unwrap().len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = callback.received.lock().unwrap().clone();
+    assert_eq!(got.len(), 3, "two failures, then accepted");
+    let r = &got[2];
+    assert_eq!(r["session_id"], sid.as_str());
+    assert_eq!(r["turn_id"], turn.as_str());
+    assert_eq!(r["model"], "smollm2");
+    assert_eq!(r["completion_tokens"], 2);
+    assert_eq!(r["total_tokens"], r["prompt_tokens"].as_u64().unwrap() + 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_answer_each_turn_once() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(FakeLlm::tokens(&["a", "b", "c"], Duration::from_millis(5))).await;
+    let base = fake.base_url();
+    let relay = Relay::start(&redis.url(), &["--llm", "off"]).await;
+    let sid = unique_sid("workers");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let _w1 = WorkerProcess::start(&redis.url(), &["--llm-base-url", &base, "--llm-consumer", "w1"]);
+    let _w2 = WorkerProcess::start(&redis.url(), &["--llm-base-url", &base, "--llm-consumer", "w2"]);
+    const N: usize = 6;
+    let mut turns = Vec::new();
+    for i in 0..N {
+        a.send_json(&json!({"hd": {"event": "llm.request", "role": "A", "cid": format!("q{i}")}, "bd": {"text": format!("q{i}")}})).await;
+        turns.push(a.expect_ack(&format!("q{i}")).await);
+    }
+    let mut answered = Vec::new();
+    while answered.len() < N {
+        let t = watch_turn(&mut a).await;
+        answered.push(t.end["hd"]["turn_id"].as_str().unwrap().to_owned());
+    }
+    answered.sort();
+    turns.sort();
+    assert_eq!(answered, turns);
+    // Give a duplicate the time to show up if there were one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stored_events(&redis, &sid, "llm.response").await.len(), N, "one reply per turn");
+    assert_eq!(fake.requests().len(), N, "no turn generated twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_turn_is_replaced_and_the_turn_answered_once() {
+    let redis = RedisServer::start();
+    let tokens: Vec<String> = (0..40).map(|i| format!("w{i} ")).collect();
+    let fake = FakeLlm::start(Mode::Tokens { tokens, delay: Duration::from_millis(50) }).await;
+    let base = fake.base_url();
+    let relay = Relay::start(&redis.url(), &["--llm", "off"]).await;
+    let sid = unique_sid("crash");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let worker_args = ["--llm-base-url", base.as_str(), "--llm-claim-idle-secs", "2"];
+    let mut w1 = WorkerProcess::start(&redis.url(), &[&worker_args[..], &["--llm-consumer", "first"]].concat());
+    a.send_json(&json!({"hd": {"event": "llm.request", "role": "A", "cid": "q"}, "bd": {"text": "long answer"}})).await;
+    let turn = a.expect_ack("q").await;
+    // Mid-turn: some deltas arrived, then the worker dies.
+    let mut deltas = 0;
+    while deltas < 5 {
+        if a.next_json().await["hd"]["event"] == "llm.delta" {
+            deltas += 1;
+        }
+    }
+    w1.kill();
+    let _w2 = WorkerProcess::start(&redis.url(), &[&worker_args[..], &["--llm-consumer", "second"]].concat());
+    let end = loop {
+        let v = a.next_json().await;
+        if v["hd"]["event"] == "llm.response" {
+            break v;
+        }
+    };
+    assert_eq!(end["hd"]["turn_id"], turn.as_str());
+    assert_eq!(end["bd"]["reason"], "stop");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stored_events(&redis, &sid, "llm.response").await.len(), 1, "answered exactly once");
+    assert_eq!(fake.requests().len(), 2, "the second worker generated it again");
+}
