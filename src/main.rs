@@ -44,7 +44,8 @@ async fn main() -> anyhow::Result<()> {
             let token = shutdown_token();
             let store = cfg.redis.store().context("invalid Redis settings")?;
             let tracker = tokio_util::task::TaskTracker::new();
-            chat_relay::llm::run_worker(store.clone(), cfg.llm_args, token, tracker.clone()).await?;
+            chat_relay::llm::run_worker(store.clone(), cfg.llm_args, token, tracker.clone())
+                .await?;
             tracker.close();
             // Turns in flight are left pending for another worker; give them a moment to end.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait()).await;

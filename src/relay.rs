@@ -57,7 +57,12 @@ pub async fn run(
     let store = cfg.redis.store()?;
     let tracker = TaskTracker::new();
     if cfg.llm == Toggle::On {
-        let (store, args, token, t) = (store.clone(), cfg.llm_args.clone(), token.clone(), tracker.clone());
+        let (store, args, token, t) = (
+            store.clone(),
+            cfg.llm_args.clone(),
+            token.clone(),
+            tracker.clone(),
+        );
         tracker.spawn(async move {
             if let Err(err) = crate::llm::run_worker(store, args, token, t).await {
                 tracing::error!(cause = %err, "LLM participant stopped");

@@ -108,7 +108,11 @@ pub fn dispatch(
         EventKind::ChatMessage | EventKind::LlmRequest | EventKind::LlmCancel => Action::Store {
             event: event.name(),
             cancels: (event == EventKind::LlmCancel)
-                .then(|| body.get("turn_id").and_then(Value::as_str).and_then(|t| t.parse().ok()))
+                .then(|| {
+                    body.get("turn_id")
+                        .and_then(Value::as_str)
+                        .and_then(|t| t.parse().ok())
+                })
                 .flatten(),
             body: new_body(event.name(), &role, cid.as_deref(), &ctx.sid, &extra, &body),
             role,

@@ -56,7 +56,11 @@ pub enum ReplyPolicy {
 #[derive(Debug, Clone, Args)]
 pub struct LlmArgs {
     /// OpenAI-compatible API base (…/v1). scripts/run.sh starts a local model here by default.
-    #[arg(long, env = "RELAY_LLM_BASE_URL", default_value = "http://127.0.0.1:8001/v1")]
+    #[arg(
+        long,
+        env = "RELAY_LLM_BASE_URL",
+        default_value = "http://127.0.0.1:8001/v1"
+    )]
     pub llm_base_url: String,
     /// API key sent as a bearer token, if the server wants one.
     #[arg(long, env = "RELAY_LLM_API_KEY", hide_env_values = true)]
@@ -71,7 +75,11 @@ pub struct LlmArgs {
     #[arg(long, env = "RELAY_LLM_SYSTEM_PROMPT")]
     pub llm_system_prompt: Option<String>,
     /// Read the system prompt from this file.
-    #[arg(long, env = "RELAY_LLM_SYSTEM_PROMPT_FILE", conflicts_with = "llm_system_prompt")]
+    #[arg(
+        long,
+        env = "RELAY_LLM_SYSTEM_PROMPT_FILE",
+        conflicts_with = "llm_system_prompt"
+    )]
     pub llm_system_prompt_file: Option<PathBuf>,
     /// Room entries given to the model as context.
     #[arg(long, env = "RELAY_LLM_CONTEXT", default_value_t = 20)]

@@ -42,7 +42,9 @@ impl LlmError {
     /// What people in the room read; details stay in the logs.
     pub fn human(&self) -> &'static str {
         match self {
-            LlmError::Connect(_) | LlmError::Status { .. } => "the AI service is temporarily unavailable",
+            LlmError::Connect(_) | LlmError::Status { .. } => {
+                "the AI service is temporarily unavailable"
+            }
             LlmError::Timeout(_) => "the AI service took too long to answer",
             LlmError::Protocol(_) => "the AI service sent a reply we could not read",
         }
@@ -122,7 +124,10 @@ impl Provider {
     }
 
     async fn start(&self, messages: &[ChatMessage]) -> Result<Completion, LlmError> {
-        let url = format!("{}/chat/completions", self.settings.base_url.trim_end_matches('/'));
+        let url = format!(
+            "{}/chat/completions",
+            self.settings.base_url.trim_end_matches('/')
+        );
         let body = serde_json::json!({
             "model": self.settings.model,
             "messages": messages,
@@ -156,12 +161,14 @@ impl Provider {
             decoder: SseDecoder::new(),
             queue: std::collections::VecDeque::new(),
             idle_timeout: self.settings.idle_timeout,
+            last_byte: tokio::time::Instant::now(),
             done: false,
         })
     }
 }
 
-type ByteStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
+type ByteStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
 
 /// A streamed completion in progress.
 pub struct Completion {
@@ -169,12 +176,17 @@ pub struct Completion {
     decoder: SseDecoder,
     queue: std::collections::VecDeque<Event>,
     idle_timeout: Duration,
+    /// When the server last sent anything. The stall deadline counts from here, not from each
+    /// `next()` call, so a caller that drops `next()` in a `select!` cannot postpone it forever.
+    last_byte: tokio::time::Instant,
     done: bool,
 }
 
 impl std::fmt::Debug for Completion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Completion").field("done", &self.done).finish()
+        f.debug_struct("Completion")
+            .field("done", &self.done)
+            .finish()
     }
 }
 
@@ -188,15 +200,19 @@ impl Completion {
             if self.done {
                 return Ok(None);
             }
-            let chunk = match tokio::time::timeout(self.idle_timeout, self.bytes.next()).await {
+            let deadline = self.last_byte + self.idle_timeout;
+            let chunk = match tokio::time::timeout_at(deadline, self.bytes.next()).await {
                 Err(_) => return Err(LlmError::Timeout("stream stalled")),
                 Ok(None) => {
                     self.done = true;
                     continue;
                 }
-                Ok(Some(Err(e))) => return Err(LlmError::Protocol(format!("body read failed: {e}"))),
+                Ok(Some(Err(e))) => {
+                    return Err(LlmError::Protocol(format!("body read failed: {e}")))
+                }
                 Ok(Some(Ok(b))) => b,
             };
+            self.last_byte = tokio::time::Instant::now();
             let events = self
                 .decoder
                 .feed(&chunk)
@@ -214,8 +230,8 @@ impl Completion {
 
 /// One `chat.completion.chunk` → events. An `error` object inside the stream is a failure.
 fn parse_chunk(data: &str) -> Result<Vec<Event>, LlmError> {
-    let v: Value = serde_json::from_str(data)
-        .map_err(|_| LlmError::Protocol("chunk is not JSON".into()))?;
+    let v: Value =
+        serde_json::from_str(data).map_err(|_| LlmError::Protocol("chunk is not JSON".into()))?;
     if let Some(err) = v.get("error") {
         return Err(LlmError::Status {
             status: 500,
@@ -223,7 +239,11 @@ fn parse_chunk(data: &str) -> Result<Vec<Event>, LlmError> {
         });
     }
     let mut out = Vec::new();
-    if let Some(choice) = v.get("choices").and_then(Value::as_array).and_then(|c| c.first()) {
+    if let Some(choice) = v
+        .get("choices")
+        .and_then(Value::as_array)
+        .and_then(|c| c.first())
+    {
         if let Some(text) = choice.pointer("/delta/content").and_then(Value::as_str) {
             if !text.is_empty() {
                 out.push(Event::Delta(text.to_owned()));
@@ -247,14 +267,27 @@ mod tests {
 
     #[test]
     fn parses_openai_chunks() {
-        let evs = parse_chunk(r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":null}}]}"#).unwrap();
+        let evs =
+            parse_chunk(r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":null}}]}"#)
+                .unwrap();
         assert!(evs.is_empty());
-        let evs = parse_chunk(r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#).unwrap();
+        let evs = parse_chunk(
+            r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#,
+        )
+        .unwrap();
         assert_eq!(evs, [Event::Delta("Hi".into())]);
-        let evs = parse_chunk(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#).unwrap();
+        let evs =
+            parse_chunk(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#).unwrap();
         assert_eq!(evs, [Event::Finish("stop".into())]);
         let evs = parse_chunk(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,"prompt_tokens_details":{"cached_tokens":0}}}"#).unwrap();
-        assert_eq!(evs, [Event::Usage(Usage { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 })]);
+        assert_eq!(
+            evs,
+            [Event::Usage(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 2,
+                total_tokens: 5
+            })]
+        );
         assert!(parse_chunk("nope").is_err());
         assert!(parse_chunk(r#"{"error":{"message":"overloaded"}}"#).is_err());
     }

@@ -104,14 +104,20 @@ mod tests {
             let mut evs = d.feed(&stream[..split]).unwrap();
             evs.extend(d.feed(&stream[split..]).unwrap());
             let data: Vec<&str> = evs.iter().map(|e| e.data.as_str()).collect();
-            assert_eq!(data, ["{\"a\":1}", "{\"b\":\"가\"}", "[DONE]"], "split at {split}");
+            assert_eq!(
+                data,
+                ["{\"a\":1}", "{\"b\":\"가\"}", "[DONE]"],
+                "split at {split}"
+            );
         }
     }
 
     #[test]
     fn multiline_data_event_names_and_cr_only() {
         let mut d = SseDecoder::new();
-        let evs = d.feed(b"event: x\rdata: one\rdata:two\r\rid: 7\ndata\n\n").unwrap();
+        let evs = d
+            .feed(b"event: x\rdata: one\rdata:two\r\rid: 7\ndata\n\n")
+            .unwrap();
         assert_eq!(evs[0].event.as_deref(), Some("x"));
         assert_eq!(evs[0].data, "one\ntwo");
         assert_eq!(evs[1].data, "");

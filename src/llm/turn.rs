@@ -43,7 +43,13 @@ pub(super) async fn run(
     ctx.active.remove(&(sid, turn));
 }
 
-async fn answer(ctx: &Ctx, sid: &str, turn: StreamId, request: &Entry, cancel: &CancellationToken) -> Result<(), StoreError> {
+async fn answer(
+    ctx: &Ctx,
+    sid: &str,
+    turn: StreamId,
+    request: &Entry,
+    cancel: &CancellationToken,
+) -> Result<(), StoreError> {
     let store = &ctx.store;
     let lease = ctx.args.claim_idle();
     let token = format!("{}/{}", ctx.consumer, turn);
@@ -57,7 +63,13 @@ async fn answer(ctx: &Ctx, sid: &str, turn: StreamId, request: &Entry, cancel: &
     }
     let count = store.count_turn(sid, Duration::from_secs(60)).await?;
     if count > ctx.args.llm_turns_per_minute {
-        let body = error_body(sid, turn, "rate_limited", "too many requests to the AI in this room; please wait a minute", "");
+        let body = error_body(
+            sid,
+            turn,
+            "rate_limited",
+            "too many requests to the AI in this room; please wait a minute",
+            "",
+        );
         return finish_entry(ctx, sid, turn, "llm.error", &body).await;
     }
 
@@ -67,18 +79,29 @@ async fn answer(ctx: &Ctx, sid: &str, turn: StreamId, request: &Entry, cancel: &
         .and_then(Value::as_str)
         .filter(|e| emotion_guidance(e).is_some());
     let history = store
-        .range_before(sid, Some(StreamId::new(turn.ms, turn.seq.saturating_add(1))), ctx.args.llm_context.max(1))
+        .range_before(
+            sid,
+            Some(StreamId::new(turn.ms, turn.seq.saturating_add(1))),
+            ctx.args.llm_context.max(1),
+        )
         .await?;
     let messages = prompt::build(&ctx.system_prompt, emotion, &history);
 
+    tracing::debug!(messages = messages.len(), "asking the model");
     let header = turn_header(turn, ctx.provider.model());
     let _ = store
-        .publish_transient(sid, &transient_frame("llm.start", LLM_ROLE, sid, &header, &json!({})))
+        .publish_transient(
+            sid,
+            &transient_frame("llm.start", LLM_ROLE, sid, &header, &json!({})),
+        )
         .await;
 
     let mut text = String::new();
     let mut usage: Option<Usage> = None;
-    let outcome = generate(ctx, sid, turn, &token, cancel, &messages, &header, &mut text, &mut usage).await;
+    let outcome = generate(
+        ctx, sid, turn, &token, cancel, &messages, &header, &mut text, &mut usage,
+    )
+    .await;
     if let Outcome::Failed(err) = &outcome {
         tracing::error!(cause = %err, code = err.code(), partial_chars = text.chars().count(), "LLM turn failed");
     }
@@ -106,7 +129,8 @@ async fn generate(
     };
     // Keep the lease and the entry's claim fresh, and catch cancels whose notice was missed.
     let renew_every = (ctx.args.claim_idle() / 3).max(Duration::from_millis(300));
-    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
+    let mut renew =
+        tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
     let mut seq: u64 = 0;
     let mut reason = String::from("stop");
     loop {
@@ -165,7 +189,10 @@ async fn finish(
     usage: Option<Usage>,
 ) -> Result<(), StoreError> {
     let (event, body) = match &outcome {
-        Outcome::Failed(err) => ("llm.error", error_body(sid, turn, err.code(), err.human(), &text)),
+        Outcome::Failed(err) => (
+            "llm.error",
+            error_body(sid, turn, err.code(), err.human(), &text),
+        ),
         Outcome::Done { reason } => (
             "llm.response",
             response_body(ctx, sid, turn, &text, reason, usage),
@@ -186,7 +213,14 @@ async fn finish(
     Ok(())
 }
 
-fn response_body(ctx: &Ctx, sid: &str, turn: StreamId, text: &str, reason: &str, usage: Option<Usage>) -> String {
+fn response_body(
+    ctx: &Ctx,
+    sid: &str,
+    turn: StreamId,
+    text: &str,
+    reason: &str,
+    usage: Option<Usage>,
+) -> String {
     let header = turn_header(turn, ctx.provider.model());
     let bd = json!({"text": text, "reason": reason, "usage": usage});
     new_body("llm.response", LLM_ROLE, None, sid, &header, &bd)
@@ -194,11 +228,21 @@ fn response_body(ctx: &Ctx, sid: &str, turn: StreamId, text: &str, reason: &str,
 
 /// Stores the final entry (retrying through a short Redis outage). Exactly one final entry per
 /// turn: the script refuses a second one.
-async fn finish_entry(ctx: &Ctx, sid: &str, turn: StreamId, event: &str, body: &str) -> Result<(), StoreError> {
+async fn finish_entry(
+    ctx: &Ctx,
+    sid: &str,
+    turn: StreamId,
+    event: &str,
+    body: &str,
+) -> Result<(), StoreError> {
     let mut backoff = Duration::from_millis(100);
     let mut tries = 0;
     loop {
-        match ctx.store.finish_turn(sid, turn, LLM_ROLE, event, body).await {
+        match ctx
+            .store
+            .finish_turn(sid, turn, LLM_ROLE, event, body)
+            .await
+        {
             Ok(Finished::Stored(id)) => {
                 tracing::info!(event, id = %id, "turn finished");
                 return Ok(());

@@ -44,7 +44,11 @@ pub async fn report(http: &reqwest::Client, url: &str, report: &UsageReport) -> 
             .await;
         match result {
             Ok(r) if r.status().is_success() => return true,
-            Ok(r) => tracing::warn!(status = r.status().as_u16(), attempt, "usage callback refused"),
+            Ok(r) => tracing::warn!(
+                status = r.status().as_u16(),
+                attempt,
+                "usage callback refused"
+            ),
             Err(err) => tracing::warn!(cause = %err, attempt, "usage callback failed"),
         }
         if attempt < ATTEMPTS {

@@ -163,6 +163,12 @@ async fn read_loop(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
         };
         match read {
             Ok(entries) => {
+                tracing::trace!(
+                    rooms = rooms.len(),
+                    entries = entries.len(),
+                    pending,
+                    "group read"
+                );
                 backoff = Duration::from_millis(100);
                 if pending && (entries.len() as u64) < READ_COUNT {
                     pending = false;
@@ -235,8 +241,16 @@ async fn start_turn(ctx: &Arc<Ctx>, ge: GroupEntry) {
         p = ctx.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
     };
     let cancel = ctx.token.child_token();
+    tracing::debug!(room = %ge.sid, id = %ge.id, "starting a turn");
     ctx.active.insert(key, cancel.clone());
-    ctx.tracker.spawn(super::turn::run(ctx.clone(), ge.sid, ge.id, request, cancel, permit));
+    ctx.tracker.spawn(super::turn::run(
+        ctx.clone(),
+        ge.sid,
+        ge.id,
+        request,
+        cancel,
+        permit,
+    ));
 }
 
 /// Whether an entry asks for an answer under `policy`. The LLM never answers itself.
@@ -251,7 +265,11 @@ pub(super) fn is_trigger(entry: &Entry, policy: ReplyPolicy) -> bool {
             ReplyPolicy::All => true,
             ReplyPolicy::Mention => serde_json::from_str::<Value>(&entry.body)
                 .ok()
-                .and_then(|b| b.pointer("/bd/text").and_then(Value::as_str).map(mentions_llm))
+                .and_then(|b| {
+                    b.pointer("/bd/text")
+                        .and_then(Value::as_str)
+                        .map(mentions_llm)
+                })
                 .unwrap_or(false),
         },
         _ => false,
@@ -315,7 +333,10 @@ async fn cancel_loop(ctx: Arc<Ctx>) {
     let _resubscribe = sub.manage_subscriptions();
     let mut messages = sub.message_rx();
     let channel = ctx.store.keys().cancel_channel();
-    let _ = retry(&ctx, || async { Ok(sub.subscribe(channel.as_str()).await?) }).await;
+    let _ = retry(&ctx, || async {
+        Ok(sub.subscribe(channel.as_str()).await?)
+    })
+    .await;
     loop {
         let msg = tokio::select! {
             _ = ctx.token.cancelled() => break,
@@ -323,10 +344,20 @@ async fn cancel_loop(ctx: Arc<Ctx>) {
         };
         match msg {
             Ok(msg) => {
-                let Some(text) = msg.value.as_str() else { continue };
-                let Some((sid, turn)) = text.split_once(' ') else { continue };
-                let Ok(turn) = turn.parse::<StreamId>() else { continue };
-                if let Some(cancel) = ctx.active.get(&(sid.to_owned(), turn)).map(|c| c.value().clone()) {
+                let Some(text) = msg.value.as_str() else {
+                    continue;
+                };
+                let Some((sid, turn)) = text.split_once(' ') else {
+                    continue;
+                };
+                let Ok(turn) = turn.parse::<StreamId>() else {
+                    continue;
+                };
+                if let Some(cancel) = ctx
+                    .active
+                    .get(&(sid.to_owned(), turn))
+                    .map(|c| c.value().clone())
+                {
                     tracing::info!(room = %sid, turn = %turn, "turn cancelled");
                     cancel.cancel();
                 }
@@ -393,7 +424,10 @@ mod tests {
         assert!(is_trigger(&e("A", "chat.message", "hi @LLM"), Mention));
         assert!(!is_trigger(&e("A", "chat.message", "hi llm"), Mention));
         assert!(is_trigger(&e("A", "chat.message", "hi"), All));
-        assert!(!is_trigger(&e("llm", "chat.message", "@llm"), All), "never answers itself");
+        assert!(
+            !is_trigger(&e("llm", "chat.message", "@llm"), All),
+            "never answers itself"
+        );
         assert!(!is_trigger(&e("llm", "llm.request", "x"), All));
         assert!(!is_trigger(&e("A", "session.join", ""), All));
     }

@@ -142,6 +142,7 @@ impl Room {
                     frame: delivery_frame(id, "", "", &body).into(),
                 };
                 let mut st = self.lock();
+                tracing::trace!(room = %self.sid, id = %id, recovering = st.recovering.is_some(), last = %st.last_id, "live entry");
                 if let Some(rec) = st.recovering.as_mut() {
                     if rec.buffer.len() < RECOVERY_BUFFER {
                         rec.buffer.push((id, out));

@@ -233,7 +233,12 @@ impl Rooms {
         if channels.is_empty() {
             return Ok(());
         }
-        match tokio::time::timeout(RESUBSCRIBE_TIMEOUT, self.inner.subscriber.subscribe(channels)).await {
+        match tokio::time::timeout(
+            RESUBSCRIBE_TIMEOUT,
+            self.inner.subscriber.subscribe(channels),
+        )
+        .await
+        {
             Ok(res) => Ok(res?),
             Err(_) => Err(StoreError::Reply("SUBSCRIBE timed out")),
         }

@@ -214,7 +214,13 @@ impl Store {
     ) -> Result<Appended, StoreError> {
         let key = self.keys.room(sid);
         let retention = self.retention.to_string();
-        let args = vec![retention.as_str(), participant, event, body, &self.llm_group];
+        let args = vec![
+            retention.as_str(),
+            participant,
+            event,
+            body,
+            &self.llm_group,
+        ];
         let reply = self
             .eval_script(&self.scripts.append, key.as_str(), args)
             .await?;

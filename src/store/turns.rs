@@ -128,10 +128,16 @@ impl Store {
                 return Err(StoreError::Reply("SCAN reply is not an array"));
             };
             let mut parts = parts.into_iter();
-            cursor = parts.next().as_ref().and_then(value_str).unwrap_or_else(|| "0".into());
+            cursor = parts
+                .next()
+                .as_ref()
+                .and_then(value_str)
+                .unwrap_or_else(|| "0".into());
             if let Some(Value::Array(keys)) = parts.next() {
                 for k in keys {
-                    if let Some(sid) = value_str(&k).and_then(|k| self.keys.sid_of(&k).map(str::to_owned)) {
+                    if let Some(sid) =
+                        value_str(&k).and_then(|k| self.keys.sid_of(&k).map(str::to_owned))
+                    {
                         rooms.push(sid);
                     }
                 }
@@ -171,7 +177,8 @@ impl Store {
             return Ok(Vec::new());
         }
         let offset = if block.is_some() { 8 } else { 6 };
-        let cmd = CustomCommand::new_static("XREADGROUP", ClusterHash::Offset(offset), block.is_some());
+        let cmd =
+            CustomCommand::new_static("XREADGROUP", ClusterHash::Offset(offset), block.is_some());
         let mut args: Vec<Value> = vec![
             "GROUP".into(),
             self.llm_group.as_str().into(),
@@ -192,15 +199,26 @@ impl Store {
         let reply: Value = client.custom(cmd, args).await?;
         let mut out = Vec::new();
         for (key, entries) in stream_pairs(reply) {
-            let Some(sid) = self.keys.sid_of(&key).map(str::to_owned) else { continue };
+            let Some(sid) = self.keys.sid_of(&key).map(str::to_owned) else {
+                continue;
+            };
             for item in entries {
                 let Value::Array(pair) = item else { continue };
                 let mut it = pair.into_iter();
-                let Some(id) = it.next().as_ref().and_then(value_str).and_then(|s| s.parse().ok()) else {
+                let Some(id) = it
+                    .next()
+                    .as_ref()
+                    .and_then(value_str)
+                    .and_then(|s| s.parse().ok())
+                else {
                     continue;
                 };
                 let entry = it.next().and_then(|fields| entry_from_fields(id, fields));
-                out.push(GroupEntry { sid: sid.clone(), id, entry });
+                out.push(GroupEntry {
+                    sid: sid.clone(),
+                    id,
+                    entry,
+                });
             }
         }
         Ok(out)
@@ -242,18 +260,34 @@ impl Store {
                 return Err(StoreError::Reply("XAUTOCLAIM reply is not an array"));
             };
             let mut parts = parts.into_iter();
-            let next = parts.next().as_ref().and_then(value_str).unwrap_or_else(|| "0-0".into());
+            let next = parts
+                .next()
+                .as_ref()
+                .and_then(value_str)
+                .unwrap_or_else(|| "0-0".into());
             let claimed = parts.next().unwrap_or(Value::Null);
             if let Value::Array(items) = claimed {
                 for item in items {
                     let Value::Array(pair) = item else { continue };
                     let mut it = pair.into_iter();
-                    let Some(id) = it.next().as_ref().and_then(value_str).and_then(|s| s.parse().ok()) else {
+                    let Some(id) = it
+                        .next()
+                        .as_ref()
+                        .and_then(value_str)
+                        .and_then(|s| s.parse().ok())
+                    else {
                         continue;
                     };
                     let entry = it.next().and_then(|f| entry_from_fields(id, f));
                     let deliveries = self.delivery_count(sid, id).await.unwrap_or(1);
-                    out.push((GroupEntry { sid: sid.to_owned(), id, entry }, deliveries));
+                    out.push((
+                        GroupEntry {
+                            sid: sid.to_owned(),
+                            id,
+                            entry,
+                        },
+                        deliveries,
+                    ));
                 }
             }
             // Redis 7 lists entries that were deleted while pending; they can never be served.
@@ -294,7 +328,12 @@ impl Store {
     }
 
     /// Resets the entry's idle time so no other worker claims a turn still being generated.
-    pub async fn touch_claim(&self, sid: &str, consumer: &str, id: StreamId) -> Result<(), StoreError> {
+    pub async fn touch_claim(
+        &self,
+        sid: &str,
+        consumer: &str,
+        id: StreamId,
+    ) -> Result<(), StoreError> {
         let cmd = CustomCommand::new_static("XCLAIM", ClusterHash::FirstKey, false);
         let args: Vec<Value> = vec![
             self.keys.room(sid).into(),
@@ -330,18 +369,34 @@ impl Store {
     }
 
     /// Takes or renews the lease on a turn.
-    pub async fn turn_lock(&self, sid: &str, turn: StreamId, token: &str, lease: Duration) -> Result<TurnLock, StoreError> {
+    pub async fn turn_lock(
+        &self,
+        sid: &str,
+        turn: StreamId,
+        token: &str,
+        lease: Duration,
+    ) -> Result<TurnLock, StoreError> {
         let key = self.keys.turn(sid, turn);
         let lease = (lease.as_millis() as u64).to_string();
-        let reply: Value = self.eval_script(&self.scripts.turn_lock, key.as_str(), vec![token, lease.as_str()]).await?;
-        let parts = match reply {
-            Value::Array(p) => p,
-            _ => return Err(StoreError::Reply("turn lock reply is not an array")),
+        let reply: Value = self
+            .eval_script(
+                &self.scripts.turn_lock,
+                key.as_str(),
+                vec![token, lease.as_str()],
+            )
+            .await?;
+        let Value::Array(parts) = reply else {
+            return Err(StoreError::Reply("turn lock reply is not an array"));
         };
         match parts.first().and_then(value_str).as_deref() {
             Some("acquired") => Ok(TurnLock::Acquired),
             Some("busy") => Ok(TurnLock::Busy),
-            Some("done") => Ok(TurnLock::Done(parts.get(1).and_then(value_str).and_then(|s| s.parse().ok()))),
+            Some("done") => Ok(TurnLock::Done(
+                parts
+                    .get(1)
+                    .and_then(value_str)
+                    .and_then(|s| s.parse().ok()),
+            )),
             _ => Err(StoreError::Reply("turn lock reply unknown")),
         }
     }
@@ -369,11 +424,13 @@ impl Store {
             ttl.as_str(),
         ];
         let reply: Value = self.eval_script(&self.scripts.finish, keys, args).await?;
-        let parts = match reply {
-            Value::Array(p) => p,
-            _ => return Err(StoreError::Reply("finish reply is not an array")),
+        let Value::Array(parts) = reply else {
+            return Err(StoreError::Reply("finish reply is not an array"));
         };
-        let id = parts.get(1).and_then(value_str).and_then(|s| s.parse().ok());
+        let id = parts
+            .get(1)
+            .and_then(value_str)
+            .and_then(|s| s.parse().ok());
         match (parts.first().and_then(value_str).as_deref(), id) {
             (Some("stored"), Some(id)) => Ok(Finished::Stored(id)),
             (Some("done"), id) => Ok(Finished::AlreadyDone(id)),
@@ -385,7 +442,13 @@ impl Store {
     pub async fn signal_cancel(&self, sid: &str, turn: StreamId) -> Result<(), StoreError> {
         let _: Value = self
             .client
-            .set(self.keys.cancel_flag(sid, turn), 1, Some(fred::types::Expiration::EX(3600)), None, false)
+            .set(
+                self.keys.cancel_flag(sid, turn),
+                1,
+                Some(fred::types::Expiration::EX(3600)),
+                None,
+                false,
+            )
             .await?;
         let _: Value = self
             .client
@@ -420,7 +483,9 @@ fn stream_pairs(reply: Value) -> Vec<(String, Vec<Value>)> {
             for s in streams {
                 let Value::Array(pair) = s else { continue };
                 let mut it = pair.into_iter();
-                let (Some(k), Some(Value::Array(entries))) = (it.next(), it.next()) else { continue };
+                let (Some(k), Some(Value::Array(entries))) = (it.next(), it.next()) else {
+                    continue;
+                };
                 if let Some(k) = value_str(&k) {
                     out.push((k, entries));
                 }

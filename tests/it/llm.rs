@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::redis::xrange;
-use crate::support::{unique_sid, Callback, FakeLlm, Mode, Relay, RedisServer, WorkerProcess, WsClient};
+use crate::support::{
+    unique_sid, Callback, FakeLlm, Mode, RedisServer, Relay, WorkerProcess, WsClient,
+};
 
 /// What one client saw of one turn.
 struct Turn {
@@ -16,13 +18,21 @@ struct Turn {
 
 /// Reads until the turn's stored end (`llm.response` or `llm.error`), collecting live deltas.
 async fn watch_turn(c: &mut WsClient) -> Turn {
-    let mut t = Turn { started: false, deltas: Vec::new(), end: Value::Null };
+    let mut t = Turn {
+        started: false,
+        deltas: Vec::new(),
+        end: Value::Null,
+    };
     loop {
         let v = c.next_json().await;
         match v["hd"]["event"].as_str() {
             Some("llm.start") => t.started = true,
             Some("llm.delta") => {
-                assert_eq!(v["bd"]["seq"], t.deltas.len(), "deltas arrive in order, none missing");
+                assert_eq!(
+                    v["bd"]["seq"],
+                    t.deltas.len(),
+                    "deltas arrive in order, none missing"
+                );
                 assert_eq!(v["hd"]["role"], "llm");
                 t.deltas.push(v["bd"]["delta"].as_str().unwrap().to_owned());
             }
@@ -37,7 +47,12 @@ async fn watch_turn(c: &mut WsClient) -> Turn {
 
 async fn relay_with(redis: &RedisServer, fake: &FakeLlm, extra: &[&str]) -> Relay {
     let base = fake.base_url();
-    let mut args = vec!["--llm-base-url", base.as_str(), "--llm-claim-idle-secs", "2"];
+    let mut args = vec![
+        "--llm-base-url",
+        base.as_str(),
+        "--llm-claim-idle-secs",
+        "2",
+    ];
     args.extend_from_slice(extra);
     Relay::start(&redis.url(), &args).await
 }
@@ -48,14 +63,20 @@ async fn stored_events(redis: &RedisServer, sid: &str, event: &str) -> Vec<Value
         .await
         .into_iter()
         .filter(|(_, f)| f.iter().any(|(k, v)| k == "event" && v == event))
-        .map(|(_, f)| serde_json::from_str(&f.into_iter().find(|(k, _)| k == "body").unwrap().1).unwrap())
+        .map(|(_, f)| {
+            serde_json::from_str(&f.into_iter().find(|(k, _)| k == "body").unwrap().1).unwrap()
+        })
         .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mention_gets_a_streamed_reply_seen_by_everyone_and_stored_once() {
     let redis = RedisServer::start();
-    let fake = FakeLlm::start(FakeLlm::tokens(&["Hel", "lo", " there", "!"], Duration::from_millis(20))).await;
+    let fake = FakeLlm::start(FakeLlm::tokens(
+        &["Hel", "lo", " there", "!"],
+        Duration::from_millis(20),
+    ))
+    .await;
     let relay = relay_with(&redis, &fake, &[]).await;
     let sid = unique_sid("llm");
     let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
@@ -73,7 +94,10 @@ async fn mention_gets_a_streamed_reply_seen_by_everyone_and_stored_once() {
         assert_eq!(t.end["hd"]["turn_id"], asked.as_str());
         assert_eq!(t.end["bd"]["text"], "Hello there!");
         assert_eq!(t.end["bd"]["reason"], "stop");
-        assert!(t.end["bd"]["usage"]["total_tokens"].as_u64().unwrap() > 0, "usage stored");
+        assert!(
+            t.end["bd"]["usage"]["total_tokens"].as_u64().unwrap() > 0,
+            "usage stored"
+        );
     }
     assert_eq!(ta.end["hd"]["id"], tb.end["hd"]["id"]);
     let responses = stored_events(&redis, &sid, "llm.response").await;
@@ -101,7 +125,11 @@ async fn reply_policies_and_never_answering_itself() {
     a.send_json(&json!({"hd": {"event": "llm.request", "role": "A", "cid": "q1"}, "bd": {"prompt": "answer this"}})).await;
     let asked = a.expect_ack("q1").await;
     let t = watch_turn(&mut a).await;
-    assert_eq!(t.end["hd"]["turn_id"], asked.as_str(), "the mention was not answered, the request was");
+    assert_eq!(
+        t.end["hd"]["turn_id"],
+        asked.as_str(),
+        "the mention was not answered, the request was"
+    );
     relay.shutdown().await;
 
     // all: every chat message, but never its own.
@@ -125,12 +153,19 @@ async fn reply_policies_and_never_answering_itself() {
 async fn cancel_stops_the_turn_promptly_and_records_the_partial_text() {
     let redis = RedisServer::start();
     let tokens: Vec<String> = (0..200).map(|i| format!("t{i} ")).collect();
-    let fake = FakeLlm::start(Mode::Tokens { tokens, delay: Duration::from_millis(50) }).await;
+    let fake = FakeLlm::start(Mode::Tokens {
+        tokens,
+        delay: Duration::from_millis(50),
+    })
+    .await;
     let relay = relay_with(&redis, &fake, &[]).await;
     let sid = unique_sid("cancel");
     let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
     let mut b = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=B"))).await;
-    a.send_json(&json!({"hd": {"event": "llm.request", "role": "A", "cid": "q"}, "bd": {"text": "count"}})).await;
+    a.send_json(
+        &json!({"hd": {"event": "llm.request", "role": "A", "cid": "q"}, "bd": {"text": "count"}}),
+    )
+    .await;
     let turn = a.expect_ack("q").await;
     // Wait for a few deltas on B, then B cancels.
     let mut seen = 0;
@@ -140,7 +175,10 @@ async fn cancel_stops_the_turn_promptly_and_records_the_partial_text() {
             seen += 1;
         }
     }
-    b.send_json(&json!({"hd": {"event": "llm.cancel", "role": "B", "cid": "x"}, "bd": {"turn_id": turn}})).await;
+    b.send_json(
+        &json!({"hd": {"event": "llm.cancel", "role": "B", "cid": "x"}, "bd": {"turn_id": turn}}),
+    )
+    .await;
     let cancelled_at = Instant::now();
     let end = loop {
         let v = b.next_json().await;
@@ -151,10 +189,17 @@ async fn cancel_stops_the_turn_promptly_and_records_the_partial_text() {
     let took = cancelled_at.elapsed();
     assert_eq!(end["bd"]["reason"], "cancelled");
     let partial = end["bd"]["text"].as_str().unwrap();
-    assert!(partial.starts_with("t0 t1 t2"), "partial text kept: {partial}");
+    assert!(
+        partial.starts_with("t0 t1 t2"),
+        "partial text kept: {partial}"
+    );
     assert!(!partial.contains("t199"), "generation stopped early");
     assert!(took < Duration::from_secs(5), "cancel took {took:?}");
-    assert_eq!(stored_events(&redis, &sid, "llm.cancel").await.len(), 1, "the cancel is in the history");
+    assert_eq!(
+        stored_events(&redis, &sid, "llm.cancel").await.len(),
+        1,
+        "the cancel is in the history"
+    );
     assert_eq!(stored_events(&redis, &sid, "llm.response").await.len(), 1);
 }
 
@@ -162,7 +207,12 @@ async fn cancel_stops_the_turn_promptly_and_records_the_partial_text() {
 async fn provider_failures_end_the_turn_with_llm_error() {
     let redis = RedisServer::start();
     let fake = FakeLlm::start(Mode::Status(500)).await;
-    let relay = relay_with(&redis, &fake, &["--llm-idle-timeout-secs", "1", "--llm-attempts", "2"]).await;
+    let relay = relay_with(
+        &redis,
+        &fake,
+        &["--llm-idle-timeout-secs", "1", "--llm-attempts", "2"],
+    )
+    .await;
     let sid = unique_sid("fail");
     let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
     let cid = a.chat("A", "@llm hi").await;
@@ -170,11 +220,16 @@ async fn provider_failures_end_the_turn_with_llm_error() {
     let t = watch_turn(&mut a).await;
     assert_eq!(t.end["hd"]["event"], "llm.error");
     assert_eq!(t.end["hd"]["code"], "llm_unavailable");
-    assert_eq!(t.end["bd"]["message"], "the AI service is temporarily unavailable");
+    assert_eq!(
+        t.end["bd"]["message"],
+        "the AI service is temporarily unavailable"
+    );
     assert_eq!(fake.requests().len(), 2, "retried before the first token");
 
     // A stall after two tokens: timeout, partial text kept.
-    fake.set_mode(Mode::Stall { tokens: vec!["a".into(), "b".into()] });
+    fake.set_mode(Mode::Stall {
+        tokens: vec!["a".into(), "b".into()],
+    });
     let cid = a.chat("A", "@llm again").await;
     a.expect_ack(&cid).await;
     let t = watch_turn(&mut a).await;
@@ -182,11 +237,23 @@ async fn provider_failures_end_the_turn_with_llm_error() {
     assert_eq!(t.end["hd"]["code"], "llm_timeout");
     assert_eq!(t.end["bd"]["partial"], "ab");
     let body = t.end.to_string();
-    assert!(!body.contains("fake failure"), "no provider internals reach the room");
+    assert!(
+        !body.contains("fake failure"),
+        "no provider internals reach the room"
+    );
 
     // Nothing listening at all.
     relay.shutdown().await;
-    let relay = Relay::start(&redis.url(), &["--llm-base-url", "http://127.0.0.1:9/v1", "--llm-attempts", "1"]).await;
+    let relay = Relay::start(
+        &redis.url(),
+        &[
+            "--llm-base-url",
+            "http://127.0.0.1:9/v1",
+            "--llm-attempts",
+            "1",
+        ],
+    )
+    .await;
     let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
     let cid = a.chat("A", "@llm anyone?").await;
     a.expect_ack(&cid).await;
@@ -246,25 +313,58 @@ async fn two_workers_answer_each_turn_once() {
     let relay = Relay::start(&redis.url(), &["--llm", "off"]).await;
     let sid = unique_sid("workers");
     let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
-    let _w1 = WorkerProcess::start(&redis.url(), &["--llm-base-url", &base, "--llm-consumer", "w1"]);
-    let _w2 = WorkerProcess::start(&redis.url(), &["--llm-base-url", &base, "--llm-consumer", "w2"]);
+    let _w1 = WorkerProcess::start(
+        &redis.url(),
+        &["--llm-base-url", &base, "--llm-consumer", "w1"],
+    );
+    let _w2 = WorkerProcess::start(
+        &redis.url(),
+        &["--llm-base-url", &base, "--llm-consumer", "w2"],
+    );
     const N: usize = 6;
     let mut turns = Vec::new();
     for i in 0..N {
         a.send_json(&json!({"hd": {"event": "llm.request", "role": "A", "cid": format!("q{i}")}, "bd": {"text": format!("q{i}")}})).await;
         turns.push(a.expect_ack(&format!("q{i}")).await);
     }
+    // Turns run concurrently on two workers: follow each turn's deltas separately.
+    let mut deltas: std::collections::HashMap<String, Vec<String>> = Default::default();
     let mut answered = Vec::new();
     while answered.len() < N {
-        let t = watch_turn(&mut a).await;
-        answered.push(t.end["hd"]["turn_id"].as_str().unwrap().to_owned());
+        let v = a.next_json().await;
+        let turn = v["hd"]["turn_id"].as_str().unwrap_or_default().to_owned();
+        match v["hd"]["event"].as_str() {
+            Some("llm.delta") => {
+                let d = deltas.entry(turn).or_default();
+                assert_eq!(
+                    v["bd"]["seq"],
+                    d.len(),
+                    "each turn's deltas arrive in order"
+                );
+                d.push(v["bd"]["delta"].as_str().unwrap().to_owned());
+            }
+            Some("llm.response") => {
+                assert_eq!(v["bd"]["text"], "abc");
+                assert_eq!(
+                    deltas.get(&turn).map(|d| d.concat()).as_deref(),
+                    Some("abc")
+                );
+                answered.push(turn);
+            }
+            Some("llm.error") => panic!("unexpected error: {v}"),
+            _ => {}
+        }
     }
     answered.sort();
     turns.sort();
     assert_eq!(answered, turns);
     // Give a duplicate the time to show up if there were one.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(stored_events(&redis, &sid, "llm.response").await.len(), N, "one reply per turn");
+    assert_eq!(
+        stored_events(&redis, &sid, "llm.response").await.len(),
+        N,
+        "one reply per turn"
+    );
     assert_eq!(fake.requests().len(), N, "no turn generated twice");
 }
 
@@ -272,13 +372,25 @@ async fn two_workers_answer_each_turn_once() {
 async fn a_worker_killed_mid_turn_is_replaced_and_the_turn_answered_once() {
     let redis = RedisServer::start();
     let tokens: Vec<String> = (0..40).map(|i| format!("w{i} ")).collect();
-    let fake = FakeLlm::start(Mode::Tokens { tokens, delay: Duration::from_millis(50) }).await;
+    let fake = FakeLlm::start(Mode::Tokens {
+        tokens,
+        delay: Duration::from_millis(50),
+    })
+    .await;
     let base = fake.base_url();
     let relay = Relay::start(&redis.url(), &["--llm", "off"]).await;
     let sid = unique_sid("crash");
     let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
-    let worker_args = ["--llm-base-url", base.as_str(), "--llm-claim-idle-secs", "2"];
-    let mut w1 = WorkerProcess::start(&redis.url(), &[&worker_args[..], &["--llm-consumer", "first"]].concat());
+    let worker_args = [
+        "--llm-base-url",
+        base.as_str(),
+        "--llm-claim-idle-secs",
+        "2",
+    ];
+    let mut w1 = WorkerProcess::start(
+        &redis.url(),
+        &[&worker_args[..], &["--llm-consumer", "first"]].concat(),
+    );
     a.send_json(&json!({"hd": {"event": "llm.request", "role": "A", "cid": "q"}, "bd": {"text": "long answer"}})).await;
     let turn = a.expect_ack("q").await;
     // Mid-turn: some deltas arrived, then the worker dies.
@@ -289,7 +401,10 @@ async fn a_worker_killed_mid_turn_is_replaced_and_the_turn_answered_once() {
         }
     }
     w1.kill();
-    let _w2 = WorkerProcess::start(&redis.url(), &[&worker_args[..], &["--llm-consumer", "second"]].concat());
+    let _w2 = WorkerProcess::start(
+        &redis.url(),
+        &[&worker_args[..], &["--llm-consumer", "second"]].concat(),
+    );
     let end = loop {
         let v = a.next_json().await;
         if v["hd"]["event"] == "llm.response" {
@@ -299,6 +414,14 @@ async fn a_worker_killed_mid_turn_is_replaced_and_the_turn_answered_once() {
     assert_eq!(end["hd"]["turn_id"], turn.as_str());
     assert_eq!(end["bd"]["reason"], "stop");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(stored_events(&redis, &sid, "llm.response").await.len(), 1, "answered exactly once");
-    assert_eq!(fake.requests().len(), 2, "the second worker generated it again");
+    assert_eq!(
+        stored_events(&redis, &sid, "llm.response").await.len(),
+        1,
+        "answered exactly once"
+    );
+    assert_eq!(
+        fake.requests().len(),
+        2,
+        "the second worker generated it again"
+    );
 }

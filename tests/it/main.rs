@@ -8,5 +8,6 @@ mod bad_input;
 mod history;
 mod llm;
 mod multi_node;
+mod real_llm;
 mod relay_core;
 mod resilience;

@@ -18,7 +18,10 @@ use serde_json::{json, Value};
 #[derive(Debug, Clone)]
 pub enum Mode {
     /// Stream these tokens, `delay` apart, then finish with usage.
-    Tokens { tokens: Vec<String>, delay: Duration },
+    Tokens {
+        tokens: Vec<String>,
+        delay: Duration,
+    },
     /// Answer with this HTTP status and an error body.
     Status(u16),
     /// Send `tokens` then stop sending anything, keeping the connection open.
@@ -39,7 +42,10 @@ pub struct FakeLlm {
 
 impl FakeLlm {
     pub async fn start(mode: Mode) -> FakeLlm {
-        let inner = Arc::new(Mutex::new(Inner { mode, requests: Vec::new() }));
+        let inner = Arc::new(Mutex::new(Inner {
+            mode,
+            requests: Vec::new(),
+        }));
         let app = Router::new()
             .route("/v1/chat/completions", post(complete))
             .with_state(inner.clone());
@@ -90,22 +96,37 @@ async fn complete(State(inner): State<Arc<Mutex<Inner>>>, Json(req): Json<Value>
     let (tokens, delay, stall) = match mode {
         Mode::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap();
-            return (status, Json(json!({"error": {"message": "fake failure", "type": "server_error"}}))).into_response();
+            return (
+                status,
+                Json(json!({"error": {"message": "fake failure", "type": "server_error"}})),
+            )
+                .into_response();
         }
         Mode::Tokens { tokens, delay } => (tokens, delay, false),
         Mode::Stall { tokens } => (tokens, Duration::ZERO, true),
     };
     let include_usage = req.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
-    let prompt_tokens = req["messages"].as_array().map_or(0, |m| m.len() as u64 * 10);
+    let prompt_tokens = req["messages"]
+        .as_array()
+        .map_or(0, |m| m.len() as u64 * 10);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(8);
     tokio::spawn(async move {
-        let _ = tx.send(Ok(chunk(json!({"role": "assistant", "content": null}), None))).await;
+        let _ = tx
+            .send(Ok(chunk(
+                json!({"role": "assistant", "content": null}),
+                None,
+            )))
+            .await;
         let n = tokens.len() as u64;
         for t in tokens {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            if tx.send(Ok(chunk(json!({"content": t}), None))).await.is_err() {
+            if tx
+                .send(Ok(chunk(json!({"content": t}), None)))
+                .await
+                .is_err()
+            {
                 return; // the client hung up (cancel)
             }
         }

@@ -1,7 +1,7 @@
 #![allow(dead_code)]
 
-pub mod redis;
 pub mod fake_llm;
+pub mod redis;
 pub mod relay;
 pub mod ws;
 
