@@ -26,7 +26,7 @@ pub struct LogArgs {
     /// Log output format.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
-    /// Log filter, e.g. `info` or `chat_relay=debug,tower_http=info`.
+    /// Log filter, e.g. `info` or `chat_relay=debug`.
     #[arg(
         long,
         env = "RELAY_LOG",
