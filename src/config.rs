@@ -58,6 +58,9 @@ pub struct RedisArgs {
     /// Stream retention: `XADD ... MAXLEN ~ N`. 0 keeps everything.
     #[arg(long, env = "RELAY_RETENTION", default_value_t = 100_000)]
     pub retention: u64,
+    /// How long a sender's `hd.cid` is remembered: a resend within it returns the original id.
+    #[arg(long, env = "RELAY_DEDUP_WINDOW_SECS", default_value_t = 600)]
+    pub dedup_window_secs: u64,
 }
 
 impl RedisArgs {
@@ -197,5 +200,6 @@ impl RedisArgs {
             self.retention,
             self.llm_group.clone(),
         )
+        .map(|s| s.with_dedup_window(std::time::Duration::from_secs(self.dedup_window_secs)))
     }
 }

@@ -1,14 +1,24 @@
--- Append one envelope to a room and publish it, atomically.
+-- Append one envelope to a room and publish it, atomically; optionally idempotent.
 --
 -- KEYS[1]  the room stream; its name is also the room's pub/sub channel
+-- KEYS[2]  (optional) the dedup key of (sender, cid), hash-tagged with the room key
 -- ARGV[1]  MAXLEN ~ retention (0 = unbounded)
 -- ARGV[2]  participant (role)      ARGV[3]  event      ARGV[4]  body (the envelope JSON)
 -- ARGV[5]  consumer group to create with a new room ('' = none)
+-- ARGV[6]  dedup window in seconds (with KEYS[2])
 --
 -- Why a script: the PUBLISH must leave Redis in stream order. Two relays appending to one room
 -- concurrently could otherwise publish in the opposite order of their XADDs, and every node
--- delivers live entries in publish order.
--- Returns {id, created} where created is 1 when this call created the stream.
+-- delivers live entries in publish order. The dedup check must be atomic with the XADD, or a
+-- resend racing the original could store twice.
+-- Returns {id, created, duplicate}: created = 1 when this call created the stream, duplicate = 1
+-- when (sender, cid) was already stored and id is the original entry's.
+if KEYS[2] then
+  local prev = redis.call('GET', KEYS[2])
+  if prev then
+    return {prev, 0, 1}
+  end
+end
 local created = redis.call('EXISTS', KEYS[1]) == 0
 local id
 if tonumber(ARGV[1]) > 0 then
@@ -22,8 +32,11 @@ if created and ARGV[5] ~= '' then
   -- At 0, not $: the entry just written is the group's first to read.
   redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[5], '0')
 end
+if KEYS[2] then
+  redis.call('SET', KEYS[2], id, 'EX', ARGV[6])
+end
 redis.call('PUBLISH', KEYS[1], id .. '\n' .. ARGV[4])
 if created then
-  return {id, 1}
+  return {id, 1, 0}
 end
-return {id, 0}
+return {id, 0, 0}

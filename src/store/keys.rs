@@ -6,6 +6,7 @@
 //! | `<prefix><sid>` | pub/sub channel | live fan-out of the same entries (`<id>\n<body>`) and of transient frames (`-\n<frame>`) |
 //! | group `llm` on each room stream | consumer group | the LLM participant's read position, created at `0` with the room |
 //!
+//! | `chat:dedup:{<room key>}:<sender>:<cid>` | string | id stored for a client's cid (idempotent resend) |
 //! | `chat:rooms` | stream | registry of rooms for LLM workers (`sid` field) |
 //! | `chat:llm:turn:{<room key>}:<turn>` | string | lease of a turn being answered, then `done:<reply id>` |
 //! | `chat:llm:cancel:{<room key>}:<turn>` | string | a cancelled turn |
@@ -56,6 +57,12 @@ impl Keys {
     /// `chat:llm:cancel:{chat:session:<sid>}:<turn>`: set when someone cancels a turn.
     pub fn cancel_flag(&self, sid: &str, turn: StreamId) -> String {
         format!("{}llm:cancel:{{{}}}:{turn}", self.root, self.room(sid))
+    }
+
+    /// `chat:dedup:{chat:session:<sid>}:<sender>:<cid>`: the stream id stored for a client's
+    /// `hd.cid`, so a resend is answered with the original id. Same hash tag as the room.
+    pub fn dedup(&self, sid: &str, sender: &str, cid: &str) -> String {
+        format!("{}dedup:{{{}}}:{sender}:{cid}", self.root, self.room(sid))
     }
 
     /// `chat:llm:cancel`: channel on which cancels reach the worker generating the turn.

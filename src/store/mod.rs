@@ -91,6 +91,8 @@ pub struct Appended {
     pub id: StreamId,
     /// This append created the room's stream.
     pub created: bool,
+    /// Nothing was stored: the (sender, cid) pair was already, as `id`.
+    pub duplicate: bool,
 }
 
 /// A message from a room's live channel.
@@ -119,6 +121,7 @@ pub struct Store {
     builder: Builder,
     keys: Keys,
     retention: u64,
+    dedup_window_secs: u64,
     llm_group: String,
     scripts: Scripts,
 }
@@ -160,6 +163,7 @@ impl Store {
             builder,
             keys,
             retention,
+            dedup_window_secs: 600,
             llm_group: llm_group.into(),
             scripts: Scripts {
                 append: Lua::new(include_str!("append.lua")),
@@ -167,6 +171,12 @@ impl Store {
                 finish: Lua::new(include_str!("finish.lua")),
             },
         })
+    }
+
+    /// How long a (sender, cid) pair is remembered for idempotent appends.
+    pub fn with_dedup_window(mut self, window: Duration) -> Self {
+        self.dedup_window_secs = window.as_secs().max(1);
+        self
     }
 
     pub fn keys(&self) -> &Keys {
@@ -205,25 +215,33 @@ impl Store {
     }
 
     /// Append an envelope to a room and publish it to every node, atomically (see `append.lua`).
+    ///
+    /// With `dedup = Some((sender, cid))`, a second append of the same pair within the dedup
+    /// window stores nothing and returns the original id: clients resend after a lost ack, and
+    /// fred resends commands that were in flight when a connection dropped.
     pub async fn append(
         &self,
         sid: &str,
         participant: &str,
         event: &str,
         body: &str,
+        dedup: Option<(&str, &str)>,
     ) -> Result<Appended, StoreError> {
-        let key = self.keys.room(sid);
+        let mut keys = vec![self.keys.room(sid)];
+        if let Some((sender, cid)) = dedup {
+            keys.push(self.keys.dedup(sid, sender, cid));
+        }
         let retention = self.retention.to_string();
+        let window = self.dedup_window_secs.to_string();
         let args = vec![
             retention.as_str(),
             participant,
             event,
             body,
             &self.llm_group,
+            &window,
         ];
-        let reply = self
-            .eval_script(&self.scripts.append, key.as_str(), args)
-            .await?;
+        let reply = self.eval_script(&self.scripts.append, keys, args).await?;
         let Value::Array(parts) = reply else {
             return Err(StoreError::Reply("append script returned no array"));
         };
@@ -233,6 +251,7 @@ impl Store {
             .and_then(|s| s.parse().ok())
             .ok_or(StoreError::Reply("append script returned no id"))?;
         let created = matches!(parts.get(1), Some(Value::Integer(1)));
+        let duplicate = matches!(parts.get(2), Some(Value::Integer(1)));
         if created {
             // Outside the script: the registry lives on another shard under Redis Cluster. A
             // crash right here only delays discovery until a worker's next start-up scan.
@@ -240,7 +259,11 @@ impl Store {
                 tracing::warn!(room = %sid, cause = %err, "could not announce the new room");
             }
         }
-        Ok(Appended { id, created })
+        Ok(Appended {
+            id,
+            created,
+            duplicate,
+        })
     }
 
     /// Runs a script by hash. After a Redis restart the script cache is empty: falling back to

@@ -89,7 +89,7 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
     let join = presence_body("session.join", &ctx.default_role, &params.sid, &conn_label);
     let joined = match shared
         .store
-        .append(&params.sid, &ctx.default_role, "session.join", &join)
+        .append(&params.sid, &ctx.default_role, "session.join", &join, None)
         .await
     {
         Ok(a) => a.id,
@@ -177,7 +177,13 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
     let leave = presence_body("session.leave", &ctx.default_role, &params.sid, &conn_label);
     if let Err(err) = shared
         .store
-        .append(&params.sid, &ctx.default_role, "session.leave", &leave)
+        .append(
+            &params.sid,
+            &ctx.default_role,
+            "session.leave",
+            &leave,
+            None,
+        )
         .await
     {
         tracing::warn!(cause = %err, "could not record leave");
@@ -391,7 +397,9 @@ impl Reader {
                 let store = self.shared.store.clone();
                 let sid = self.ctx.sid.clone();
                 Handled::Pending(Box::pin(async move {
-                    match store.append(&sid, &role, event, &body).await {
+                    // The sender is the role here; with authentication it is the token's subject.
+                    let dedup = cid.as_deref().map(|c| (role.as_str(), c));
+                    match store.append(&sid, &role, event, &body, dedup).await {
                         Ok(appended) => {
                             if let Some(turn) = cancels {
                                 if let Err(err) = store.signal_cancel(&sid, turn).await {

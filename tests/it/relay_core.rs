@@ -151,3 +151,40 @@ async fn typing_is_broadcast_not_stored_and_leave_is_stored() {
         .collect();
     assert_eq!(events, ["session.join", "session.join", "session.leave"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resending_a_cid_returns_the_original_id_and_stores_nothing() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), &[]).await;
+    let sid = unique_sid("dedup");
+    let key = format!("chat:session:{sid}");
+    let client = redis.client().await;
+    let msg = json!({"hd": {"event": "chat.message", "role": "A", "cid": "once"}, "bd": {"text": "only once"}});
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    a.send_json(&msg).await;
+    let first = a.expect_ack("once").await;
+    let len = crate::support::redis::xlen(&client, &key).await;
+    // The ack was "lost": the client resends on a new connection.
+    a.close().await;
+    let mut again = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    again.send_json(&msg).await;
+    assert_eq!(
+        again.expect_ack("once").await,
+        first,
+        "same id for the same cid"
+    );
+    // A different role with the same cid is a different sender.
+    let mut b = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=B"))).await;
+    b.send_json(&json!({"hd": {"event": "chat.message", "role": "B", "cid": "once"}, "bd": {"text": "mine"}})).await;
+    let other = b.expect_ack("once").await;
+    assert_ne!(other, first);
+    // Joins/leaves were added meanwhile, but only one more chat.message.
+    let messages: Vec<String> = xrange(&client, &key)
+        .await
+        .into_iter()
+        .filter(|(_, f)| f.iter().any(|(k, v)| k == "event" && v == "chat.message"))
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(messages, [first, other]);
+    assert!(crate::support::redis::xlen(&client, &key).await > len);
+}
