@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use crate::auth::AuthArgs;
 use crate::llm::LlmArgs;
 use crate::protocol::{valid_role_name, Limits, LLM_ROLE};
 
@@ -77,6 +78,29 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub redis: RedisArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Connections one room may have on this node.
+    #[arg(long, env = "RELAY_MAX_CONNS_PER_ROOM", default_value_t = 1000)]
+    pub max_conns_per_room: usize,
+    /// Connections one client address may have on this node.
+    #[arg(long, env = "RELAY_MAX_CONNS_PER_IP", default_value_t = 256)]
+    pub max_conns_per_ip: usize,
+    /// Frames per second one connection may send (token bucket; see --msgs-burst).
+    #[arg(long, env = "RELAY_MSGS_PER_SEC", default_value_t = 20.0)]
+    pub msgs_per_sec: f64,
+    /// Burst size of the per-connection bucket.
+    #[arg(long, env = "RELAY_MSGS_BURST", default_value_t = 40.0)]
+    pub msgs_burst: f64,
+    /// Stored messages per second one room may take on this node.
+    #[arg(long, env = "RELAY_ROOM_MSGS_PER_SEC", default_value_t = 200.0)]
+    pub room_msgs_per_sec: f64,
+    /// Burst size of the per-room bucket.
+    #[arg(long, env = "RELAY_ROOM_MSGS_BURST", default_value_t = 400.0)]
+    pub room_msgs_burst: f64,
+    /// Consecutive rate-limited frames after which a connection is closed (1008).
+    #[arg(long, env = "RELAY_ABUSE_STRIKES", default_value_t = 100)]
+    pub abuse_strikes: u32,
     /// Run the LLM participant inside this process (`off` when workers run separately).
     #[arg(long, env = "RELAY_LLM", value_enum, default_value_t = Toggle::On)]
     pub llm: Toggle,
@@ -123,7 +147,7 @@ pub enum ConfigError {
     BadRole(String),
     #[error("--roles must name at least one role other than 'llm'")]
     NoRoles,
-    #[error("{0} must be greater than zero")]
+    #[error("{0} must be at least 1")]
     Zero(&'static str),
     #[error("--key-prefix must not contain '{{' or '}}' (Redis Cluster hash tags)")]
     BadPrefix,
@@ -151,6 +175,16 @@ impl ServeConfig {
             ("--send-window", self.send_window),
         ] {
             if v == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        for (name, v) in [
+            ("--msgs-per-sec", self.msgs_per_sec),
+            ("--msgs-burst", self.msgs_burst),
+            ("--room-msgs-per-sec", self.room_msgs_per_sec),
+            ("--room-msgs-burst", self.room_msgs_burst),
+        ] {
+            if !(v >= 1.0) {
                 return Err(ConfigError::Zero(name));
             }
         }

@@ -15,9 +15,11 @@
 //! Dependencies point one way: `protocol` ← `store` ← `room` ← `dispatch` ← `ws`/`http` ←
 //! `relay`. Only `store` talks to Redis.
 
+pub mod auth;
 pub mod config;
 pub mod dispatch;
 pub mod http;
+pub mod limits;
 pub mod llm;
 pub mod protocol;
 pub mod relay;

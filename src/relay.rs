@@ -8,8 +8,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{AuthConfigError, Authenticator};
 use crate::config::{ServeConfig, Toggle};
 use crate::dispatch::RolePolicy;
+use crate::limits::ConnCounter;
 use crate::protocol::Limits;
 use crate::room::Rooms;
 use crate::store::{Store, StoreError};
@@ -24,12 +26,27 @@ pub struct SessionSettings {
     pub write_timeout: Duration,
 }
 
+/// Abuse limits, per node.
+#[derive(Debug, Clone)]
+pub struct LimitSettings {
+    pub max_conns_per_room: usize,
+    pub max_conns_per_ip: usize,
+    pub msgs_per_sec: f64,
+    pub msgs_burst: f64,
+    pub room_msgs_per_sec: f64,
+    pub room_msgs_burst: f64,
+    pub abuse_strikes: u32,
+}
+
 /// State shared by every request and session of one relay.
 #[derive(Debug)]
 pub struct Shared {
     pub store: Store,
     pub rooms: Rooms,
     pub roles: RolePolicy,
+    pub auth: Authenticator,
+    pub conns: ConnCounter,
+    pub limits: LimitSettings,
     pub session: SessionSettings,
     pub token: CancellationToken,
     pub tracker: TaskTracker,
@@ -43,6 +60,8 @@ pub struct Shared {
 pub enum RelayError {
     #[error("cannot set up the Redis client")]
     Store(#[from] StoreError),
+    #[error("invalid authentication settings")]
+    Auth(#[from] AuthConfigError),
     #[error("HTTP server failed")]
     Serve(#[source] std::io::Error),
 }
@@ -54,6 +73,7 @@ pub async fn run(
     cfg: ServeConfig,
     token: CancellationToken,
 ) -> Result<(), RelayError> {
+    let auth = Authenticator::from_args(&cfg.auth)?;
     let store = cfg.redis.store()?;
     let tracker = TaskTracker::new();
     if cfg.llm == Toggle::On {
@@ -74,6 +94,17 @@ pub async fn run(
         store: store.clone(),
         rooms,
         roles: RolePolicy::new(&cfg.roles),
+        auth,
+        conns: ConnCounter::default(),
+        limits: LimitSettings {
+            max_conns_per_room: cfg.max_conns_per_room,
+            max_conns_per_ip: cfg.max_conns_per_ip,
+            msgs_per_sec: cfg.msgs_per_sec,
+            msgs_burst: cfg.msgs_burst,
+            room_msgs_per_sec: cfg.room_msgs_per_sec,
+            room_msgs_burst: cfg.room_msgs_burst,
+            abuse_strikes: cfg.abuse_strikes,
+        },
         session: SessionSettings {
             limits: cfg.limits(),
             outbound_queue: cfg.outbound_queue,

@@ -62,6 +62,8 @@ pub struct ConnCtx {
     pub default_role: String,
     /// A role the connection is bound to (by a token): `hd.role` must match it.
     pub bound_role: Option<String>,
+    /// Who is speaking (the token's subject), when authenticated.
+    pub sender: Option<String>,
 }
 
 impl ConnCtx {
@@ -70,6 +72,7 @@ impl ConnCtx {
             sid: sid.into(),
             default_role: default_role.unwrap_or_else(|| DEFAULT_ROLE.to_owned()),
             bound_role: None,
+            sender: None,
         }
     }
 }

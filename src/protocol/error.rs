@@ -26,6 +26,15 @@ pub enum ErrorCode {
     InvalidCid,
     StoreUnavailable,
     RateLimited,
+    RoomRateLimited,
+    RoomFull,
+    TooManyConnections,
+    Unauthorized,
+    TokenExpired,
+    TokenInvalid,
+    ForbiddenRoom,
+    ForbiddenOrigin,
+    SlowConsumer,
     NotFound,
     Internal,
 }
@@ -53,6 +62,15 @@ impl ErrorCode {
             ErrorCode::InvalidCid => "invalid_cid",
             ErrorCode::StoreUnavailable => "store_unavailable",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::RoomRateLimited => "room_rate_limited",
+            ErrorCode::RoomFull => "room_full",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TokenInvalid => "token_invalid",
+            ErrorCode::ForbiddenRoom => "forbidden_room",
+            ErrorCode::ForbiddenOrigin => "forbidden_origin",
+            ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
         }
@@ -62,7 +80,13 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            ErrorCode::StoreUnavailable | ErrorCode::RateLimited | ErrorCode::Internal
+            ErrorCode::StoreUnavailable
+                | ErrorCode::RateLimited
+                | ErrorCode::RoomRateLimited
+                | ErrorCode::RoomFull
+                | ErrorCode::TooManyConnections
+                | ErrorCode::SlowConsumer
+                | ErrorCode::Internal
         )
     }
 }

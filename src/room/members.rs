@@ -7,6 +7,7 @@ use std::time::Instant;
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
+use crate::limits::TokenBucket;
 use crate::protocol::{delivery_frame, StreamId};
 use crate::store::{Live, Store, StoreError};
 
@@ -45,6 +46,8 @@ struct RoomState {
     closed: bool,
     empty_since: Option<Instant>,
     evicted: u64,
+    /// Stored messages this room may still take on this node (see `--room-msgs-per-sec`).
+    send_bucket: Option<TokenBucket>,
 }
 
 #[derive(Debug)]
@@ -70,6 +73,7 @@ impl Room {
                 closed: false,
                 empty_since: Some(Instant::now()),
                 evicted: 0,
+                send_bucket: None,
             }),
             subscribed: tokio::sync::OnceCell::new(),
         }
@@ -236,6 +240,16 @@ impl Room {
                 return Ok(());
             }
         }
+    }
+
+    /// Takes one message from the room's rate budget; `false` when the room is sending faster
+    /// than `rate` per second (beyond `burst`).
+    pub fn try_send_budget(&self, rate: f64, burst: f64) -> bool {
+        let now = Instant::now();
+        let mut st = self.lock();
+        st.send_bucket
+            .get_or_insert_with(|| TokenBucket::new(rate, burst, now))
+            .try_take(now)
     }
 
     pub fn is_recovering(&self) -> bool {

@@ -1,21 +1,25 @@
-//! `GET /v1/session/chat?sid=ROOM[&last_id=ID][&role=A]`: checks the request, then upgrades.
+//! `GET /v1/session/chat?sid=ROOM[&last_id=ID][&role=A][&token=JWT]`: checks the request
+//! (room id, origin, token, role, connection limits), then upgrades.
 //!
 //! Everything that can be refused is refused here, before the upgrade, with an HTTP status and a
 //! JSON body: a WebSocket client sees those as a failed handshake it can read.
 
 mod session;
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 
+use crate::auth::{request_token, Denied};
 use crate::http::{checked_sid, ApiError};
 use crate::protocol::{ErrorCode, StreamId};
 use crate::relay::Shared;
@@ -31,14 +35,37 @@ struct ChatQuery {
     sid: Option<String>,
     last_id: Option<String>,
     role: Option<String>,
+    token: Option<String>,
+}
+
+fn denied(d: Denied) -> ApiError {
+    tracing::debug!(code = d.error.code.as_str(), "handshake refused");
+    ApiError {
+        status: d.status,
+        error: d.error,
+    }
 }
 
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Query(q): Query<ChatQuery>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let sid = checked_sid(q.sid.as_deref())?.to_owned();
+    if !shared.auth.origin_allowed(&headers) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::ForbiddenOrigin,
+            "this page's origin may not connect to the relay (see --allowed-origins)",
+        ));
+    }
+    let (token, token_as_protocol) = request_token(q.token.as_deref(), &headers);
+    let grant = shared
+        .auth
+        .authorize(token.as_deref(), &sid)
+        .map_err(denied)?;
     let last_id = match q.last_id.as_deref() {
         None | Some("") => None,
         Some(raw) => Some(raw.parse::<StreamId>().map_err(|_| {
@@ -48,15 +75,43 @@ async fn upgrade(
             )
         })?),
     };
-    let role = match q.role {
-        Some(role) if !role.is_empty() => {
-            shared.roles.check(&role).map_err(|error| ApiError {
-                status: axum::http::StatusCode::BAD_REQUEST,
+    let requested = q.role.filter(|r| !r.is_empty());
+    let role = match (&grant.role, requested) {
+        (Some(bound), Some(asked)) if *bound != asked => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::RoleMismatch,
+                "the token grants another role than ?role= asks for",
+            ))
+        }
+        (Some(bound), _) => Some(bound.clone()),
+        (None, Some(asked)) => {
+            shared.roles.check(&asked).map_err(|error| ApiError {
+                status: StatusCode::BAD_REQUEST,
                 error,
             })?;
-            Some(role)
+            Some(asked)
         }
-        _ => None,
+        (None, None) => None,
+    };
+    let limits = &shared.limits;
+    if shared
+        .rooms
+        .get(&sid)
+        .is_some_and(|r| r.member_count() >= limits.max_conns_per_room)
+    {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RoomFull,
+            "this room has too many connections; try again later",
+        ));
+    }
+    let Some(slot) = shared.conns.acquire(peer.ip(), limits.max_conns_per_ip) else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TooManyConnections,
+            "too many connections from your address",
+        ));
     };
     let ws = ws.map_err(|rej| {
         ApiError::new(
@@ -65,24 +120,31 @@ async fn upgrade(
             "this endpoint speaks WebSocket: send an Upgrade: websocket request",
         )
     })?;
+    let ws = if token_as_protocol {
+        ws.protocols(["bearer"])
+    } else {
+        ws
+    };
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let params = SessionParams {
         sid,
         last_id,
         role,
+        grant,
         conn,
+        slot,
     };
-    let limits = &shared.session;
-    // tungstenite's hard cap sits above our own frame limit, so a frame a little too large gets
-    // a readable `frame_too_large` error and only a huge one closes the socket (1009).
-    let hard_cap = (limits.limits.max_frame_bytes * 4).max(16 * 1024);
+    let hard_cap = (shared.session.limits.max_frame_bytes * 4).max(16 * 1024);
     let tracker = shared.tracker.clone();
     let response = ws
+        // tungstenite's hard cap sits above our own frame limit, so a frame a little too large
+        // gets a readable `frame_too_large` error and only a huge one closes the socket (1009).
+        .max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
+        // Small initial buffers: an idle connection should cost little more than its socket.
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(4 * 1024 * 1024)
-        .max_message_size(hard_cap)
-        .max_frame_size(hard_cap)
         .on_upgrade(move |socket| async move {
             // Tracked so shutdown waits for sessions to close their sockets and finish appends.
             tracker.spawn(session::run(socket, shared, params));

@@ -20,20 +20,25 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::auth::Grant;
 use crate::dispatch::{dispatch, presence_body, Action, ConnCtx};
+use crate::limits::{ConnSlot, TokenBucket};
 use crate::protocol::{
     ack_frame, delivery_frame, error_frame, parse_client_frame, ClientError, ErrorCode, StreamId,
 };
 use crate::relay::Shared;
-use crate::room::{ConnId, Outbound};
+use crate::room::{ConnId, Outbound, Room};
 
 /// What the upgrade handler checked and hands to the session.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SessionParams {
     pub sid: String,
     pub last_id: Option<StreamId>,
     pub role: Option<String>,
+    pub grant: Grant,
     pub conn: ConnId,
+    /// This connection's place in the per-address count; freed when the session ends.
+    pub slot: ConnSlot,
 }
 
 /// WebSocket close codes the relay uses (RFC 6455 §7.4 and the IANA registry).
@@ -65,6 +70,10 @@ enum End {
     StoreDown,
     /// A frame exceeded the hard size cap.
     TooBig,
+    /// The token expired while connected.
+    TokenExpired,
+    /// Rate limits were ignored for too long.
+    Abusive,
 }
 
 pub async fn run(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) {
@@ -75,7 +84,9 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
 async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) {
     let (mut sink, stream) = socket.split();
     let conn_label = format!("{}-{}", shared.node_id, params.conn);
-    let ctx = ConnCtx::new(params.sid.clone(), params.role.clone());
+    let mut ctx = ConnCtx::new(params.sid.clone(), params.role.clone());
+    ctx.bound_role = params.grant.role.clone();
+    ctx.sender = params.grant.sub.clone();
     let (room_tx, room_rx) = mpsc::channel(shared.session.outbound_queue);
 
     let room = match shared.rooms.join(&params.sid, params.conn, room_tx).await {
@@ -118,13 +129,19 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
         last_sent: cursor,
         last_pong: last_pong.clone(),
         started,
+        expires: params.grant.expires_at_ms.map(deadline_from_epoch_ms),
     };
+    let now = Instant::now();
+    let limits = &shared.limits;
     let reader = Reader {
         shared: shared.clone(),
         ctx: ctx.clone(),
+        room: room.clone(),
         ctrl: ctrl_tx,
         last_pong,
         started,
+        bucket: TokenBucket::new(limits.msgs_per_sec, limits.msgs_burst, now),
+        strikes: 0,
     };
     let read_stop = stop.clone();
     let read = reader.run(stream, read_stop);
@@ -145,8 +162,24 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
             close::TRY_AGAIN_LATER,
             "too slow: reconnect with last_id",
             Some(ClientError::new(
-                ErrorCode::RateLimited,
+                ErrorCode::SlowConsumer,
                 "you fell too far behind the room; reconnect with last_id to catch up",
+            )),
+        ),
+        End::TokenExpired => (
+            close::POLICY,
+            "token expired",
+            Some(ClientError::new(
+                ErrorCode::TokenExpired,
+                "your token has expired; reconnect with a new one",
+            )),
+        ),
+        End::Abusive => (
+            close::POLICY,
+            "rate limits ignored",
+            Some(ClientError::new(
+                ErrorCode::RateLimited,
+                "too many messages for too long; disconnected",
             )),
         ),
         End::Dead => (close::POLICY, "no pong", None),
@@ -210,6 +243,14 @@ struct Writer {
     last_sent: StreamId,
     last_pong: Arc<AtomicU64>,
     started: Instant,
+    /// When the connection's token expires.
+    expires: Option<tokio::time::Instant>,
+}
+
+/// A tokio deadline for a wall-clock time in ms since the epoch.
+fn deadline_from_epoch_ms(at_ms: u64) -> tokio::time::Instant {
+    let left = at_ms.saturating_sub(crate::protocol::now_ms());
+    tokio::time::Instant::now() + Duration::from_millis(left)
 }
 
 impl Writer {
@@ -251,12 +292,18 @@ impl Writer {
         let ping_every = self.shared.session.ping_interval;
         let mut ping =
             tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        // Far enough to never fire when the token does not expire.
+        let expires = self.expires.unwrap_or_else(|| {
+            tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400)
+        });
         loop {
             let msg = tokio::select! {
                 biased;
+                _ = tokio::time::sleep_until(expires) => return End::TokenExpired,
                 ctrl = ctrl_rx.recv() => match ctrl {
                     Some(Ctrl::Frame(frame)) => Message::Text(frame.into()),
                     Some(Ctrl::TooBig) => return End::TooBig,
+                    Some(Ctrl::Abusive) => return End::Abusive,
                     None => return End::ReaderDone,
                 },
                 out = room_rx.recv() => match out {
@@ -302,13 +349,18 @@ async fn send(sink: &mut SplitSink<WebSocket, Message>, msg: Message, timeout: D
 struct Reader {
     shared: Arc<Shared>,
     ctx: ConnCtx,
+    room: Arc<Room>,
     ctrl: mpsc::Sender<Ctrl>,
     last_pong: Arc<AtomicU64>,
     started: Instant,
+    /// This connection's frames-per-second budget.
+    bucket: TokenBucket,
+    /// Consecutive frames refused by a rate limit.
+    strikes: u32,
 }
 
 impl Reader {
-    async fn run(self, mut stream: SplitStream<WebSocket>, stop: CancellationToken) {
+    async fn run(mut self, mut stream: SplitStream<WebSocket>, stop: CancellationToken) {
         let window = self.shared.session.send_window;
         let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
         loop {
@@ -334,6 +386,11 @@ impl Reader {
                                     }
                                 }
                                 Handled::Pending(fut) => inflight.push_back(fut),
+                                Handled::Abusive => {
+                                    tracing::warn!(strikes = self.strikes, "closing a client that ignores rate limits");
+                                    let _ = self.ctrl.send(Ctrl::Abusive).await;
+                                    break;
+                                }
                             }
                         }
                         Some(Ok(Message::Binary(_))) => {
@@ -373,7 +430,14 @@ impl Reader {
         }
     }
 
-    fn handle(&self, text: &str) -> Handled {
+    fn handle(&mut self, text: &str) -> Handled {
+        // Every frame costs budget, valid or not, so garbage floods are limited too.
+        if !self.bucket.try_take(Instant::now()) {
+            return self.rate_limited(ClientError::new(
+                ErrorCode::RateLimited,
+                "too many messages; slow down",
+            ));
+        }
         let inbound = match parse_client_frame(text, &self.shared.session.limits) {
             Ok(i) => i,
             Err(refusal) => {
@@ -382,7 +446,26 @@ impl Reader {
             }
         };
         let cid = inbound.cid.clone();
-        match dispatch(inbound, &self.ctx, &self.shared.roles) {
+        let action = dispatch(inbound, &self.ctx, &self.shared.roles);
+        if matches!(action, Ok(Action::Store { .. })) {
+            let limits = &self.shared.limits;
+            if !self
+                .room
+                .try_send_budget(limits.room_msgs_per_sec, limits.room_msgs_burst)
+            {
+                let err = ClientError::new(
+                    ErrorCode::RoomRateLimited,
+                    "this room is receiving too many messages; try again in a moment",
+                );
+                let frame = error_frame(&err, cid.as_deref());
+                return match self.rate_limited(err) {
+                    Handled::Reply(_) => Handled::Reply(frame),
+                    other => other,
+                };
+            }
+        }
+        self.strikes = 0;
+        match action {
             Err(err) => {
                 tracing::debug!(code = err.code.as_str(), "refused envelope");
                 Handled::Reply(error_frame(&err, cid.as_deref()))
@@ -396,9 +479,12 @@ impl Reader {
             }) => {
                 let store = self.shared.store.clone();
                 let sid = self.ctx.sid.clone();
+                let sender = self.ctx.sender.clone();
                 Handled::Pending(Box::pin(async move {
-                    // The sender is the role here; with authentication it is the token's subject.
-                    let dedup = cid.as_deref().map(|c| (role.as_str(), c));
+                    // The sender is the token's subject with authentication, else the role.
+                    let dedup = cid
+                        .as_deref()
+                        .map(|c| (sender.as_deref().unwrap_or(role.as_str()), c));
                     match store.append(&sid, &role, event, &body, dedup).await {
                         Ok(appended) => {
                             if let Some(turn) = cancels {
@@ -435,6 +521,20 @@ impl Reader {
 enum Handled {
     Reply(String),
     Pending(Pending),
+    /// Too many rate-limited frames in a row: disconnect.
+    Abusive,
+}
+
+impl Reader {
+    /// A refusal by a rate limit: an error frame, or a disconnect after too many in a row.
+    fn rate_limited(&mut self, err: ClientError) -> Handled {
+        self.strikes += 1;
+        if self.strikes >= self.shared.limits.abuse_strikes {
+            return Handled::Abusive;
+        }
+        tracing::debug!(code = err.code.as_str(), "rate limited");
+        Handled::Reply(error_frame(&err, None))
+    }
 }
 
 fn is_too_big(err: &axum::Error) -> bool {
@@ -449,4 +549,6 @@ enum Ctrl {
     Frame(String),
     /// The client sent a frame beyond the hard size cap: close with 1009.
     TooBig,
+    /// The client kept sending past its rate limit: close with 1008.
+    Abusive,
 }

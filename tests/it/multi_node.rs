@@ -1,12 +1,12 @@
 //! Two `chat-relay serve` processes on one Redis behave as one relay.
 
-use crate::support::{unique_sid, RedisServer, RelayProcess, WsClient};
+use crate::support::{unique_sid, RedisServer, RelayProcess, WsClient, NO_RATE_LIMITS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_deliver_one_order() {
     let redis = RedisServer::start();
-    let n1 = RelayProcess::start(&redis.url(), &[]);
-    let n2 = RelayProcess::start(&redis.url(), &[]);
+    let n1 = RelayProcess::start(&redis.url(), NO_RATE_LIMITS);
+    let n2 = RelayProcess::start(&redis.url(), NO_RATE_LIMITS);
     let sid = unique_sid("nodes");
     let mut a = WsClient::join(&n1.ws_url(&format!("sid={sid}&role=A"))).await;
     let mut b = WsClient::join(&n2.ws_url(&format!("sid={sid}&role=B"))).await;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{redis::xrange, unique_sid, RedisServer, Relay, WsClient};
+use crate::support::{redis::xrange, unique_sid, RedisServer, Relay, WsClient, NO_RATE_LIMITS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_gives_store_unavailable_then_recovers_without_reconnecting() {
@@ -51,7 +51,7 @@ async fn redis_outage_gives_store_unavailable_then_recovers_without_reconnecting
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_with_last_id_has_no_gap_and_no_duplicate() {
     let redis = RedisServer::start();
-    let relay = Relay::start(&redis.url(), &[]).await;
+    let relay = Relay::start(&redis.url(), NO_RATE_LIMITS).await;
     let sid = unique_sid("resume");
     let url_a = relay.ws_url(&format!("sid={sid}&role=A"));
     let mut writer = WsClient::join(&url_a).await;
@@ -124,7 +124,11 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
     let redis = RedisServer::start();
     let relay = Relay::start(
         &redis.url(),
-        &["--outbound-queue", "8", "--write-timeout-secs", "2"],
+        &[
+            NO_RATE_LIMITS,
+            &["--outbound-queue", "8", "--write-timeout-secs", "2"],
+        ]
+        .concat(),
     )
     .await;
     let sid = unique_sid("slow");

@@ -21,3 +21,15 @@ pub fn unique_sid(name: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// Flags that lift the per-connection and per-room rate limits, for tests that flood on purpose.
+pub const NO_RATE_LIMITS: &[&str] = &[
+    "--msgs-per-sec",
+    "100000",
+    "--msgs-burst",
+    "100000",
+    "--room-msgs-per-sec",
+    "100000",
+    "--room-msgs-burst",
+    "100000",
+];

@@ -91,7 +91,9 @@ impl WsClient {
 
     /// Send a chat.message as `role` with a fresh cid; returns the cid.
     pub async fn chat(&mut self, role: &str, text: &str) -> String {
-        self.cid += 1;
+        // Unique across clients: a cid reused by the same role is an idempotent resend.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        self.cid = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cid = format!("c{}", self.cid);
         self.send_json(&serde_json::json!({
             "hd": {"event": "chat.message", "role": role, "cid": cid},
