@@ -184,7 +184,7 @@ impl ServeConfig {
             ("--room-msgs-per-sec", self.room_msgs_per_sec),
             ("--room-msgs-burst", self.room_msgs_burst),
         ] {
-            if !(v >= 1.0) {
+            if v.is_nan() || v < 1.0 {
                 return Err(ConfigError::Zero(name));
             }
         }
