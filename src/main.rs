@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the relay: WebSocket rooms, HTTP API and the browser page.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Run only the LLM participant (any number of workers share one consumer group).
     LlmWorker(WorkerConfig),
 }
@@ -38,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
             let token = shutdown_token();
-            chat_relay::run(listener, cfg, token).await?;
+            chat_relay::run(listener, *cfg, token).await?;
         }
         Command::LlmWorker(cfg) => {
             let token = shutdown_token();
