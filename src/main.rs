@@ -24,7 +24,28 @@ enum Command {
     /// Run the relay: WebSocket rooms, HTTP API and the browser page.
     Serve(Box<ServeConfig>),
     /// Run only the LLM participant (any number of workers share one consumer group).
-    LlmWorker(WorkerConfig),
+    LlmWorker(Box<WorkerConfig>),
+    /// Print an HS256 token for `--auth jwt` (for Postman, the browser page, tests).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    /// The relay's shared secret.
+    #[arg(long, env = "RELAY_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: String,
+    /// Room(s) the token grants: an id, a prefix pattern like `team-*`, or `*`; repeatable.
+    #[arg(long, required = true)]
+    sid: Vec<String>,
+    /// The role the holder speaks as.
+    #[arg(long)]
+    role: String,
+    /// The subject (who holds the token); defaults to the role.
+    #[arg(long)]
+    sub: Option<String>,
+    /// Lifetime: `90s`, `15m`, `1h`, `2d`.
+    #[arg(long, default_value = "1h", value_parser = chat_relay::auth::parse_ttl)]
+    ttl: std::time::Duration,
 }
 
 #[tokio::main]
@@ -39,6 +60,13 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
             let token = shutdown_token();
             chat_relay::run(listener, *cfg, token).await?;
+        }
+        Command::Token(args) => {
+            let sub = args.sub.as_deref().unwrap_or(&args.role);
+            let token =
+                chat_relay::auth::mint(&args.jwt_secret, &args.sid, &args.role, sub, args.ttl)?;
+            use std::io::Write;
+            writeln!(std::io::stdout(), "{token}")?;
         }
         Command::LlmWorker(cfg) => {
             let token = shutdown_token();

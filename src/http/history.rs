@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{checked_sid, ApiError};
+use crate::auth::request_token;
 use crate::protocol::{delivery_frame, ErrorCode, StreamId};
 use crate::relay::Shared;
 
@@ -23,6 +24,30 @@ pub struct PageQuery {
     after: Option<String>,
     before: Option<String>,
     limit: Option<String>,
+    token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TokenQuery {
+    token: Option<String>,
+}
+
+/// The same rule as the WebSocket: with `--auth jwt`, a token valid for this room.
+fn authorize(
+    shared: &Shared,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+    sid: &str,
+) -> Result<(), ApiError> {
+    let (token, _) = request_token(query_token, headers);
+    shared
+        .auth
+        .authorize(token.as_deref(), sid)
+        .map(|_| ())
+        .map_err(|d| ApiError {
+            status: d.status,
+            error: d.error,
+        })
 }
 
 fn parse_id(name: &'static str, raw: Option<&str>) -> Result<Option<StreamId>, ApiError> {
@@ -44,8 +69,10 @@ pub async fn messages(
     State(shared): State<Arc<Shared>>,
     Path(sid): Path<String>,
     Query(q): Query<PageQuery>,
+    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let sid = checked_sid(Some(&sid))?;
+    authorize(&shared, &headers, q.token.as_deref(), sid)?;
     let after = parse_id("after", q.after.as_deref())?;
     let before = parse_id("before", q.before.as_deref())?;
     let limit = match q.limit.as_deref() {
@@ -87,8 +114,11 @@ pub async fn messages(
 pub async fn room_info(
     State(shared): State<Arc<Shared>>,
     Path(sid): Path<String>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let sid = checked_sid(Some(&sid))?;
+    authorize(&shared, &headers, q.token.as_deref(), sid)?;
     let Some(info) = shared.store.info(sid).await? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -150,7 +150,7 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
         stop.cancel();
         end
     };
-    let (end, ()) = tokio::join!(write, read);
+    let (end, mut stream) = tokio::join!(write, read);
 
     shared.rooms.leave(&room, params.conn);
     let (code, reason, notice) = match end {
@@ -204,6 +204,16 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
             reason: Utf8Bytes::from_static(reason),
         }))),
     )
+    .await;
+    // Read (and drop) what the client still sends until its close frame, briefly: closing a
+    // socket with unread data resets it, and the client would lose our close frame and reason.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(msg)) = stream.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
     .await;
     tracing::info!(?end, code, "left");
 
@@ -360,7 +370,13 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(mut self, mut stream: SplitStream<WebSocket>, stop: CancellationToken) {
+    /// Reads until the client leaves or the session stops; returns the stream so the session can
+    /// wait for the client's close frame after sending its own.
+    async fn run(
+        mut self,
+        mut stream: SplitStream<WebSocket>,
+        stop: CancellationToken,
+    ) -> SplitStream<WebSocket> {
         let window = self.shared.session.send_window;
         let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
         loop {
@@ -428,6 +444,7 @@ impl Reader {
                 let _ = self.ctrl.send(Ctrl::Frame(frame)).await;
             }
         }
+        stream
     }
 
     fn handle(&mut self, text: &str) -> Handled {

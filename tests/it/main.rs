@@ -11,3 +11,4 @@ mod multi_node;
 mod real_llm;
 mod relay_core;
 mod resilience;
+mod security;
