@@ -21,6 +21,7 @@ pub mod dispatch;
 pub mod http;
 pub mod limits;
 pub mod llm;
+pub mod metrics;
 pub mod protocol;
 pub mod relay;
 pub mod room;

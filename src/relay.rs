@@ -73,6 +73,7 @@ pub async fn run(
     cfg: ServeConfig,
     token: CancellationToken,
 ) -> Result<(), RelayError> {
+    crate::metrics::install();
     let auth = Authenticator::from_args(&cfg.auth)?;
     let store = cfg.redis.store()?;
     let tracker = TaskTracker::new();

@@ -23,6 +23,7 @@ pub fn router() -> Router<Arc<Shared>> {
         .route("/style.css", get(style_css))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/sessions/{sid}", get(history::room_info))
         .route("/v1/sessions/{sid}/messages", get(history::messages))
         .fallback(not_found)
@@ -80,6 +81,17 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
             .into_response()
         }
     }
+}
+
+async fn metrics() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(),
+    )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {

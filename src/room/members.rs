@@ -166,6 +166,8 @@ impl Room {
             return;
         }
         st.last_id = id;
+        let lag_ms = crate::protocol::now_ms().saturating_sub(id.ms);
+        metrics::histogram!(crate::metrics::DELIVERY_LAG_SECONDS).record(lag_ms as f64 / 1000.0);
         self.fan_out(st, out);
     }
 
@@ -177,11 +179,13 @@ impl Room {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
                 tracing::warn!(room = %self.sid, conn = m.conn, "outbound queue full; dropping slow client");
+                metrics::counter!(crate::metrics::SLOW_DISCONNECTS).increment(1);
                 false
             }
             Err(TrySendError::Closed(_)) => false,
         });
         let dropped = before - st.members.len();
+        metrics::counter!(crate::metrics::FRAMES_OUT).increment(st.members.len() as u64);
         if dropped > 0 {
             st.evicted += dropped as u64;
             if st.members.is_empty() {

@@ -93,6 +93,7 @@ impl Rooms {
             if !room.add_member(conn, tx.clone()) {
                 continue; // removed by the reaper between lookup and insert
             }
+            metrics::gauge!(crate::metrics::ROOMS).set(self.inner.map.len() as f64);
             if let Err(err) = self.ensure_subscribed(&room).await {
                 room.remove_member(conn);
                 return Err(err);
@@ -265,6 +266,7 @@ impl Rooms {
                     .inner
                     .map
                     .remove_if(&sid, |_, room| room.close_if_idle(IDLE_ROOM_TTL));
+                metrics::gauge!(crate::metrics::ROOMS).set(self.inner.map.len() as f64);
                 if removed.is_some() {
                     let channel = self.inner.store.keys().channel(&sid);
                     if let Err(err) = self.inner.subscriber.unsubscribe(channel).await {

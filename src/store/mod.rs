@@ -252,6 +252,9 @@ impl Store {
             .ok_or(StoreError::Reply("append script returned no id"))?;
         let created = matches!(parts.get(1), Some(Value::Integer(1)));
         let duplicate = matches!(parts.get(2), Some(Value::Integer(1)));
+        if !duplicate {
+            metrics::counter!(crate::metrics::STORED, "event" => event.to_owned()).increment(1);
+        }
         if created {
             // Outside the script: the registry lives on another shard under Redis Cluster. A
             // crash right here only delays discovery until a worker's next start-up scan.

@@ -82,6 +82,8 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
 }
 
 async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) {
+    metrics::gauge!(crate::metrics::CONNECTIONS).increment(1.0);
+    let _connected = ConnectedGauge;
     let (mut sink, stream) = socket.split();
     let conn_label = format!("{}-{}", shared.node_id, params.conn);
     let mut ctx = ConnCtx::new(params.sid.clone(), params.role.clone());
@@ -119,10 +121,9 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
     let (ctrl_tx, ctrl_rx) = mpsc::channel::<Ctrl>(CONTROL_QUEUE);
 
     // A fresh client starts at its own join entry; a resuming one right after its last id.
-    let (replay_after, cursor) = match params.last_id {
-        Some(last) => (Some(last), last),
-        None => (None, joined.prev()),
-    };
+    // Both read that start from the stream rather than trusting the live feed: in a brand-new
+    // room the node's SUBSCRIBE may not be active in Redis yet when the join is published.
+    let cursor = params.last_id.unwrap_or_else(|| joined.prev());
     let writer = Writer {
         shared: shared.clone(),
         sid: params.sid.clone(),
@@ -146,7 +147,7 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
     let read_stop = stop.clone();
     let read = reader.run(stream, read_stop);
     let write = async {
-        let end = writer.run(&mut sink, room_rx, ctrl_rx, replay_after).await;
+        let end = writer.run(&mut sink, room_rx, ctrl_rx).await;
         stop.cancel();
         end
     };
@@ -191,6 +192,7 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
         ),
     };
     if let Some(err) = notice {
+        crate::metrics::error(err.code.as_str());
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
             sink.send(Message::Text(error_frame(&err, None).into())),
@@ -233,6 +235,15 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
     }
 }
 
+/// Decrements the connection gauge however the session ends.
+struct ConnectedGauge;
+
+impl Drop for ConnectedGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::CONNECTIONS).decrement(1.0);
+    }
+}
+
 /// Send one error frame and close: the connection cannot be served.
 async fn refuse(sink: &mut SplitSink<WebSocket, Message>, err: ClientError) {
     let _ = sink
@@ -269,33 +280,31 @@ impl Writer {
         sink: &mut SplitSink<WebSocket, Message>,
         mut room_rx: mpsc::Receiver<Outbound>,
         mut ctrl_rx: mpsc::Receiver<Ctrl>,
-        replay_after: Option<StreamId>,
     ) -> End {
         let write_timeout = self.shared.session.write_timeout;
-        if replay_after.is_some() {
-            loop {
-                let page = match self
-                    .shared
-                    .store
-                    .range_after(&self.sid, Some(self.last_sent), None, REPLAY_PAGE)
-                    .await
-                {
-                    Ok(page) => page,
-                    Err(err) => {
-                        tracing::warn!(cause = %err, "resume failed: cannot read history");
-                        return End::StoreDown;
-                    }
-                };
-                for e in &page {
-                    let frame = delivery_frame(e.id, &e.participant, &e.event, &e.body);
-                    if !send(sink, Message::Text(frame.into()), write_timeout).await {
-                        return End::Dead;
-                    }
-                    self.last_sent = e.id;
+        // History after the cursor first; live frames queue meanwhile and are deduplicated.
+        loop {
+            let page = match self
+                .shared
+                .store
+                .range_after(&self.sid, Some(self.last_sent), None, REPLAY_PAGE)
+                .await
+            {
+                Ok(page) => page,
+                Err(err) => {
+                    tracing::warn!(cause = %err, "resume failed: cannot read history");
+                    return End::StoreDown;
                 }
-                if (page.len() as u64) < REPLAY_PAGE {
-                    break;
+            };
+            for e in &page {
+                let frame = delivery_frame(e.id, &e.participant, &e.event, &e.body);
+                if !send(sink, Message::Text(frame.into()), write_timeout).await {
+                    return End::Dead;
                 }
+                self.last_sent = e.id;
+            }
+            if (page.len() as u64) < REPLAY_PAGE {
+                break;
             }
         }
 
@@ -395,6 +404,7 @@ impl Reader {
                     match msg {
                         Some(Ok(Message::Text(text))) => {
                             self.last_pong.store(alive, Ordering::Relaxed);
+                            metrics::counter!(crate::metrics::FRAMES_IN).increment(1);
                             match self.handle(text.as_str()) {
                                 Handled::Reply(frame) => {
                                     if self.ctrl.send(Ctrl::Frame(frame)).await.is_err() {
@@ -459,6 +469,7 @@ impl Reader {
             Ok(i) => i,
             Err(refusal) => {
                 tracing::debug!(code = refusal.error.code.as_str(), "refused frame");
+                crate::metrics::error(refusal.error.code.as_str());
                 return Handled::Reply(error_frame(&refusal.error, refusal.cid.as_deref()));
             }
         };
@@ -485,6 +496,7 @@ impl Reader {
         match action {
             Err(err) => {
                 tracing::debug!(code = err.code.as_str(), "refused envelope");
+                crate::metrics::error(err.code.as_str());
                 Handled::Reply(error_frame(&err, cid.as_deref()))
             }
             Ok(Action::Store {
@@ -513,6 +525,7 @@ impl Reader {
                         }
                         Err(err) => {
                             tracing::warn!(cause = %err, "append failed");
+                            crate::metrics::error(ErrorCode::StoreUnavailable.as_str());
                             Some(error_frame(
                                 &ClientError::store_unavailable(),
                                 cid.as_deref(),
@@ -550,6 +563,7 @@ impl Reader {
             return Handled::Abusive;
         }
         tracing::debug!(code = err.code.as_str(), "rate limited");
+        crate::metrics::error(err.code.as_str());
         Handled::Reply(error_frame(&err, None))
     }
 }
