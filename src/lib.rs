@@ -16,6 +16,7 @@
 //! `relay`. Only `store` talks to Redis.
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod http;

@@ -25,6 +25,8 @@ enum Command {
     Serve(Box<ServeConfig>),
     /// Run only the LLM participant (any number of workers share one consumer group).
     LlmWorker(Box<WorkerConfig>),
+    /// A terminal client: type to chat; in a pipe, send lines and print frames as JSON lines.
+    Chat(chat_relay::client::ChatArgs),
     /// Print an HS256 token for `--auth jwt` (for Postman, the browser page, tests).
     Token(TokenArgs),
 }
@@ -61,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
             let token = shutdown_token();
             chat_relay::run(listener, *cfg, token).await?;
         }
+        Command::Chat(args) => chat_relay::client::run(args).await?,
         Command::Token(args) => {
             let sub = args.sub.as_deref().unwrap_or(&args.role);
             let token =

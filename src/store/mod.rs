@@ -241,7 +241,9 @@ impl Store {
             &self.llm_group,
             &window,
         ];
+        let started = std::time::Instant::now();
         let reply = self.eval_script(&self.scripts.append, keys, args).await?;
+        metrics::histogram!(crate::metrics::APPEND_SECONDS).record(started.elapsed().as_secs_f64());
         let Value::Array(parts) = reply else {
             return Err(StoreError::Reply("append script returned no array"));
         };

@@ -137,3 +137,34 @@ async fn room_info_and_health() {
     assert_eq!(nf.status(), 404);
     assert_eq!(nf.json::<Value>().await.unwrap()["code"], "not_found");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_exposed_in_prometheus_format() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), &[]).await;
+    let sid = unique_sid("metrics");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let cid = a.chat("A", "counted").await;
+    a.expect_ack(&cid).await;
+    a.collect_messages(1).await;
+    a.send_text("not json").await;
+    a.expect_error().await;
+    let body = reqwest::get(relay.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "chat_relay_connections",
+        "chat_relay_rooms",
+        "chat_relay_frames_in_total",
+        "chat_relay_frames_out_total",
+        "chat_relay_entries_stored_total{event=\"chat.message\"}",
+        "chat_relay_append_seconds_bucket",
+        "chat_relay_delivery_lag_seconds_bucket",
+        "chat_relay_errors_total{code=\"bad_json\"}",
+    ] {
+        assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
+    }
+}
