@@ -3,8 +3,12 @@
 #
 #   scripts/test.sh
 #
-# Each integration test starts its own redis-server on a free port (and kills it by PID), so
-# nothing here needs a running Redis.
+# Every part starts its own redis-server (and relay, LLM server, browser) on free ports and stops
+# them by PID, so nothing here needs a running Redis. Parts:
+#   1. cargo fmt --check, cargo clippy -D warnings
+#   2. cargo test: unit tests, integration tests (tests/it), the real local model end to end
+#   3. the Python smoke test and the Postman collection check (scripts/smoke-python.sh)
+#   4. the browser end-to-end test in headless Chromium (scripts/e2e-browser.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,3 +22,8 @@ say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --quiet --all-targets -- -D warnings
 say "cargo test"
 cargo test --all-targets 2>&1
+say "python smoke test + postman collection"
+scripts/smoke-python.sh
+say "browser end-to-end test"
+scripts/e2e-browser.sh
+say "all suites passed"

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The prior design's Python smoke test against a real relay and Redis started here, plus the
+# Postman collection's structure check.
+#
+#   scripts/smoke-python.sh
+#
+# Starts its own redis-server and relay on free ports and stops them (by PID) on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[smoke] %s\n' "$*" >&2; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+say "checking the Postman collection"
+python3 test-clients/postman/validate.py
+
+cargo build --quiet
+redis_port=$(free_port)
+relay_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \
+  --logfile "$work/redis.log" &
+pids+=($!)
+RELAY_LOG=chat_relay=warn target/debug/chat-relay serve --listen "127.0.0.1:$relay_port" \
+  --redis-url "redis://127.0.0.1:$redis_port" --llm off 2>"$work/relay.log" &
+pids+=($!)
+for _ in $(seq 100); do
+  curl -fsS "http://127.0.0.1:$relay_port/readyz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+
+say "running test-clients/python/smoke_test.py"
+if ! test-clients/python/run.sh --url "ws://127.0.0.1:$relay_port" --redis "redis://127.0.0.1:$redis_port"; then
+  say "relay log:"; cat "$work/relay.log" >&2
+  exit 1
+fi
