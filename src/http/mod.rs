@@ -2,6 +2,7 @@
 
 mod error;
 mod history;
+mod live;
 
 use std::sync::Arc;
 
@@ -25,7 +26,11 @@ pub fn router() -> Router<Arc<Shared>> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/sessions/{sid}", get(history::room_info))
-        .route("/v1/sessions/{sid}/messages", get(history::messages))
+        .route(
+            "/v1/sessions/{sid}/messages",
+            get(history::messages).post(live::publish),
+        )
+        .route("/v1/sessions/{sid}/events", get(live::events))
         .fallback(not_found)
 }
 

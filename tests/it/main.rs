@@ -7,6 +7,7 @@ mod support;
 mod bad_input;
 mod cli;
 mod history;
+mod http_live;
 mod llm;
 mod multi_node;
 mod real_llm;
