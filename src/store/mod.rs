@@ -112,6 +112,8 @@ pub struct StreamInfo {
     pub last_id: Option<StreamId>,
     /// The greatest id ever generated, even if trimmed or deleted since.
     pub last_generated_id: StreamId,
+    /// Entries ever added (Redis ≥ 7.0); more than `length` means some were trimmed or deleted.
+    pub entries_added: Option<u64>,
 }
 
 /// Handle to the room streams. Cheap to clone.
@@ -465,7 +467,12 @@ fn parse_stream_info(reply: Value) -> Result<StreamInfo, StoreError> {
         .and_then(value_str)
         .and_then(|s| s.parse().ok())
         .unwrap_or_default();
+    let entries_added = match get("entries-added") {
+        Some(Value::Integer(n)) => Some(n.max(0) as u64),
+        _ => None,
+    };
     Ok(StreamInfo {
+        entries_added,
         length,
         first_id: entry_id(get("first-entry")),
         last_id: entry_id(get("last-entry")),

@@ -131,6 +131,7 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
         last_pong: last_pong.clone(),
         started,
         expires: params.grant.expires_at_ms.map(deadline_from_epoch_ms),
+        resume_from: params.last_id,
     };
     let now = Instant::now();
     let limits = &shared.limits;
@@ -266,6 +267,71 @@ struct Writer {
     started: Instant,
     /// When the connection's token expires.
     expires: Option<tokio::time::Instant>,
+    /// The `last_id` the client resumes from, if it resumes.
+    resume_from: Option<StreamId>,
+}
+
+/// The `resume_gap` notice for a client resuming after `last`, if the stream cannot give it
+/// everything after that id: entries after it were trimmed (retention), or the stream is behind
+/// it (Redis lost data). Never a silent gap.
+///
+/// `seen` says whether the entry `last` itself is still in the stream: when it is gone without
+/// having been trimmed, the store lost data the client had.
+fn resume_gap(
+    sid: &str,
+    last: StreamId,
+    seen: bool,
+    info: Option<&crate::store::StreamInfo>,
+) -> Option<String> {
+    let Some(info) = info else {
+        return (last > StreamId::ZERO).then(|| {
+            gap_notice(
+                sid,
+                last,
+                "lost",
+                "the room's history is gone (the store lost it); showing what comes next",
+                None,
+            )
+        });
+    };
+    let some_removed = info.entries_added.is_some_and(|added| added > info.length);
+    let (reason, message) = if last > info.last_generated_id {
+        ("ahead", "the store is behind the last message you saw (it lost recent data); showing what comes next")
+    } else if seen || (last == StreamId::ZERO && !some_removed) {
+        return None;
+    } else if some_removed
+        && (last == StreamId::ZERO || info.first_id.is_some_and(|first| last < first))
+    {
+        (
+            "trimmed",
+            "older messages after your last one were trimmed; showing what is left",
+        )
+    } else {
+        (
+            "lost",
+            "the store lost messages you had seen (it restarted without them); showing what is left",
+        )
+    };
+    Some(gap_notice(sid, last, reason, message, info.first_id))
+}
+
+fn gap_notice(
+    sid: &str,
+    last: StreamId,
+    reason: &str,
+    message: &str,
+    oldest: Option<StreamId>,
+) -> String {
+    serde_json::json!({
+        "hd": {"event": "resume_gap", "sid": sid, "ts": crate::protocol::now_ms()},
+        "bd": {
+            "reason": reason,
+            "last_id": last.to_string(),
+            "oldest_id": oldest.map(|i| i.to_string()),
+            "message": message,
+        },
+    })
+    .to_string()
 }
 
 /// A tokio deadline for a wall-clock time in ms since the epoch.
@@ -282,6 +348,33 @@ impl Writer {
         mut ctrl_rx: mpsc::Receiver<Ctrl>,
     ) -> End {
         let write_timeout = self.shared.session.write_timeout;
+        if let Some(last) = self.resume_from {
+            let store = &self.shared.store;
+            let state = async {
+                let info = store.info(&self.sid).await?;
+                let seen = last == StreamId::ZERO
+                    || store
+                        .range_after(&self.sid, Some(last.prev()), Some(last), 1)
+                        .await?
+                        .first()
+                        .is_some_and(|e| e.id == last);
+                Ok::<_, crate::store::StoreError>((info, seen))
+            };
+            match state.await {
+                Ok((info, seen)) => {
+                    if let Some(notice) = resume_gap(&self.sid, last, seen, info.as_ref()) {
+                        tracing::info!(last_id = %last, "resume gap");
+                        if !send(sink, Message::Text(notice.into()), write_timeout).await {
+                            return End::Dead;
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(cause = %err, "resume failed: cannot read the stream's state");
+                    return End::StoreDown;
+                }
+            }
+        }
         // History after the cursor first; live frames queue meanwhile and are deduplicated.
         loop {
             let page = match self

@@ -177,3 +177,79 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
     }
     assert_eq!(connected, 2, "the slow client was disconnected");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_past_retention_or_lost_data_gets_resume_gap() {
+    let mut redis = RedisServer::start();
+    let relay = Relay::start(
+        &redis.url(),
+        &[NO_RATE_LIMITS, &["--retention", "10"]].concat(),
+    )
+    .await;
+    let sid = unique_sid("gap");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let mut first = None;
+    for i in 0..400 {
+        let cid = a.chat("A", &format!("g{i}")).await;
+        let id = a.expect_ack(&cid).await;
+        first.get_or_insert(id);
+    }
+    let first = first.unwrap();
+    // MAXLEN ~ trims whole macro nodes, so far fewer than 400 remain and `first` is gone.
+    let mut late =
+        WsClient::connect(&relay.ws_url(&format!("sid={sid}&role=B&last_id={first}"))).await;
+    let gap = late.next_json().await;
+    assert_eq!(gap["hd"]["event"], "resume_gap", "{gap}");
+    assert_eq!(gap["bd"]["reason"], "trimmed");
+    let oldest = gap["bd"]["oldest_id"].as_str().unwrap().to_owned();
+    let next = late.next_json().await;
+    assert_eq!(
+        next["hd"]["id"],
+        oldest.as_str(),
+        "then what is left, from the oldest"
+    );
+
+    // A resume from an id still in the stream gets no notice.
+    let mut fine =
+        WsClient::connect(&relay.ws_url(&format!("sid={sid}&role=B&last_id={oldest}"))).await;
+    assert_ne!(fine.next_json().await["hd"]["event"], "resume_gap");
+
+    // Redis restarts without its data: the client's last entry is gone.
+    let last = a.chat("A", "last before the loss").await;
+    let last_id = a.expect_ack(&last).await;
+    redis.restart();
+    let mut after = None;
+    for _ in 0..100 {
+        let (ws, ok) = match tokio_tungstenite::connect_async(
+            relay.ws_url(&format!("sid={sid}&role=A&last_id={last_id}")),
+        )
+        .await
+        {
+            Ok(ok) => (Some(ok), true),
+            Err(_) => (None, false),
+        };
+        if ok {
+            after = ws;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(after);
+    let mut c = loop {
+        let mut c =
+            WsClient::connect(&relay.ws_url(&format!("sid={sid}&role=A&last_id={last_id}"))).await;
+        match c.next().await {
+            crate::support::ws::Next::Json(v) if v["hd"]["event"] == "resume_gap" => {
+                assert_eq!(v["bd"]["reason"], "lost", "{v}");
+                break c;
+            }
+            crate::support::ws::Next::Json(v) if v["hd"]["event"] == "error" => {
+                // Redis not reachable yet: store_unavailable, then closed. Retry.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => panic!("expected resume_gap, got {other:?}"),
+        }
+    };
+    // Service goes on: the join of this connection follows.
+    assert_eq!(c.next_json().await["hd"]["event"], "session.join");
+}
