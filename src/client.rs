@@ -82,11 +82,14 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
     let mut pending: HashSet<String> = HashSet::new();
+    // Acked ids not yet received from the room, and ids received before their ack.
+    let mut unseen: HashSet<String> = HashSet::new();
+    let mut delivered: HashSet<String> = HashSet::new();
     let mut next_cid = 0u64;
     let drain = tokio::time::sleep(Duration::from_secs(u64::MAX / 4));
     tokio::pin!(drain);
     loop {
-        if !stdin_open && pending.is_empty() {
+        if !stdin_open && pending.is_empty() && unseen.is_empty() {
             break;
         }
         tokio::select! {
@@ -120,10 +123,28 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             msg = stream.next() => match msg {
                 Some(Ok(Message::Text(text))) => {
                     let Ok(frame) = serde_json::from_str::<Value>(text.as_str()) else { continue };
+                    // A line is done once it is refused, or acked and seen back from the room.
+                    let event = frame["hd"]["event"].as_str().unwrap_or_default();
                     if let Some(cid) = frame["hd"]["cid"].as_str() {
-                        let event = frame["hd"]["event"].as_str().unwrap_or_default();
-                        if event == "chat.ack" || event == "error" {
-                            pending.remove(cid);
+                        match event {
+                            "error" => {
+                                pending.remove(cid);
+                            }
+                            "chat.ack" => {
+                                if pending.remove(cid) {
+                                    if let Some(id) = frame["hd"]["id"].as_str() {
+                                        if !delivered.remove(id) {
+                                            unseen.insert(id.to_owned());
+                                        }
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    if let Some(id) = frame["hd"]["id"].as_str().filter(|_| event != "chat.ack") {
+                        if !unseen.remove(id) {
+                            delivered.insert(id.to_owned());
                         }
                     }
                     view.show(&frame, text.as_str());
@@ -138,7 +159,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                 None => break,
             },
             _ = &mut drain, if !stdin_open => {
-                bail!("{} message(s) were never acknowledged", pending.len());
+                bail!("{} message(s) never acknowledged, {} never seen back", pending.len(), unseen.len());
             }
         }
     }

@@ -40,13 +40,16 @@ pub struct LogArgs {
 /// Redis connection flags, shared by the relay and the LLM worker.
 #[derive(Debug, Clone, Args)]
 pub struct RedisArgs {
-    /// Redis URL.
+    /// Redis URL (`redis://host:port`, or `redis-cluster://host:port?node=host2:port2` for a cluster).
     #[arg(
         long,
         env = "RELAY_REDIS_URL",
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: String,
+    /// Redis Cluster seed nodes, `host:port,host:port,...` (instead of --redis-url).
+    #[arg(long, env = "RELAY_REDIS_CLUSTER", value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
     /// Timeout for one Redis command; past it a send is answered with `store_unavailable`.
     #[arg(long, env = "RELAY_REDIS_TIMEOUT_MS", default_value_t = 3000)]
     pub redis_timeout_ms: u64,
@@ -220,8 +223,20 @@ pub struct WorkerConfig {
 
 impl RedisArgs {
     pub fn settings(&self) -> crate::store::RedisSettings {
+        let url = match self.redis_cluster.split_first() {
+            // fred reads the other seeds from `node` query parameters.
+            Some((first, rest)) => {
+                let nodes: Vec<String> = rest.iter().map(|n| format!("node={n}")).collect();
+                if nodes.is_empty() {
+                    format!("redis-cluster://{first}")
+                } else {
+                    format!("redis-cluster://{first}?{}", nodes.join("&"))
+                }
+            }
+            None => self.redis_url.clone(),
+        };
         crate::store::RedisSettings {
-            url: self.redis_url.clone(),
+            url,
             command_timeout: self.command_timeout(),
         }
     }

@@ -1,7 +1,7 @@
 //! The worker: discovers rooms, reads the consumer group, hands triggers to turns, claims what
 //! dead workers left, and routes cancels to the turn they stop.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use dashmap::DashMap;
 use fred::interfaces::{EventInterface, PubsubInterface};
 use serde_json::Value;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -17,7 +17,7 @@ use super::prompt::DEFAULT_SYSTEM_PROMPT;
 use super::provider::{LlmError, Provider, ProviderSettings};
 use super::{LlmArgs, ReplyPolicy};
 use crate::protocol::{valid_sid, StreamId, LLM_ROLE};
-use crate::store::{Entry, GroupEntry, Store, StoreError};
+use crate::store::{Client, Entry, GroupEntry, Store, StoreError};
 
 /// How long one `XREADGROUP` blocks; also the longest delay before a newly found room is read.
 const BLOCK: Duration = Duration::from_millis(1000);
@@ -47,6 +47,8 @@ pub(super) struct Ctx {
     rooms: Mutex<BTreeSet<String>>,
     /// Turns running on this worker, with the token that cancels each.
     pub active: DashMap<(String, StreamId), CancellationToken>,
+    /// Rung when a room has new entries (cluster mode, where reads cannot block on every room).
+    wake: Notify,
     slots: Arc<Semaphore>,
 }
 
@@ -92,6 +94,7 @@ pub async fn run_worker(
         http: reqwest::Client::new(),
         rooms: Mutex::new(BTreeSet::new()),
         active: DashMap::new(),
+        wake: Notify::new(),
     });
     tracing::info!(consumer = %ctx.consumer, model = %ctx.provider.model(), base_url = %ctx.args.llm_base_url, "LLM participant starting");
 
@@ -156,10 +159,9 @@ async fn read_loop(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
                 _ = tokio::time::sleep(BLOCK) => continue,
             }
         }
-        let block = (!pending).then_some(BLOCK);
         let read = tokio::select! {
             _ = ctx.token.cancelled() => break,
-            r = ctx.store.group_read(&client, &ctx.consumer, &rooms, pending, READ_COUNT, block) => r,
+            r = read_rooms(&ctx, &client, &rooms, pending) => r,
         };
         match read {
             Ok(entries) => {
@@ -192,6 +194,43 @@ async fn read_loop(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
     }
     tracing::info!("LLM participant stopped reading");
     Ok(())
+}
+
+/// One read over every known room. On a single Redis, one `XREADGROUP ... BLOCK` names them
+/// all. On a cluster a command may only name keys of one hash slot, so rooms are read per slot
+/// without blocking, and an idle worker waits for a room's live feed to wake it (or a second).
+async fn read_rooms(
+    ctx: &Ctx,
+    client: &Client,
+    rooms: &[String],
+    pending: bool,
+) -> Result<Vec<GroupEntry>, StoreError> {
+    let store = &ctx.store;
+    if !store.is_clustered() {
+        let block = (!pending).then_some(BLOCK);
+        return store
+            .group_read(client, &ctx.consumer, rooms, pending, READ_COUNT, block)
+            .await;
+    }
+    let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    for sid in rooms {
+        by_slot
+            .entry(store.room_slot(sid))
+            .or_default()
+            .push(sid.clone());
+    }
+    let mut entries = Vec::new();
+    for group in by_slot.values() {
+        entries.extend(
+            store
+                .group_read(client, &ctx.consumer, group, pending, READ_COUNT, None)
+                .await?,
+        );
+    }
+    if entries.is_empty() && !pending {
+        let _ = tokio::time::timeout(BLOCK, ctx.wake.notified()).await;
+    }
+    Ok(entries)
 }
 
 /// A group vanished (Redis restarted without its data): recreate it where the stream still
@@ -330,20 +369,41 @@ async fn cancel_loop(ctx: Arc<Ctx>) {
             return;
         }
     };
-    let _resubscribe = sub.manage_subscriptions();
     let mut messages = sub.message_rx();
+    let mut reconnects = sub.reconnect_rx();
     let channel = ctx.store.keys().cancel_channel();
-    let _ = retry(&ctx, || async {
-        Ok(sub.subscribe(channel.as_str()).await?)
-    })
-    .await;
+    // On a cluster the group reads cannot block on every room; the rooms' live feed wakes them.
+    let pattern = ctx
+        .store
+        .is_clustered()
+        .then(|| format!("{}*", ctx.store.keys().prefix()));
+    let subscribe = || async {
+        sub.subscribe(channel.as_str()).await?;
+        if let Some(pattern) = &pattern {
+            sub.psubscribe(pattern.as_str()).await?;
+        }
+        Ok::<(), StoreError>(())
+    };
+    let _ = retry(&ctx, subscribe).await;
     loop {
         let msg = tokio::select! {
             _ = ctx.token.cancelled() => break,
+            // Subscriptions do not survive a reconnect. (fred's own resubscribe also sends an
+            // empty PSUBSCRIBE, which never completes.)
+            ev = reconnects.recv() => {
+                if ev.is_ok() {
+                    let _ = retry(&ctx, subscribe).await;
+                }
+                continue;
+            }
             m = messages.recv() => m,
         };
         match msg {
             Ok(msg) => {
+                if msg.channel != channel {
+                    ctx.wake.notify_one();
+                    continue;
+                }
                 let Some(text) = msg.value.as_str() else {
                     continue;
                 };

@@ -181,6 +181,16 @@ impl Store {
         self
     }
 
+    /// Whether Redis is a cluster: multi-key reads must then stay within one hash slot.
+    pub fn is_clustered(&self) -> bool {
+        self.client.is_clustered()
+    }
+
+    /// The hash slot of a room's keys (all of them share the room key's slot).
+    pub fn room_slot(&self, sid: &str) -> u16 {
+        fred::util::redis_keyslot(self.keys.room(sid).as_bytes())
+    }
+
     pub fn keys(&self) -> &Keys {
         &self.keys
     }

@@ -107,45 +107,39 @@ impl Store {
             .map_or_else(|| "0-0".to_owned(), |e| e.id.to_string()))
     }
 
-    /// Every room stream, by `SCAN` (used once at worker start, for rooms from before it).
+    /// Every room stream, by `SCAN` on every primary (used once at worker start, for rooms from
+    /// before it).
     pub async fn scan_rooms(&self) -> Result<Vec<String>, StoreError> {
+        use fred::types::scan::{ScanType, Scanner};
+        use futures_util::TryStreamExt;
+
         let pattern = format!("{}*", self.keys.prefix());
-        let mut cursor = "0".to_owned();
-        let mut rooms = Vec::new();
-        loop {
-            let cmd = CustomCommand::new_static("SCAN", ClusterHash::Random, false);
-            let args: Vec<Value> = vec![
-                cursor.as_str().into(),
-                "MATCH".into(),
-                pattern.as_str().into(),
-                "COUNT".into(),
-                1000.into(),
-                "TYPE".into(),
-                "stream".into(),
-            ];
-            let reply: Value = self.client.custom(cmd, args).await?;
-            let Value::Array(parts) = reply else {
-                return Err(StoreError::Reply("SCAN reply is not an array"));
-            };
-            let mut parts = parts.into_iter();
-            cursor = parts
-                .next()
-                .as_ref()
-                .and_then(value_str)
-                .unwrap_or_else(|| "0".into());
-            if let Some(Value::Array(keys)) = parts.next() {
-                for k in keys {
-                    if let Some(sid) =
-                        value_str(&k).and_then(|k| self.keys.sid_of(&k).map(str::to_owned))
-                    {
-                        rooms.push(sid);
-                    }
-                }
+        let keys: Vec<fred::types::Key> = if self.client.is_clustered() {
+            let mut pages = std::pin::pin!(self.client.scan_cluster(
+                pattern,
+                Some(1000),
+                Some(ScanType::Stream)
+            ));
+            let mut keys = Vec::new();
+            while let Some(mut page) = pages.try_next().await? {
+                keys.extend(page.take_results().unwrap_or_default());
+                page.next();
             }
-            if cursor == "0" {
-                return Ok(rooms);
-            }
-        }
+            keys
+        } else {
+            self.client
+                .scan_buffered(pattern, Some(1000), Some(ScanType::Stream))
+                .try_collect()
+                .await?
+        };
+        Ok(keys
+            .iter()
+            .filter_map(|k| {
+                k.as_str()
+                    .and_then(|k| self.keys.sid_of(k))
+                    .map(str::to_owned)
+            })
+            .collect())
     }
 
     /// Creates the LLM group on a room at `start` (`0` or `$`); `Ok(false)` if it existed,
