@@ -130,12 +130,10 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                             "error" => {
                                 pending.remove(cid);
                             }
-                            "chat.ack" => {
-                                if pending.remove(cid) {
-                                    if let Some(id) = frame["hd"]["id"].as_str() {
-                                        if !delivered.remove(id) {
-                                            unseen.insert(id.to_owned());
-                                        }
+                            "chat.ack" if pending.remove(cid) => {
+                                if let Some(id) = frame["hd"]["id"].as_str() {
+                                    if !delivered.remove(id) {
+                                        unseen.insert(id.to_owned());
                                     }
                                 }
                             }
