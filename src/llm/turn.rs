@@ -63,6 +63,7 @@ async fn answer(
     }
     let count = store.count_turn(sid, Duration::from_secs(60)).await?;
     if count > ctx.args.llm_turns_per_minute {
+        metrics::counter!(crate::metrics::LLM_TURNS, "outcome" => "rate_limited").increment(1);
         let body = error_body(
             sid,
             turn,
@@ -120,6 +121,7 @@ async fn generate(
     text: &mut String,
     usage: &mut Option<Usage>,
 ) -> Outcome {
+    let asked = std::time::Instant::now();
     let mut completion = tokio::select! {
         _ = cancel.cancelled() => return Outcome::Cancelled,
         c = ctx.provider.stream(messages) => match c {
@@ -127,6 +129,7 @@ async fn generate(
             Err(err) => return Outcome::Failed(err),
         },
     };
+    let mut first_token = true;
     // Keep the lease and the entry's claim fresh, and catch cancels whose notice was missed.
     let renew_every = (ctx.args.claim_idle() / 3).max(Duration::from_millis(300));
     let mut renew =
@@ -146,6 +149,10 @@ async fn generate(
             }
             ev = completion.next() => match ev {
                 Ok(Some(Event::Delta(delta))) => {
+                    if first_token {
+                        first_token = false;
+                        metrics::histogram!(crate::metrics::LLM_FIRST_TOKEN_SECONDS).record(asked.elapsed().as_secs_f64());
+                    }
                     let frame = transient_frame("llm.delta", LLM_ROLE, sid, header, &json!({"delta": delta, "seq": seq}));
                     if let Err(err) = ctx.store.publish_transient(sid, &frame).await {
                         tracing::debug!(cause = %err, "delta not published");
@@ -155,7 +162,10 @@ async fn generate(
                 }
                 Ok(Some(Event::Finish(r))) => reason = r,
                 Ok(Some(Event::Usage(u))) => *usage = Some(u),
-                Ok(None) => return Outcome::Done { reason },
+                Ok(None) => {
+                    metrics::histogram!(crate::metrics::LLM_TURN_SECONDS).record(asked.elapsed().as_secs_f64());
+                    return Outcome::Done { reason };
+                }
                 Err(err) => return Outcome::Failed(err),
             },
         }
@@ -203,6 +213,18 @@ async fn finish(
         ),
     };
     finish_entry(ctx, sid, turn, event, &body).await?;
+    let outcome_label = match &outcome {
+        Outcome::Failed(_) => "error",
+        Outcome::Done { .. } => "response",
+        Outcome::Cancelled => "cancelled",
+    };
+    metrics::counter!(crate::metrics::LLM_TURNS, "outcome" => outcome_label).increment(1);
+    if let Some(u) = usage {
+        metrics::counter!(crate::metrics::LLM_TOKENS, "kind" => "prompt")
+            .increment(u.prompt_tokens);
+        metrics::counter!(crate::metrics::LLM_TOKENS, "kind" => "completion")
+            .increment(u.completion_tokens);
+    }
     if let (Some(u), Some(url)) = (usage, ctx.args.usage_callback_url.clone()) {
         let report = UsageReport::new(sid, &turn.to_string(), ctx.provider.model(), u);
         let http = ctx.http.clone();
