@@ -188,3 +188,33 @@ async fn resending_a_cid_returns_the_original_id_and_stores_nothing() {
     assert_eq!(messages, [first, other]);
     assert!(crate::support::redis::xlen(&client, &key).await > len);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_appends_and_closes_with_1001() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), &[]).await;
+    let sid = unique_sid("shutdown");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let cid = a.chat("A", "last words").await;
+    let id = a.expect_ack(&cid).await;
+    relay.shutdown().await;
+    assert_eq!(a.expect_close().await, Some(1001), "going away");
+    let client = redis.client().await;
+    let stored = xrange(&client, &format!("chat:session:{sid}")).await;
+    assert!(
+        stored.iter().any(|(i, _)| *i == id),
+        "the acked message is stored"
+    );
+    assert_eq!(
+        stored
+            .last()
+            .unwrap()
+            .1
+            .iter()
+            .find(|(k, _)| k == "event")
+            .unwrap()
+            .1,
+        "session.leave",
+        "the leave is recorded on the way out"
+    );
+}
