@@ -143,7 +143,7 @@ async fn upgrade(
         .max_frame_size(hard_cap)
         // Small initial buffers: an idle connection should cost little more than its socket.
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(8 * 1024)
         .max_write_buffer_size(4 * 1024 * 1024)
         .on_upgrade(move |socket| async move {
             // Tracked so shutdown waits for sessions to close their sockets and finish appends.

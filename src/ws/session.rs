@@ -50,6 +50,8 @@ mod close {
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
+/// Frames written to a socket per flush, at most.
+const WRITE_BATCH: usize = 64;
 /// History page size for a resume.
 const REPLAY_PAGE: u64 = 500;
 /// Acks and errors waiting for the writer; when full, the reader stops reading this client.
@@ -443,7 +445,23 @@ impl Writer {
                     Message::Ping(Default::default())
                 }
             };
-            if !send(sink, msg, write_timeout).await {
+            // Write what else is already queued for this socket in the same flush: one syscall
+            // for a burst instead of one per frame.
+            let batch = async {
+                sink.feed(msg).await?;
+                for _ in 1..WRITE_BATCH {
+                    let Ok(out) = room_rx.try_recv() else { break };
+                    if let Some(id) = out.id {
+                        if id <= self.last_sent {
+                            continue;
+                        }
+                        self.last_sent = id;
+                    }
+                    sink.feed(Message::Text(out.frame)).await?;
+                }
+                sink.flush().await
+            };
+            if !matches!(tokio::time::timeout(write_timeout, batch).await, Ok(Ok(()))) {
                 return End::Dead;
             }
         }
