@@ -395,21 +395,25 @@ pub(crate) fn parse_entries(reply: Value) -> Result<Vec<Entry>, StoreError> {
         Value::Null => return Ok(Vec::new()),
         _ => return Err(StoreError::Reply("stream range is not an array")),
     };
-    let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        let Value::Array(pair) = item else { continue };
-        let mut pair = pair.into_iter();
-        let (Some(id), Some(fields)) = (pair.next(), pair.next()) else {
-            continue;
-        };
-        let Some(id) = value_str(&id).and_then(|s| s.parse().ok()) else {
-            continue;
-        };
-        if let Some(entry) = entry_from_fields(id, fields) {
-            out.push(entry);
-        }
-    }
-    Ok(out)
+    Ok(items
+        .into_iter()
+        .filter_map(parse_item)
+        .filter_map(|(_, entry)| entry)
+        .collect())
+}
+
+/// One `[id, [field, value, ...]]` item of a stream reply. The entry is `None` when its payload
+/// is nil (deleted while pending) or has no fields.
+pub(crate) fn parse_item(item: Value) -> Option<(StreamId, Option<Entry>)> {
+    let Value::Array(pair) = item else {
+        return None;
+    };
+    let mut pair = pair.into_iter();
+    let id: StreamId = pair.next().as_ref().and_then(value_str)?.parse().ok()?;
+    Some((
+        id,
+        pair.next().and_then(|fields| entry_from_fields(id, fields)),
+    ))
 }
 
 pub(crate) fn entry_from_fields(id: StreamId, fields: Value) -> Option<Entry> {

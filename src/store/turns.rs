@@ -9,7 +9,7 @@ use std::time::Duration;
 use fred::prelude::{ClientLike, KeysInterface, PubsubInterface, StreamsInterface};
 use fred::types::{ClusterHash, CustomCommand, Value};
 
-use super::{entry_from_fields, value_str, Client, Entry, Store, StoreError};
+use super::{parse_item, value_str, Client, Entry, Store, StoreError};
 use crate::protocol::StreamId;
 
 /// An entry read through the consumer group; `entry` is `None` when it was trimmed or deleted
@@ -196,18 +196,7 @@ impl Store {
             let Some(sid) = self.keys.sid_of(&key).map(str::to_owned) else {
                 continue;
             };
-            for item in entries {
-                let Value::Array(pair) = item else { continue };
-                let mut it = pair.into_iter();
-                let Some(id) = it
-                    .next()
-                    .as_ref()
-                    .and_then(value_str)
-                    .and_then(|s| s.parse().ok())
-                else {
-                    continue;
-                };
-                let entry = it.next().and_then(|fields| entry_from_fields(id, fields));
+            for (id, entry) in entries.into_iter().filter_map(parse_item) {
                 out.push(GroupEntry {
                     sid: sid.clone(),
                     id,
@@ -261,18 +250,7 @@ impl Store {
                 .unwrap_or_else(|| "0-0".into());
             let claimed = parts.next().unwrap_or(Value::Null);
             if let Value::Array(items) = claimed {
-                for item in items {
-                    let Value::Array(pair) = item else { continue };
-                    let mut it = pair.into_iter();
-                    let Some(id) = it
-                        .next()
-                        .as_ref()
-                        .and_then(value_str)
-                        .and_then(|s| s.parse().ok())
-                    else {
-                        continue;
-                    };
-                    let entry = it.next().and_then(|f| entry_from_fields(id, f));
+                for (id, entry) in items.into_iter().filter_map(parse_item) {
                     let deliveries = self.delivery_count(sid, id).await.unwrap_or(1);
                     out.push((
                         GroupEntry {
