@@ -4,6 +4,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -124,6 +125,12 @@ pub async fn run(
         .with_state(shared.clone());
     let addr = listener.local_addr().ok();
     tracing::info!(addr = ?addr, redis = %cfg.redis.redis_url, node = %shared.node_id, "relay listening");
+    // Small frames must leave at once: Nagle's algorithm would hold them for the peer's ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(cause = %err, "TCP_NODELAY not set");
+        }
+    });
     let served = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),

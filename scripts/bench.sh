@@ -1,0 +1,338 @@
+#!/usr/bin/env bash
+# Benchmarks the relay with its load generator (src/bin/loadgen.rs), against a redis-server and a
+# release relay that this script starts on free loopback ports and stops (by PID) on exit.
+#
+#   scripts/bench.sh                full run: S1-S3; Markdown table on stdout, writes BENCHMARKS.md
+#   scripts/bench.sh --short        CI: tiny S1 and S2; fails only on loss, duplicates, reordering,
+#                                   error frames or failed connections, never on speed
+#   options:
+#     --big          S3 with 20,000 idle connections over four loopback source addresses
+#                    (capped by the open-file limit)
+#     --perf         record the relay with `perf` during S1; top symbols into the report
+#     --out FILE     where to write the report (default BENCHMARKS.md; --short writes none)
+#     --no-build     use the existing target/release binaries
+#     --keep-logs    keep the relay/redis/loadgen logs (otherwise kept only on failure)
+#
+# Scenarios (each bounded by loadgen --timeout and `timeout`, each well under a minute):
+#   S1 many rooms   50 rooms x 4 clients, every client sends 200 x 256 B, window 32
+#   S2 big room     1 room x 200 clients, 20 senders, 2,000 msg/s in total for 10 s
+#   S3 idle         5,000 idle connections: relay KiB per connection, time to connect them all
+#   S4 LLM fan-out  not run yet: needs a fast local test provider (a fake OpenAI SSE server)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[bench] %s\n' "$*" >&2; }
+
+short=0 big=0 perf=0 build=1 keep_logs=0 out=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --short) short=1 ;;
+    --big) big=1 ;;
+    --perf) perf=1 ;;
+    --no-build) build=0 ;;
+    --keep-logs) keep_logs=1 ;;
+    --out) out="${2:?--out needs a file}"; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) say "unknown option: $1"; exit 2 ;;
+  esac
+  shift
+done
+if [ -z "$out" ] && [ "$short" -eq 0 ]; then out=BENCHMARKS.md; fi
+
+# --- processes and cleanup ------------------------------------------------------------------
+
+logs="$(mktemp -d "${TMPDIR:-/tmp}/chat-relay-bench.XXXXXX")"
+redis_pid="" relay_pid="" perf_pid="" failed=0
+
+stop_pid() { # PID [signal]: stop one process we started and wait for it
+  local pid="$1" sig="${2:-TERM}"
+  [ -n "$pid" ] || return 0
+  kill -s "$sig" "$pid" 2>/dev/null || return 0
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -s KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  stop_pid "$perf_pid" INT
+  stop_pid "$relay_pid"
+  stop_pid "$redis_pid"
+  if [ "$keep_logs" -eq 1 ] || [ "$failed" -ne 0 ]; then
+    say "logs kept in $logs"
+  else
+    rm -rf "$logs"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Idle scenarios need one descriptor per connection in both processes, which inherit this limit.
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+nofile="$(ulimit -n)"
+say "open-file limit: $nofile"
+
+free_port() { # a loopback TCP port nothing listens on, below the ephemeral range loadgen uses
+  local port
+  for _ in $(seq 50); do
+    port=$((20000 + RANDOM % 12000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then echo "$port"; return 0; fi
+  done
+  say "no free port found"; return 1
+}
+
+start_redis() {
+  redis_port="$(free_port)"
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$logs" --logfile "$logs/redis.log" &
+  redis_pid=$!
+  for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && return 0; sleep 0.1; done
+  say "redis-server did not start (see $logs/redis.log)"; failed=1; exit 1
+}
+
+# Every limit lifted: the bench measures the relay's path, not its abuse protection.
+relay_flags=(
+  --llm off
+  --msgs-per-sec 1000000 --msgs-burst 1000000
+  --room-msgs-per-sec 1000000 --room-msgs-burst 1000000
+  --max-conns-per-ip 100000 --max-conns-per-room 100000
+  --outbound-queue 4096
+  --shutdown-grace-secs 2
+)
+
+start_relay() { # NAME: a fresh relay process, logs in $logs/relay-NAME.log
+  relay_port="$(free_port)"
+  RELAY_LOG="${RELAY_LOG:-chat_relay=warn}" target/release/chat-relay serve \
+    --listen "127.0.0.1:$relay_port" --redis-url "redis://127.0.0.1:$redis_port" \
+    "${relay_flags[@]}" >"$logs/relay-$1.log" 2>&1 &
+  relay_pid=$!
+  for _ in $(seq 300); do
+    curl -fsS "http://127.0.0.1:$relay_port/readyz" >/dev/null 2>&1 && return 0
+    kill -0 "$relay_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  say "relay did not become ready:"; tail -20 "$logs/relay-$1.log" >&2; failed=1; exit 1
+}
+
+stop_relay() { stop_pid "$relay_pid"; relay_pid=""; }
+
+# --- figures --------------------------------------------------------------------------------
+
+jget() { # JSON KEY: one scalar from loadgen's flat JSON line
+  sed -n "s/.*\"$2\":\(\"[^\"]*\"\|[^,}]*\).*/\1/p" <<<"$1" | tr -d '"'
+}
+
+num() { # a number with thousands separators (integers only)
+  local n="${1%%.*}"
+  [ -n "$n" ] && [ "$n" != null ] || { echo "-"; return; }
+  sed ':a;s/\B[0-9]\{3\}\>/,&/;ta' <<<"$n"
+}
+
+dec() { # NUMBER DIGITS
+  [ -n "$1" ] && [ "$1" != null ] || { echo "-"; return; }
+  awk -v x="$1" -v d="$2" 'BEGIN { printf "%.*f", d, x }'
+}
+
+rows_run="" rows_idle=""
+declare -A result
+
+run_scenario() { # NAME LABEL loadgen-run-args...: one `loadgen run`, one table row
+  local name="$1" label="$2"; shift 2
+  say "$name: $label"
+  local rc=0 line
+  timeout 90 target/release/loadgen run --url "ws://127.0.0.1:$relay_port" \
+    --relay-pid "$relay_pid" --redis-pid "$redis_pid" --json "$@" \
+    >"$logs/$name.json" 2>"$logs/$name.err" || rc=$?
+  line="$(tail -1 "$logs/$name.json")"
+  result[$name]="$line"
+  local errors verdict=PASS
+  errors="$(jget "$line" errors_total)"
+  if [ "$rc" -ne 0 ] || [ -z "$line" ] || [ "${errors:-1}" != 0 ]; then
+    verdict="FAIL"; failed=1
+    say "$name failed (exit $rc): $(jget "$line" errors_text) $(tail -3 "$logs/$name.err" | tr '\n' ' ')"
+  fi
+  rows_run+="| $label | $(num "$(jget "$line" connections)") | $(num "$(jget "$line" sent)")"
+  rows_run+=" | $(num "$(jget "$line" acked)") | $(num "$errors") | $(num "$(jget "$line" sent_per_sec)")"
+  rows_run+=" | $(num "$(jget "$line" deliveries)") / $(num "$(jget "$line" expected_deliveries)")"
+  rows_run+=" | **$(num "$(jget "$line" deliveries_per_sec)")**"
+  rows_run+=" | $(jget "$line" loss) / $(jget "$line" duplicates) / $(jget "$line" reorders)"
+  rows_run+=" | $(dec "$(jget "$line" lat_p50_ms)" 1) / $(dec "$(jget "$line" lat_p90_ms)" 1)"
+  rows_run+=" / **$(dec "$(jget "$line" lat_p99_ms)" 1)** / $(dec "$(jget "$line" lat_max_ms)" 1)"
+  rows_run+=" | $(dec "$(jget "$line" relay_cpu_cores)" 2) | **$(dec "$(jget "$line" relay_cpu_us_per_delivery)" 2)**"
+  rows_run+=" | $(dec "$(jget "$line" relay_cpu_us_per_message)" 1) | $(dec "$(jget "$line" redis_cpu_cores)" 2)"
+  rows_run+=" | $(dec "$(jget "$line" loadgen_cpu_cores)" 2) | $(dec "$(jget "$line" others_cpu_cores)" 2) | $verdict |"$'\n'
+}
+
+idle_scenario() { # NAME LABEL loadgen-idle-args...
+  local name="$1" label="$2"; shift 2
+  say "$name: $label"
+  local rc=0 line verdict=PASS
+  timeout 120 target/release/loadgen idle --url "ws://127.0.0.1:$relay_port" \
+    --relay-pid "$relay_pid" --json --timeout 60 "$@" >"$logs/$name.json" 2>"$logs/$name.err" || rc=$?
+  line="$(tail -1 "$logs/$name.json")"
+  result[$name]="$line"
+  if [ "$rc" -ne 0 ] || [ -z "$line" ]; then
+    verdict=FAIL; failed=1
+    say "$name failed (exit $rc): $(tail -3 "$logs/$name.err" | tr '\n' ' ')"
+  fi
+  local before after
+  before="$(jget "$line" relay_rss_before_kib)" after="$(jget "$line" relay_rss_after_kib)"
+  rows_idle+="| $label | $(num "$(jget "$line" ready)") / $(num "$(jget "$line" connections)")"
+  rows_idle+=" | $(jget "$line" failed) / $(jget "$line" dropped) | $(dec "$(jget "$line" connect_secs)" 2)"
+  rows_idle+=" | $(num "$(jget "$line" connects_per_sec)")"
+  rows_idle+=" | $(dec "$(awk -v k="${before:-0}" 'BEGIN{print k/1024}')" 1) → $(dec "$(awk -v k="${after:-0}" 'BEGIN{print k/1024}')" 1)"
+  rows_idle+=" | **$(dec "$(jget "$line" relay_kib_per_conn)" 2)** | $(dec "$(jget "$line" relay_cpu_connect_secs)" 2) | $verdict |"$'\n'
+}
+
+table() {
+  if [ -n "$rows_run" ]; then
+    echo "| Scenario | Conns | Sent | Acked | Errors | Sent/s | Deliveries / expected | Deliveries/s | Loss / dup / reorder | Latency p50 / p90 / p99 / max (ms) | Relay cores | Relay CPU µs / delivery | Relay CPU µs / message | Redis cores | Loadgen cores | Other processes' cores | Result |"
+    echo "|---|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|--:|--:|--:|--:|--:|:-:|"
+    printf '%s' "$rows_run"
+  fi
+  if [ -n "$rows_idle" ]; then
+    echo
+    echo "| Scenario | Ready / asked | Failed / dropped | Connect all (s) | Connects/s | Relay RSS (MiB) | Relay KiB / connection | Relay CPU while connecting (s) | Result |"
+    echo "|---|--:|:-:|--:|--:|--:|--:|--:|:-:|"
+    printf '%s' "$rows_idle"
+  fi
+}
+
+# --- run ------------------------------------------------------------------------------------
+
+if [ "$build" -eq 1 ]; then
+  say "cargo build --release --bins"
+  cargo build --release --bins --quiet
+fi
+command -v redis-server >/dev/null || { say "redis-server missing: run scripts/setup.sh"; exit 1; }
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+
+start_redis
+start_relay main
+
+if [ "$short" -eq 1 ]; then
+  run_scenario s1 "S1 short: 5 rooms × 3 clients × 50 msgs" \
+    --rooms 5 --clients 3 --messages 50 --size 256 --window 32 --timeout 30
+  run_scenario s2 "S2 short: 1 room × 20 clients, 5 senders, 200 msg/s × 2 s" \
+    --rooms 1 --clients 20 --senders 5 --rate 200 --duration 2 --timeout 30
+  table
+  if [ "$failed" -ne 0 ]; then say "FAILED"; exit 1; fi
+  say "passed"
+  exit 0
+fi
+
+if [ "$perf" -eq 1 ]; then
+  # Flat profile (no -g: release builds have no frame pointers, so -g stacks would be garbage).
+  perf record -F 999 -e cpu-clock -p "$relay_pid" -o "$logs/perf-s1.data" >"$logs/perf.log" 2>&1 &
+  perf_pid=$!
+  sleep 0.5
+fi
+run_scenario s1 "S1 many rooms: 50 × 4 clients, 200 msgs × 256 B, window 32" \
+  --rooms 50 --clients 4 --messages 200 --size 256 --window 32 --timeout 60
+if [ "$perf" -eq 1 ]; then
+  stop_pid "$perf_pid" INT; perf_pid=""
+  perf report -i "$logs/perf-s1.data" --no-children --percent-limit 1 --stdio --sort dso,symbol \
+    2>/dev/null | grep -E '^ +[0-9.]+%' | sed 's/[ -]*$//; s/ \{3,\}/  /g' | head -30 >"$logs/perf-s1.txt" || true
+fi
+run_scenario s2 "S2 big room: 1 × 200 clients, 20 senders, 2,000 msg/s × 10 s" \
+  --rooms 1 --clients 200 --senders 20 --rate 2000 --duration 10 --window 32 --timeout 60
+
+# A fresh relay, so the idle figure is not flattered by memory freed after S1/S2.
+stop_relay
+start_relay idle
+idle_scenario s3 "S3 idle: 5,000 connections" --connections 5000
+if [ "$big" -eq 1 ]; then
+  stop_relay
+  start_relay idle-big
+  big_n=$(( nofile - 300 < 20000 ? nofile - 300 : 20000 ))
+  idle_scenario s3big "S3 idle --big: $(num "$big_n") connections, 4 source addresses" \
+    --connections "$big_n" --sources 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4
+fi
+
+table
+
+# --- report ---------------------------------------------------------------------------------
+
+[ -n "$out" ] || exit "$failed"
+
+s1="${result[s1]:-}" s2="${result[s2]:-}" s3="${result[s3]:-}"
+verdict() { # ACTUAL OP TARGET → how far from the target, in the target's own direction
+  awk -v a="$1" -v op="$2" -v t="$3" 'BEGIN {
+    if (a == "" || a == "null") { print "no figure"; exit }
+    if (op == ">=") {
+      if (a >= t) printf "met (%.2f× the target)", a / t
+      else printf "**not met**: %.2f× the target, needs %.1f× more", a / t, t / a
+    } else {
+      if (a <= t) printf "met (%.2f× the limit)", a / t
+      else printf "**not met**: %.1f× the limit", a / t
+    }
+  }'
+}
+
+cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+mem_gib="$(awk '/MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)"
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+git diff-index --quiet HEAD -- 2>/dev/null || commit="$commit (with uncommitted changes)"
+notes_begin='<!-- notes:begin -->' notes_end='<!-- notes:end -->'
+notes=""
+if [ -f "$out" ]; then
+  notes="$(sed -n "/^$notes_begin\$/,/^$notes_end\$/p" "$out" | sed '1d;$d')"
+fi
+
+{
+  echo "# Benchmarks"
+  echo
+  echo "Generated by \`scripts/bench.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit."
+  echo "Load generator: \`cargo run --release --bin loadgen -- run|idle ...\` (src/bin/loadgen.rs)."
+  echo
+  echo "## Machine"
+  echo
+  echo "- CPU: $cpu_model, $(nproc) cores (\`nproc\`)"
+  echo "- Memory: $mem_gib GiB; kernel $(uname -r)"
+  echo "- $(redis-server --version | cut -d' ' -f1-3) (no persistence: \`--save '' --appendonly no\`); $(rustc --version)"
+  echo "- Relay, Redis and loadgen all share this machine over loopback; load average before the run: $load_before."
+  echo "  Other builds and tests may have been running at the same time, so figures are noisy and"
+  echo "  loadgen itself competes with the relay and Redis for the same cores (see the \"Loadgen\" and"
+  echo "  \"Other processes\" columns)."
+  echo "- Relay flags: \`${relay_flags[*]}\`; open-file limit $nofile."
+  echo
+  echo "## Results"
+  echo
+  table
+  echo
+  echo "Deliveries = chat messages received by clients (every member, sender included). Latency = receive"
+  echo "time − \`bd.t\` (send time), over all deliveries. Relay CPU = utime+stime of the relay process"
+  echo "from the start barrier to the last delivery, so µs/delivery charges the relay's whole cost"
+  echo "(parsing, Redis round trips, acks, fan-out) to deliveries; µs/message divides the same by messages"
+  echo "sent. Cores = CPU seconds / wall seconds of that window. \"Other processes\" = the machine's busy"
+  echo "CPU (\`/proc/stat\`) minus loadgen, relay and Redis: work that was not ours, competing for the"
+  echo "same $(nproc) cores. S4 (LLM fan-out) is not run yet: it needs a fast local test provider (a fake"
+  echo "OpenAI SSE server)."
+  echo
+  echo "## Targets"
+  echo
+  echo "| Target | Measured | Verdict |"
+  echo "|---|--:|---|"
+  echo "| S1 ≥ 280,000 deliveries/s | $(num "$(jget "$s1" deliveries_per_sec)") | $(verdict "$(jget "$s1" deliveries_per_sec)" '>=' 280000) |"
+  echo "| S1 zero loss | $(jget "$s1" loss) lost, $(jget "$s1" duplicates) dup, $(jget "$s1" reorders) reordered | $( [ "$(jget "$s1" passed)" = true ] && echo met || echo '**not met**') |"
+  echo "| S1 ≤ 4 µs relay CPU per delivery | $(dec "$(jget "$s1" relay_cpu_us_per_delivery)" 2) µs | $(verdict "$(jget "$s1" relay_cpu_us_per_delivery)" '<=' 4) |"
+  echo "| S2 400,000 deliveries/s sustained | $(num "$(jget "$s2" deliveries_per_sec)") (senders reached $(num "$(jget "$s2" sent_per_sec)") of 2,000 msg/s) | $(verdict "$(jget "$s2" deliveries_per_sec)" '>=' 400000) |"
+  echo "| S2 p99 ≤ 15 ms | $(dec "$(jget "$s2" lat_p99_ms)" 1) ms | $(verdict "$(jget "$s2" lat_p99_ms)" '<=' 15) |"
+  echo "| S3 ≤ 10 KiB per idle connection | $(dec "$(jget "$s3" relay_kib_per_conn)" 2) KiB | $(verdict "$(jget "$s3" relay_kib_per_conn)" '<=' 10) |"
+  if [ -s "$logs/perf-s1.txt" ]; then
+    echo
+    echo "## Relay profile under S1 (\`perf record -e cpu-clock\`, flat self time, symbols ≥ 1 %)"
+    echo
+    echo '```text'
+    cat "$logs/perf-s1.txt"
+    echo '```'
+  fi
+  echo
+  echo "## Notes"
+  echo
+  echo "$notes_begin"
+  if [ -n "$notes" ]; then echo "$notes"; else echo "(analysis goes here; kept when the file is regenerated)"; fi
+  echo "$notes_end"
+} >"$out.tmp"
+mv "$out.tmp" "$out"
+say "wrote $out"
+exit "$failed"
