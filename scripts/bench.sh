@@ -38,6 +38,9 @@ while [ $# -gt 0 ]; do
   shift
 done
 if [ -z "$out" ] && [ "$short" -eq 0 ]; then out=BENCHMARKS.md; fi
+# The short form (CI) checks correctness only, so a debug build will do and saves a release build.
+profile=release
+if [ "$short" -eq 1 ] && [ "${BENCH_PROFILE:-}" != release ]; then profile=debug; fi
 
 # --- processes and cleanup ------------------------------------------------------------------
 
@@ -101,7 +104,7 @@ relay_flags=(
 
 start_relay() { # NAME: a fresh relay process, logs in $logs/relay-NAME.log
   relay_port="$(free_port)"
-  RELAY_LOG="${RELAY_LOG:-chat_relay=warn}" target/release/chat-relay serve \
+  RELAY_LOG="${RELAY_LOG:-chat_relay=warn}" "target/$profile/chat-relay" serve \
     --listen "127.0.0.1:$relay_port" --redis-url "redis://127.0.0.1:$redis_port" \
     "${relay_flags[@]}" >"$logs/relay-$1.log" 2>&1 &
   relay_pid=$!
@@ -139,7 +142,7 @@ run_scenario() { # NAME LABEL loadgen-run-args...: one `loadgen run`, one table 
   local name="$1" label="$2"; shift 2
   say "$name: $label"
   local rc=0 line
-  timeout 90 target/release/loadgen run --url "ws://127.0.0.1:$relay_port" \
+  timeout 90 "target/$profile/loadgen" run --url "ws://127.0.0.1:$relay_port" \
     --relay-pid "$relay_pid" --redis-pid "$redis_pid" --json "$@" \
     >"$logs/$name.json" 2>"$logs/$name.err" || rc=$?
   line="$(tail -1 "$logs/$name.json")"
@@ -166,7 +169,7 @@ idle_scenario() { # NAME LABEL loadgen-idle-args...
   local name="$1" label="$2"; shift 2
   say "$name: $label"
   local rc=0 line verdict=PASS
-  timeout 120 target/release/loadgen idle --url "ws://127.0.0.1:$relay_port" \
+  timeout 120 "target/$profile/loadgen" idle --url "ws://127.0.0.1:$relay_port" \
     --relay-pid "$relay_pid" --json --timeout 60 "$@" >"$logs/$name.json" 2>"$logs/$name.err" || rc=$?
   line="$(tail -1 "$logs/$name.json")"
   result[$name]="$line"
@@ -200,8 +203,13 @@ table() {
 # --- run ------------------------------------------------------------------------------------
 
 if [ "$build" -eq 1 ]; then
-  say "cargo build --release --bins"
-  cargo build --release --bins --quiet
+  if [ "$profile" = release ]; then
+    say "cargo build --release --bins"
+    cargo build --release --bins --quiet
+  else
+    say "cargo build --bins (debug: the short form checks correctness, not speed)"
+    cargo build --bins --quiet
+  fi
 fi
 command -v redis-server >/dev/null || { say "redis-server missing: run scripts/setup.sh"; exit 1; }
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"

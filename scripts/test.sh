@@ -9,6 +9,7 @@
 #   2. cargo test: unit tests, integration tests (tests/it), the real local model end to end
 #   3. the Python smoke test and the Postman collection check (scripts/smoke-python.sh)
 #   4. the browser end-to-end test in headless Chromium (scripts/e2e-browser.sh)
+#   5. the short benchmark: no loss, duplicates or reordering under load (scripts/bench.sh --short)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,4 +27,6 @@ say "python smoke test + postman collection"
 scripts/smoke-python.sh
 say "browser end-to-end test"
 scripts/e2e-browser.sh
+say "short benchmark (fails only on loss, duplicates, reordering or errors)"
+scripts/bench.sh --short
 say "all suites passed"
