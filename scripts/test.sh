@@ -10,6 +10,8 @@
 #   3. the Python smoke test and the Postman collection check (scripts/smoke-python.sh)
 #   4. the browser end-to-end test in headless Chromium (scripts/e2e-browser.sh)
 #   5. the short benchmark: no loss, duplicates or reordering under load (scripts/bench.sh --short)
+#   6. the short fault run: kill a relay node, restart Redis (AOF), kill an LLM worker mid-turn;
+#      nothing acked lost, nothing delivered twice, every LLM turn answered once (scripts/chaos.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,4 +31,6 @@ say "browser end-to-end test"
 scripts/e2e-browser.sh
 say "short benchmark (fails only on loss, duplicates, reordering or errors)"
 scripts/bench.sh --short
+say "short fault run: node crash, Redis restart, LLM worker crash"
+scripts/chaos.sh --short
 say "all suites passed"

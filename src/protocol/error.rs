@@ -110,7 +110,7 @@ impl ClientError {
     pub fn store_unavailable() -> Self {
         Self::new(
             ErrorCode::StoreUnavailable,
-            "the message store is temporarily unavailable; nothing was stored, please retry",
+            "the message store is temporarily unavailable; your message may not have been stored: resend it with the same hd.cid",
         )
     }
 }
