@@ -145,7 +145,8 @@ pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<Inbound, Refusa
         }
     };
     for field in SERVER_HEADER_FIELDS {
-        hd.remove(*field);
+        // shift_remove keeps the client's field order (remove would move the last one here).
+        hd.shift_remove(*field);
     }
 
     let body = envelope.remove("bd").unwrap_or(Value::Object(Map::new()));

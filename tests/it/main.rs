@@ -11,6 +11,7 @@ mod history;
 mod http_live;
 mod llm;
 mod multi_node;
+mod props;
 mod real_llm;
 mod relay_core;
 mod resilience;
