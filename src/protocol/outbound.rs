@@ -97,12 +97,12 @@ pub fn delivery_frame(id: StreamId, participant: &str, event: &str, body: &str) 
 }
 
 /// `{"hd":{"event":"chat.ack","cid":..,"id":..},"bd":{}}` — sent to the sender only, after XADD.
+/// Written directly rather than through a `Value`: one is built for every message.
 pub fn ack_frame(cid: Option<&str>, id: StreamId) -> String {
-    serde_json::json!({
-        "hd": {"event": "chat.ack", "cid": cid, "id": id.to_string()},
-        "bd": {},
-    })
-    .to_string()
+    let cid = cid
+        .and_then(|c| serde_json::to_string(c).ok())
+        .unwrap_or_else(|| "null".to_owned());
+    format!(r#"{{"hd":{{"event":"chat.ack","cid":{cid},"id":"{id}"}},"bd":{{}}}}"#)
 }
 
 /// `{"hd":{"event":"error","code":..,"cid":..},"bd":{"message":..,"retryable":..}}`.
@@ -139,6 +139,17 @@ mod tests {
         assert_eq!(fast["hd"]["id"], "17-2");
         assert_eq!(fast["hd"]["role"], "A");
         assert_eq!(fast["bd"], bd);
+    }
+
+    #[test]
+    fn ack_is_valid_json_with_escaped_cid() {
+        let v: Value =
+            serde_json::from_str(&ack_frame(Some("a\"b\\c"), StreamId::new(5, 1))).unwrap();
+        assert_eq!(v["hd"]["event"], "chat.ack");
+        assert_eq!(v["hd"]["cid"], "a\"b\\c");
+        assert_eq!(v["hd"]["id"], "5-1");
+        let v: Value = serde_json::from_str(&ack_frame(None, StreamId::new(5, 1))).unwrap();
+        assert!(v["hd"]["cid"].is_null());
     }
 
     #[test]
