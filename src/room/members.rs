@@ -19,7 +19,7 @@ pub struct Outbound {
     pub frame: Utf8Bytes,
 }
 
-/// Why a member was dropped by the room rather than leaving by itself.
+/// A connection's number on this node.
 pub type ConnId = u64;
 
 /// Live entries held while the room catches up from the stream; beyond this the buffer is
@@ -45,7 +45,6 @@ struct RoomState {
     /// Set once the registry removed the room; joins then retry with a fresh room.
     closed: bool,
     empty_since: Option<Instant>,
-    evicted: u64,
     /// Stored messages this room may still take on this node (see `--room-msgs-per-sec`).
     send_bucket: Option<TokenBucket>,
 }
@@ -72,7 +71,6 @@ impl Room {
                 recovering: None,
                 closed: false,
                 empty_since: Some(Instant::now()),
-                evicted: 0,
                 send_bucket: None,
             }),
             subscribed: tokio::sync::OnceCell::new(),
@@ -186,11 +184,8 @@ impl Room {
         });
         let dropped = before - st.members.len();
         metrics::counter!(crate::metrics::FRAMES_OUT).increment(st.members.len() as u64);
-        if dropped > 0 {
-            st.evicted += dropped as u64;
-            if st.members.is_empty() {
-                st.empty_since = Some(Instant::now());
-            }
+        if dropped > 0 && st.members.is_empty() {
+            st.empty_since = Some(Instant::now());
         }
     }
 
@@ -254,13 +249,5 @@ impl Room {
         st.send_bucket
             .get_or_insert_with(|| TokenBucket::new(rate, burst, now))
             .try_take(now)
-    }
-
-    pub fn is_recovering(&self) -> bool {
-        self.lock().recovering.is_some()
-    }
-
-    pub fn evicted(&self) -> u64 {
-        self.lock().evicted
     }
 }
