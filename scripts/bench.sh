@@ -45,7 +45,7 @@ if [ "$short" -eq 1 ] && [ "${BENCH_PROFILE:-}" != release ]; then profile=debug
 # --- processes and cleanup ------------------------------------------------------------------
 
 logs="$(mktemp -d "${TMPDIR:-/tmp}/chat-relay-bench.XXXXXX")"
-redis_pid="" relay_pid="" perf_pid="" failed=0
+redis_pid="" relay_pid="" perf_pid="" fake_llm_pid="" failed=0
 
 stop_pid() { # PID [signal]: stop one process we started and wait for it
   local pid="$1" sig="${2:-TERM}"
@@ -58,6 +58,7 @@ stop_pid() { # PID [signal]: stop one process we started and wait for it
 
 cleanup() {
   stop_pid "$perf_pid" INT
+  stop_pid "$fake_llm_pid"
   stop_pid "$relay_pid"
   stop_pid "$redis_pid"
   if [ "$keep_logs" -eq 1 ] || [ "$failed" -ne 0 ]; then
@@ -135,7 +136,7 @@ dec() { # NUMBER DIGITS
   awk -v x="$1" -v d="$2" 'BEGIN { printf "%.*f", d, x }'
 }
 
-rows_run="" rows_idle=""
+rows_run="" rows_idle="" rows_llm=""
 declare -A result
 
 run_scenario() { # NAME LABEL loadgen-run-args...: one `loadgen run`, one table row
@@ -186,11 +187,34 @@ idle_scenario() { # NAME LABEL loadgen-idle-args...
   rows_idle+=" | **$(dec "$(jget "$line" relay_kib_per_conn)" 2)** | $(dec "$(jget "$line" relay_cpu_connect_secs)" 2) | $verdict |"$'\n'
 }
 
+llm_scenario() { # NAME LABEL loadgen-llm-args...: LLM fan-out against a fake OpenAI server
+  local name="$1" label="$2"; shift 2
+  say "$name: $label"
+  local rc=0 line verdict=PASS
+  timeout 120 "target/$profile/loadgen" llm --url "ws://127.0.0.1:$relay_port" \
+    --relay-pid "$relay_pid" --json "$@" >"$logs/$name.json" 2>"$logs/$name.err" || rc=$?
+  line="$(tail -1 "$logs/$name.json")"
+  result[$name]="$line"
+  if [ "$rc" -ne 0 ] || [ -z "$line" ]; then
+    verdict=FAIL; failed=1
+    say "$name failed (exit $rc): $(tail -3 "$logs/$name.err" | tr '\n' ' ')"
+  fi
+  rows_llm+="| $label | $(num "$(jget "$line" deltas)") | **$(num "$(jget "$line" deltas_per_sec)")**"
+  rows_llm+=" | $(dec "$(jget "$line" lat_p50_ms)" 1) / **$(dec "$(jget "$line" lat_p99_ms)" 1)** / $(dec "$(jget "$line" lat_max_ms)" 1)"
+  rows_llm+=" | $(jget "$line" finals) | $(jget "$line" seq_faults) | $(dec "$(jget "$line" relay_cpu_us_per_delta)" 2) | $verdict |"$'\n'
+}
+
 table() {
   if [ -n "$rows_run" ]; then
     echo "| Scenario | Conns | Sent | Acked | Errors | Sent/s | Deliveries / expected | Deliveries/s | Loss / dup / reorder | Latency p50 / p90 / p99 / max (ms) | Relay cores | Relay CPU µs / delivery | Relay CPU µs / message | Redis cores | Loadgen cores | Other processes' cores | Result |"
     echo "|---|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|--:|--:|--:|--:|--:|:-:|"
     printf '%s' "$rows_run"
+  fi
+  if [ -n "$rows_llm" ]; then
+    echo
+    echo "| Scenario | Deltas delivered | Deltas/s | Delta latency p50 / p99 / max (ms) | Final replies seen | Seq faults | Relay CPU µs / delta | Result |"
+    echo "|---|--:|--:|--:|--:|--:|--:|:-:|"
+    printf '%s' "$rows_llm"
   fi
   if [ -n "$rows_idle" ]; then
     echo
@@ -255,6 +279,28 @@ if [ "$big" -eq 1 ]; then
   idle_scenario s3big "S3 idle --big: $(num "$big_n") connections, 4 source addresses" \
     --connections "$big_n" --sources 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4
 fi
+
+# S4: the LLM participant on, against a fast fake OpenAI-compatible server (src/bin/chaos.rs),
+# with its own key prefix so the worker does not first read the rooms of S1-S3.
+stop_relay
+llm_port="$(free_port)"
+"target/$profile/chaos" fake-llm --port "$llm_port" --delay-ms 2 --tokens 100 >"$logs/fake-llm.log" 2>&1 &
+fake_llm_pid=$!
+saved_flags=("${relay_flags[@]}")
+relay_flags=(
+  --msgs-per-sec 1000000 --msgs-burst 1000000
+  --room-msgs-per-sec 1000000 --room-msgs-burst 1000000
+  --max-conns-per-ip 100000 --max-conns-per-room 100000
+  --outbound-queue 4096 --shutdown-grace-secs 2
+  --key-prefix bench4:session: --llm-base-url "http://127.0.0.1:$llm_port/v1"
+  --llm-turns-per-minute 100000 --llm-concurrency 16 --llm-max-tokens 200
+)
+start_relay llm
+llm_scenario s4 "S4 LLM fan-out: 1 room × 100 clients, 10 concurrent turns × 100 tokens" \
+  --clients 100 --turns 10 --timeout 90
+stop_relay
+stop_pid "$fake_llm_pid"
+relay_flags=("${saved_flags[@]}")
 
 table
 
