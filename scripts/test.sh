@@ -12,6 +12,7 @@
 #   5. the short benchmark: no loss, duplicates or reordering under load (scripts/bench.sh --short)
 #   6. the short fault run: kill a relay node, restart Redis (AOF), kill an LLM worker mid-turn;
 #      nothing acked lost, nothing delivered twice, every LLM turn answered once (scripts/chaos.sh)
+#   7. the same on a local 3-master Redis Cluster (scripts/chaos.sh --cluster)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,5 +34,7 @@ say "short benchmark (fails only on loss, duplicates, reordering or errors)"
 scripts/bench.sh --short
 say "short fault run: node crash, Redis restart, LLM worker crash"
 scripts/chaos.sh --short
+say "short fault run on a 3-master Redis Cluster"
+scripts/chaos.sh --short --cluster
 say "all suites passed"
-echo "suites: 6 passed, 0 failed"
+echo "suites: 7 passed, 0 failed"

@@ -109,8 +109,12 @@ struct DriveArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     nodes: Vec<String>,
     /// Redis URL (optional): used only to report the LLM group's pending entries at the end.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "redis_cluster")]
     redis: Option<String>,
+    /// Redis Cluster seeds, `HOST:PORT`, comma-separated (optional, instead of `--redis`): the
+    /// pending entries are read with `redis-cli -c`, which follows each room's slot.
+    #[arg(long, value_delimiter = ',')]
+    redis_cluster: Vec<String>,
     /// Run id: part of room names and cids (default: the current time).
     #[arg(long)]
     run: Option<String>,
@@ -1022,6 +1026,9 @@ async fn drive(args: DriveArgs) -> Result<ExitCode> {
     if let Some(r) = &args.redis {
         loopback_addr(r)?;
     }
+    for seed in &args.redis_cluster {
+        loopback_addr(&format!("redis://{seed}"))?;
+    }
     if args.rooms == 0 || args.clients == 0 || args.rooms * args.clients > 5000 {
         bail!("--rooms and --clients: at least 1, at most 5000 clients in all");
     }
@@ -1257,7 +1264,16 @@ async fn drive_inner(ctx: Arc<Ctx>) -> Result<ExitCode> {
     );
 
     // Before the clients leave (their session.leave entries are new work for the group).
-    let pending = a.redis.as_ref().map(|url| llm_group_pending(url, &sids));
+    let pending = if let Some(url) = &a.redis {
+        Some(llm_group_pending(&RedisTarget::Url(url), &sids))
+    } else if a.redis_cluster.is_empty() {
+        None
+    } else {
+        Some(llm_group_pending(
+            &RedisTarget::Cluster(&a.redis_cluster),
+            &sids,
+        ))
+    };
 
     // 6. Close everything, read the streams one last time.
     let _ = phase_tx.send(Phase::Stop);
@@ -1281,23 +1297,42 @@ async fn drive_inner(ctx: Arc<Ctx>) -> Result<ExitCode> {
     })
 }
 
+/// Where `redis-cli` finds the rooms: one server, or a cluster (any seed, `-c` follows slots).
+enum RedisTarget<'a> {
+    Url(&'a str),
+    Cluster(&'a [String]),
+}
+
+/// One `XPENDING <key> llm` count via `redis-cli`; `None` when it could not be read.
+fn xpending_count(conn: &[&str], key: &str) -> Option<u64> {
+    let o = std::process::Command::new("redis-cli")
+        .args(conn)
+        .args(["--raw", "XPENDING", key, "llm"])
+        .output()
+        .ok()?;
+    if !o.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<u64>().ok())
+}
+
 /// The LLM group's pending entries per room, via `redis-cli` (information only).
-fn llm_group_pending(url: &str, sids: &[String]) -> Value {
+fn llm_group_pending(target: &RedisTarget<'_>, sids: &[String]) -> Value {
     let mut out = serde_json::Map::new();
     for sid in sids {
         let key = format!("chat:session:{sid}");
-        let r = std::process::Command::new("redis-cli")
-            .args(["-u", url, "--raw", "XPENDING", &key, "llm"])
-            .output();
-        let v = match r {
-            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .and_then(|l| l.trim().parse::<u64>().ok())
-                .map_or(Value::Null, Value::from),
-            _ => Value::Null,
+        let v = match target {
+            RedisTarget::Url(url) => xpending_count(&["-u", url], &key),
+            // Any seed answers (redirected to the room's master); try the next if one fails.
+            RedisTarget::Cluster(seeds) => seeds.iter().find_map(|seed| {
+                let (host, port) = seed.rsplit_once(':')?;
+                xpending_count(&["-c", "-h", host, "-p", port], &key)
+            }),
         };
-        out.insert(sid.clone(), v);
+        out.insert(sid.clone(), v.map_or(Value::Null, Value::from));
     }
     Value::Object(out)
 }
