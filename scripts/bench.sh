@@ -17,7 +17,7 @@
 #   S1 many rooms   50 rooms x 4 clients, every client sends 200 x 256 B, window 32
 #   S2 big room     1 room x 200 clients, 20 senders, 2,000 msg/s in total for 10 s
 #   S3 idle         5,000 idle connections: relay KiB per connection, time to connect them all
-#   S4 LLM fan-out  not run yet: needs a fast local test provider (a fake OpenAI SSE server)
+#   S4 LLM fan-out  1 room × 100 clients, 10 concurrent turns from a fast fake OpenAI server
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -359,8 +359,9 @@ fi
   echo "(parsing, Redis round trips, acks, fan-out) to deliveries; µs/message divides the same by messages"
   echo "sent. Cores = CPU seconds / wall seconds of that window. \"Other processes\" = the machine's busy"
   echo "CPU (\`/proc/stat\`) minus loadgen, relay and Redis: work that was not ours, competing for the"
-  echo "same $(nproc) cores. S4 (LLM fan-out) is not run yet: it needs a fast local test provider (a fake"
-  echo "OpenAI SSE server)."
+  echo "same $(nproc) cores. S4 runs the relay's LLM participant against a fast fake OpenAI-compatible"
+  echo "server (\`chaos fake-llm\`: 100 tokens, 2 ms apart); delta latency is from the delta's \`hd.ts\`"
+  echo "(the relay's clock when it published it) to its arrival at each member."
   echo
   echo "## Targets"
   echo
