@@ -6,7 +6,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
 
-use chat_relay::dispatch::{dispatch, Action, ConnCtx, RolePolicy};
+use chat_relay::dispatch::{dispatch, Action, ConnCtx, RolePolicy, StoreEnvelope};
 use chat_relay::protocol::{ack_frame, delivery_frame, parse_client_frame, Limits, StreamId};
 
 fn frame(text_len: usize) -> String {
@@ -38,7 +38,7 @@ fn benches(c: &mut Criterion) {
         let Ok(inbound) = parse_client_frame(&text, &limits) else {
             panic!("benchmark frame must be valid");
         };
-        let Ok(Action::Store { body, .. }) = dispatch(inbound, &ctx, &roles) else {
+        let Ok(Action::Store(StoreEnvelope { body, .. })) = dispatch(inbound, &ctx, &roles) else {
             panic!("benchmark frame must be stored");
         };
         let id = StreamId::new(1_700_000_000_000, 7);

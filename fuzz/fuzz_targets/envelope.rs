@@ -10,7 +10,7 @@
 
 use std::fmt;
 
-use chat_relay::dispatch::{dispatch, Action, ConnCtx, RolePolicy};
+use chat_relay::dispatch::{dispatch, Action, ConnCtx, RolePolicy, StoreEnvelope};
 use chat_relay::protocol::{
     delivery_frame, now_ms, parse_client_frame, ClientError, ErrorCode, EventKind, Inbound, Limits,
     StreamId, LLM_ROLE, SERVER_HEADER_FIELDS,
@@ -111,13 +111,13 @@ fn check(text: &str, limits: &Limits, ctx: &ConnCtx, roles: &RolePolicy) {
                 assert_eq!(e.code, ErrorCode::ReservedRole);
             }
         }
-        Ok(Action::Store {
+        Ok(Action::Store(StoreEnvelope {
             event,
             role: stored_role,
             cid,
             body,
             cancels,
-        }) => {
+        })) => {
             assert_ne!(inb.event, EventKind::ChatTyping, "typing is never stored");
             assert_eq!(event, inb.event.name());
             assert_eq!(stored_role, role);

@@ -13,6 +13,7 @@ use crate::protocol::{
     new_body, transient_frame, ClientError, ErrorCode, EventKind, Inbound, StreamId, DEFAULT_ROLE,
     LLM_ROLE,
 };
+use crate::store::{Appended, Store, StoreError};
 
 /// Who may speak as whom.
 #[derive(Debug, Clone)]
@@ -81,16 +82,44 @@ impl ConnCtx {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Append to the room's stream (which delivers it) and ack the sender with the id.
-    Store {
-        event: &'static str,
-        role: String,
-        cid: Option<String>,
-        body: String,
-        /// For `llm.cancel`: the turn to stop once the cancel is stored.
-        cancels: Option<StreamId>,
-    },
+    Store(StoreEnvelope),
     /// Deliver to the room now; not stored, not acked.
     Publish { frame: String },
+}
+
+/// An envelope to store, as the dispatcher built it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreEnvelope {
+    pub event: &'static str,
+    pub role: String,
+    pub cid: Option<String>,
+    pub body: String,
+    /// For `llm.cancel`: the turn to stop once the cancel is stored.
+    pub cancels: Option<StreamId>,
+}
+
+impl StoreEnvelope {
+    /// The I/O half, shared by the WebSocket session and HTTP publish: append (idempotent on
+    /// the sender's `cid`; the sender is the token's subject, else the role), then tell the LLM
+    /// workers about a cancel.
+    pub async fn apply(
+        &self,
+        store: &Store,
+        sid: &str,
+        sender: Option<&str>,
+    ) -> Result<Appended, StoreError> {
+        let sender = sender.unwrap_or(self.role.as_str());
+        let dedup = self.cid.as_deref().map(|c| (sender, c));
+        let appended = store
+            .append(sid, &self.role, self.event, &self.body, dedup)
+            .await?;
+        if let Some(turn) = self.cancels {
+            if let Err(err) = store.signal_cancel(sid, turn).await {
+                tracing::warn!(room = %sid, cause = %err, "cancel stored but not signalled");
+            }
+        }
+        Ok(appended)
+    }
 }
 
 /// Decide what an envelope means for this connection.
@@ -108,19 +137,21 @@ pub fn dispatch(
         ..
     } = inbound;
     Ok(match event {
-        EventKind::ChatMessage | EventKind::LlmRequest | EventKind::LlmCancel => Action::Store {
-            event: event.name(),
-            cancels: (event == EventKind::LlmCancel)
-                .then(|| {
-                    body.get("turn_id")
-                        .and_then(Value::as_str)
-                        .and_then(|t| t.parse().ok())
-                })
-                .flatten(),
-            body: new_body(event.name(), &role, cid.as_deref(), &ctx.sid, &extra, &body),
-            role,
-            cid,
-        },
+        EventKind::ChatMessage | EventKind::LlmRequest | EventKind::LlmCancel => {
+            Action::Store(StoreEnvelope {
+                event: event.name(),
+                cancels: (event == EventKind::LlmCancel)
+                    .then(|| {
+                        body.get("turn_id")
+                            .and_then(Value::as_str)
+                            .and_then(|t| t.parse().ok())
+                    })
+                    .flatten(),
+                body: new_body(event.name(), &role, cid.as_deref(), &ctx.sid, &extra, &body),
+                role,
+                cid,
+            })
+        }
         EventKind::ChatTyping => Action::Publish {
             frame: transient_frame(event.name(), &role, &ctx.sid, &extra, &body),
         },
@@ -182,13 +213,13 @@ mod tests {
             &ctx,
         )
         .unwrap();
-        assert!(matches!(ok, Action::Store { ref role, .. } if role == "A"));
+        assert!(matches!(ok, Action::Store(StoreEnvelope { ref role, .. }) if role == "A"));
         let dflt = run(
             r#"{"hd":{"event":"chat.message"},"bd":{"text":"hi"}}"#,
             &ctx,
         )
         .unwrap();
-        assert!(matches!(dflt, Action::Store { ref role, .. } if role == "user"));
+        assert!(matches!(dflt, Action::Store(StoreEnvelope { ref role, .. }) if role == "user"));
         let llm = run(
             r#"{"hd":{"event":"chat.message","role":"llm"},"bd":{"text":"hi"}}"#,
             &ctx,

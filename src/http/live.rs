@@ -85,35 +85,18 @@ pub async fn publish(
     })?;
     let limits = &shared.limits;
     match action {
-        Action::Store {
-            event,
-            role,
-            cid,
-            body,
-            cancels,
-        } => {
+        Action::Store(envelope) => {
             if let Some(room) = shared.rooms.get(&sid) {
                 if !room.try_send_budget(limits.room_msgs_per_sec, limits.room_msgs_burst) {
                     return Err(refused(
                         StatusCode::TOO_MANY_REQUESTS,
-                        ClientError::new(
-                            ErrorCode::RoomRateLimited,
-                            "this room is receiving too many messages; try again in a moment",
-                        ),
+                        ClientError::room_rate_limited(),
                     ));
                 }
             }
-            let sender = ctx.sender.as_deref().unwrap_or(role.as_str());
-            let dedup = cid.as_deref().map(|c| (sender, c));
-            let appended = shared
-                .store
-                .append(&sid, &role, event, &body, dedup)
+            let appended = envelope
+                .apply(&shared.store, &sid, ctx.sender.as_deref())
                 .await?;
-            if let Some(turn) = cancels {
-                if let Err(err) = shared.store.signal_cancel(&sid, turn).await {
-                    tracing::warn!(cause = %err, "cancel stored but not signalled");
-                }
-            }
             let status = if appended.duplicate {
                 StatusCode::OK
             } else {

@@ -107,6 +107,13 @@ impl ClientError {
         }
     }
 
+    pub fn room_rate_limited() -> Self {
+        Self::new(
+            ErrorCode::RoomRateLimited,
+            "this room is receiving too many messages; try again in a moment",
+        )
+    }
+
     pub fn store_unavailable() -> Self {
         Self::new(
             ErrorCode::StoreUnavailable,

@@ -586,16 +586,13 @@ impl Reader {
         };
         let cid = inbound.cid.clone();
         let action = dispatch(inbound, &self.ctx, &self.shared.roles);
-        if matches!(action, Ok(Action::Store { .. })) {
+        if matches!(action, Ok(Action::Store(_))) {
             let limits = &self.shared.limits;
             if !self
                 .room
                 .try_send_budget(limits.room_msgs_per_sec, limits.room_msgs_burst)
             {
-                let err = ClientError::new(
-                    ErrorCode::RoomRateLimited,
-                    "this room is receiving too many messages; try again in a moment",
-                );
+                let err = ClientError::room_rate_limited();
                 let frame = error_frame(&err, cid.as_deref());
                 return match self.rate_limited(err) {
                     Handled::Reply(_) => Handled::Reply(frame),
@@ -610,37 +607,18 @@ impl Reader {
                 crate::metrics::error(err.code.as_str());
                 Handled::Reply(error_frame(&err, cid.as_deref()))
             }
-            Ok(Action::Store {
-                event,
-                role,
-                cid,
-                body,
-                cancels,
-            }) => {
+            Ok(Action::Store(envelope)) => {
                 let store = self.shared.store.clone();
                 let sid = self.ctx.sid.clone();
                 let sender = self.ctx.sender.clone();
                 Handled::Pending(Box::pin(async move {
-                    // The sender is the token's subject with authentication, else the role.
-                    let dedup = cid
-                        .as_deref()
-                        .map(|c| (sender.as_deref().unwrap_or(role.as_str()), c));
-                    match store.append(&sid, &role, event, &body, dedup).await {
-                        Ok(appended) => {
-                            if let Some(turn) = cancels {
-                                if let Err(err) = store.signal_cancel(&sid, turn).await {
-                                    tracing::warn!(cause = %err, "cancel stored but not signalled");
-                                }
-                            }
-                            Some(ack_frame(cid.as_deref(), appended.id))
-                        }
+                    let cid = envelope.cid.as_deref();
+                    match envelope.apply(&store, &sid, sender.as_deref()).await {
+                        Ok(appended) => Some(ack_frame(cid, appended.id)),
                         Err(err) => {
                             tracing::warn!(cause = %err, "append failed");
                             crate::metrics::error(ErrorCode::StoreUnavailable.as_str());
-                            Some(error_frame(
-                                &ClientError::store_unavailable(),
-                                cid.as_deref(),
-                            ))
+                            Some(error_frame(&ClientError::store_unavailable(), cid))
                         }
                     }
                 }))

@@ -20,7 +20,7 @@
 //! get the right answer; a super-linear regression would show up as a slow test run, not as a
 //! flaky assertion.
 
-use chat_relay::dispatch::{dispatch, Action, ConnCtx, RolePolicy};
+use chat_relay::dispatch::{dispatch, Action, ConnCtx, RolePolicy, StoreEnvelope};
 use chat_relay::protocol::{
     delivery_frame, now_ms, parse_client_frame, ClientError, ErrorCode, EventKind, Inbound, Limits,
     StreamId, LLM_ROLE, SERVER_HEADER_FIELDS,
@@ -315,13 +315,13 @@ fn pipeline(text: &str, limits: &Limits, ctx: &ConnCtx) -> Result<Inbound, Clien
                 assert_eq!(e.code, ErrorCode::ReservedRole, "llm must be refused");
             }
         }
-        Ok(Action::Store {
+        Ok(Action::Store(StoreEnvelope {
             event,
             role,
             cid,
             body,
             cancels,
-        }) => {
+        })) => {
             assert_ne!(inb.event, EventKind::ChatTyping, "typing is never stored");
             assert_eq!(event, inb.event.name());
             assert_eq!(role, expected_role(inb, ctx));
@@ -663,7 +663,7 @@ fn assert_no_llm(text: &str) -> Result<Inbound, ClientError> {
                 let code = outcome.as_ref().err().map(|e| e.code);
                 assert_eq!(code, Some(ErrorCode::ReservedRole), "{text}");
             }
-            if let Ok(Action::Store { role, body, .. }) = outcome {
+            if let Ok(Action::Store(StoreEnvelope { role, body, .. })) = outcome {
                 assert_ne!(role, LLM_ROLE, "{text}");
                 let v: Value = serde_json::from_str(&body).unwrap();
                 assert_ne!(v["hd"]["role"], LLM_ROLE, "{text}");
@@ -895,7 +895,8 @@ fn delivery_frame_sets_the_id() {
         &Limits::default(),
     )
     .unwrap();
-    let Action::Store { body, event, .. } = dispatch(inb, &ctx, &policy()).unwrap() else {
+    let Action::Store(StoreEnvelope { body, event, .. }) = dispatch(inb, &ctx, &policy()).unwrap()
+    else {
         panic!("chat.message is stored")
     };
     for id in [
