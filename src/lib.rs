@@ -25,6 +25,7 @@ pub mod llm;
 pub mod metrics;
 pub mod protocol;
 pub mod relay;
+mod retry;
 pub mod room;
 pub mod store;
 pub mod telemetry;

@@ -28,7 +28,6 @@
 
 mod prompt;
 mod provider;
-mod sse;
 mod turn;
 mod usage;
 mod worker;

@@ -6,12 +6,20 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use backon::Retryable;
+use eventsource_stream::Eventsource;
+use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::prompt::ChatMessage;
-use super::sse::SseDecoder;
+
+/// A completion of `--llm-max-tokens` never needs this many bytes; more means a broken or
+/// hostile server, and the SSE decoder would otherwise buffer an endless line.
+const MAX_STREAM_BYTES: u64 = 16 << 20;
 
 /// Why a completion failed; mapped once to a short human message for the room.
 #[derive(Debug, thiserror::Error)]
@@ -107,20 +115,18 @@ impl Provider {
 
     /// Starts a streamed completion, retrying connection failures, 429 and 5xx with backoff.
     pub async fn stream(&self, messages: &[ChatMessage]) -> Result<Completion, LlmError> {
-        let mut backoff = Duration::from_millis(200);
-        let mut attempt = 1;
-        loop {
-            match self.start(messages).await {
-                Ok(c) => return Ok(c),
-                Err(err) if err.retryable() && attempt < self.settings.attempts => {
-                    tracing::info!(cause = %err, attempt, "LLM request failed before the first token; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                    attempt += 1;
-                }
-                Err(err) => return Err(err),
-            }
-        }
+        let retries = self.settings.attempts.saturating_sub(1) as usize;
+        (|| self.start(messages))
+            .retry(crate::retry::bounded(
+                Duration::from_millis(200),
+                Duration::from_secs(5),
+                retries,
+            ))
+            .when(LlmError::retryable)
+            .notify(|err, wait| {
+                tracing::info!(cause = %err, wait_ms = wait.as_millis() as u64, "LLM request failed before the first token; retrying");
+            })
+            .await
     }
 
     async fn start(&self, messages: &[ChatMessage]) -> Result<Completion, LlmError> {
@@ -156,29 +162,62 @@ impl Provider {
                 body: body.chars().take(300).collect(),
             });
         }
+        // Every byte counts as a sign of life, keep-alive comments included, though only whole
+        // events come out of the decoder.
+        let started = tokio::time::Instant::now();
+        let last_byte_ms = Arc::new(AtomicU64::new(0));
+        let seen = last_byte_ms.clone();
+        let mut total = 0u64;
+        let bytes = resp.bytes_stream().map(move |chunk| {
+            let chunk = chunk.map_err(|e| BodyError::Read(e.to_string()))?;
+            total += chunk.len() as u64;
+            if total > MAX_STREAM_BYTES {
+                return Err(BodyError::TooLarge);
+            }
+            seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            Ok(chunk)
+        });
         Ok(Completion {
-            bytes: Box::pin(resp.bytes_stream()),
-            decoder: SseDecoder::new(),
+            events: Box::pin(bytes.eventsource()),
             queue: std::collections::VecDeque::new(),
             idle_timeout: self.settings.idle_timeout,
-            last_byte: tokio::time::Instant::now(),
+            started,
+            last_byte_ms,
             done: false,
         })
     }
 }
 
-type ByteStream =
-    std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
+/// Why reading the response body stopped.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("body read failed: {0}")]
+    Read(String),
+    #[error("stream longer than {MAX_STREAM_BYTES} bytes")]
+    TooLarge,
+}
+
+type EventStream = std::pin::Pin<
+    Box<
+        dyn Stream<
+                Item = Result<
+                    eventsource_stream::Event,
+                    eventsource_stream::EventStreamError<BodyError>,
+                >,
+            > + Send,
+    >,
+>;
 
 /// A streamed completion in progress.
 pub struct Completion {
-    bytes: ByteStream,
-    decoder: SseDecoder,
+    events: EventStream,
     queue: std::collections::VecDeque<Event>,
     idle_timeout: Duration,
-    /// When the server last sent anything. The stall deadline counts from here, not from each
-    /// `next()` call, so a caller that drops `next()` in a `select!` cannot postpone it forever.
-    last_byte: tokio::time::Instant,
+    started: tokio::time::Instant,
+    /// When the server last sent anything, in ms after `started`. The stall deadline counts
+    /// from here, not from each `next()` call, so a caller that drops `next()` in a `select!`
+    /// cannot postpone it forever.
+    last_byte_ms: Arc<AtomicU64>,
     done: bool,
 }
 
@@ -200,30 +239,26 @@ impl Completion {
             if self.done {
                 return Ok(None);
             }
-            let deadline = self.last_byte + self.idle_timeout;
-            let chunk = match tokio::time::timeout_at(deadline, self.bytes.next()).await {
+            let last = Duration::from_millis(self.last_byte_ms.load(Ordering::Relaxed));
+            let deadline = self.started + last + self.idle_timeout;
+            let event = match tokio::time::timeout_at(deadline, self.events.next()).await {
+                // Bytes may have arrived without completing an event: only a real silence counts.
+                Err(_) if self.last_byte_ms.load(Ordering::Relaxed) > last.as_millis() as u64 => {
+                    continue
+                }
                 Err(_) => return Err(LlmError::Timeout("stream stalled")),
                 Ok(None) => {
                     self.done = true;
                     continue;
                 }
-                Ok(Some(Err(e))) => {
-                    return Err(LlmError::Protocol(format!("body read failed: {e}")))
-                }
-                Ok(Some(Ok(b))) => b,
+                Ok(Some(Err(e))) => return Err(LlmError::Protocol(e.to_string())),
+                Ok(Some(Ok(ev))) => ev,
             };
-            self.last_byte = tokio::time::Instant::now();
-            let events = self
-                .decoder
-                .feed(&chunk)
-                .map_err(|e| LlmError::Protocol(e.to_string()))?;
-            for ev in events {
-                if ev.data.trim() == "[DONE]" {
-                    self.done = true;
-                    break;
-                }
-                self.queue.extend(parse_chunk(&ev.data)?);
+            if event.data.trim() == "[DONE]" {
+                self.done = true;
+                continue;
             }
+            self.queue.extend(parse_chunk(&event.data)?);
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::Retryable;
 use serde_json::{json, Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -257,29 +258,20 @@ async fn finish_entry(
     event: &str,
     body: &str,
 ) -> Result<(), StoreError> {
-    let mut backoff = Duration::from_millis(100);
-    let mut tries = 0;
-    loop {
-        match ctx
-            .store
-            .finish_turn(sid, turn, LLM_ROLE, event, body)
-            .await
-        {
-            Ok(Finished::Stored(id)) => {
-                tracing::info!(event, id = %id, "turn finished");
-                return Ok(());
-            }
-            Ok(Finished::AlreadyDone(id)) => {
-                tracing::info!(existing = ?id.map(|i| i.to_string()), "turn was already answered; dropping this reply");
-                return Ok(());
-            }
-            Err(err) if tries < 8 && !ctx.token.is_cancelled() => {
-                tracing::warn!(cause = %err, "cannot store the turn's end yet; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(4));
-                tries += 1;
-            }
-            Err(err) => return Err(err),
+    let stored = (|| ctx.store.finish_turn(sid, turn, LLM_ROLE, event, body))
+        .retry(crate::retry::bounded(
+            Duration::from_millis(100),
+            Duration::from_secs(4),
+            8,
+        ))
+        .when(|_| !ctx.token.is_cancelled())
+        .notify(|err, _| tracing::warn!(cause = %err, "cannot store the turn's end yet; retrying"))
+        .await?;
+    match stored {
+        Finished::Stored(id) => tracing::info!(event, id = %id, "turn finished"),
+        Finished::AlreadyDone(id) => {
+            tracing::info!(existing = ?id.map(|i| i.to_string()), "turn was already answered; dropping this reply")
         }
     }
+    Ok(())
 }

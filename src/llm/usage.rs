@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use backon::Retryable;
 use serde::Serialize;
 
 use super::provider::Usage;
@@ -30,32 +31,43 @@ impl UsageReport {
     }
 }
 
-pub const ATTEMPTS: u32 = 3;
+pub const ATTEMPTS: usize = 3;
+
+/// A refusal or failure of one delivery attempt.
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    #[error("refused with HTTP {0}")]
+    Status(u16),
+    #[error("request failed")]
+    Request(#[from] reqwest::Error),
+}
 
 /// POSTs the report, up to [`ATTEMPTS`] times (backoff 200 ms, 400 ms); `true` on a 2xx.
 pub async fn report(http: &reqwest::Client, url: &str, report: &UsageReport) -> bool {
-    let mut backoff = Duration::from_millis(200);
-    for attempt in 1..=ATTEMPTS {
-        let result = http
+    let attempt = || async {
+        let r = http
             .post(url)
             .timeout(Duration::from_secs(5))
             .json(report)
             .send()
-            .await;
-        match result {
-            Ok(r) if r.status().is_success() => return true,
-            Ok(r) => tracing::warn!(
-                status = r.status().as_u16(),
-                attempt,
-                "usage callback refused"
-            ),
-            Err(err) => tracing::warn!(cause = %err, attempt, "usage callback failed"),
+            .await?;
+        if r.status().is_success() {
+            Ok(())
+        } else {
+            Err(Failed::Status(r.status().as_u16()))
         }
-        if attempt < ATTEMPTS {
-            tokio::time::sleep(backoff).await;
-            backoff *= 2;
-        }
+    };
+    let res = attempt
+        .retry(crate::retry::bounded(
+            Duration::from_millis(200),
+            Duration::from_secs(2),
+            ATTEMPTS - 1,
+        ))
+        .notify(|err, _| tracing::warn!(cause = %err, "usage callback failed; retrying"))
+        .await;
+    if let Err(err) = res {
+        tracing::error!(turn = %report.turn_id, cause = %err, "usage callback gave up after {ATTEMPTS} attempts");
+        return false;
     }
-    tracing::error!(turn = %report.turn_id, "usage callback gave up after {ATTEMPTS} attempts");
-    false
+    true
 }

@@ -6,9 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use fred::interfaces::{EventInterface, PubsubInterface};
 use serde_json::Value;
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,7 +15,8 @@ use super::prompt::DEFAULT_SYSTEM_PROMPT;
 use super::provider::{LlmError, Provider, ProviderSettings};
 use super::{LlmArgs, ReplyPolicy};
 use crate::protocol::{valid_sid, StreamId, LLM_ROLE};
-use crate::store::{Client, Entry, GroupEntry, Store, StoreError};
+use crate::retry::until_ok;
+use crate::store::{BlockingConn, Entry, FeedEvent, GroupEntry, Store, StoreError};
 
 /// How long one `XREADGROUP` blocks; also the longest delay before a newly found room is read.
 const BLOCK: Duration = Duration::from_millis(1000);
@@ -99,8 +98,11 @@ pub async fn run_worker(
     tracing::info!(consumer = %ctx.consumer, model = %ctx.provider.model(), base_url = %ctx.args.llm_base_url, "LLM participant starting");
 
     // Registry position first, then the scan: a room created in between is seen by the tail.
-    let registry_from = retry(&ctx, || ctx.store.registry_tail()).await;
-    let existing = retry(&ctx, || ctx.store.scan_rooms()).await;
+    let registry_from = until_ok(&ctx.token, "reading the room registry", || {
+        ctx.store.registry_tail()
+    })
+    .await;
+    let existing = until_ok(&ctx.token, "scanning for rooms", || ctx.store.scan_rooms()).await;
     if let (Some(from), Some(existing)) = (registry_from, existing) {
         for sid in existing {
             // Rooms from before this relay version have no group: start at their end rather
@@ -126,31 +128,11 @@ fn default_consumer() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Retries a Redis call until it works or the worker stops (`None`).
-async fn retry<T, F, Fut>(ctx: &Ctx, mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
-{
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match f().await {
-            Ok(v) => return Some(v),
-            Err(err) => tracing::warn!(cause = %err, "LLM worker waiting for Redis"),
-        }
-        tokio::select! {
-            _ = ctx.token.cancelled() => return None,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-}
-
 async fn read_loop(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
-    let client = ctx.store.dedicated_client(BLOCK)?;
+    let conn = ctx.store.blocking_conn(BLOCK)?;
     // This consumer's own unacknowledged entries first (a restart mid-turn), then new ones.
     let mut pending = true;
-    let mut backoff = Duration::from_millis(100);
+    let mut delays = crate::retry::until_back();
     while !ctx.token.is_cancelled() {
         let rooms: Vec<String> = ctx.rooms().iter().cloned().collect();
         if rooms.is_empty() {
@@ -161,7 +143,7 @@ async fn read_loop(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
         }
         let read = tokio::select! {
             _ = ctx.token.cancelled() => break,
-            r = read_rooms(&ctx, &client, &rooms, pending) => r,
+            r = read_rooms(&ctx, &conn, &rooms, pending) => r,
         };
         match read {
             Ok(entries) => {
@@ -171,7 +153,7 @@ async fn read_loop(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
                     pending,
                     "group read"
                 );
-                backoff = Duration::from_millis(100);
+                delays.reset();
                 if pending && (entries.len() as u64) < READ_COUNT {
                     pending = false;
                 }
@@ -184,11 +166,9 @@ async fn read_loop(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
                     }
                 }
                 tracing::warn!(cause = %err, "reading the LLM group failed; retrying");
-                tokio::select! {
-                    _ = ctx.token.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                if !delays.wait(&ctx.token).await {
+                    break;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     }
@@ -201,7 +181,7 @@ async fn read_loop(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
 /// without blocking, and an idle worker waits for a room's live feed to wake it (or a second).
 async fn read_rooms(
     ctx: &Ctx,
-    client: &Client,
+    conn: &BlockingConn,
     rooms: &[String],
     pending: bool,
 ) -> Result<Vec<GroupEntry>, StoreError> {
@@ -209,7 +189,7 @@ async fn read_rooms(
     if !store.is_clustered() {
         let block = (!pending).then_some(BLOCK);
         return store
-            .group_read(client, &ctx.consumer, rooms, pending, READ_COUNT, block)
+            .group_read(conn, &ctx.consumer, rooms, pending, READ_COUNT, block)
             .await;
     }
     let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
@@ -223,7 +203,7 @@ async fn read_rooms(
     for group in by_slot.values() {
         entries.extend(
             store
-                .group_read(client, &ctx.consumer, group, pending, READ_COUNT, None)
+                .group_read(conn, &ctx.consumer, group, pending, READ_COUNT, None)
                 .await?,
         );
     }
@@ -321,7 +301,7 @@ fn mentions_llm(text: &str) -> bool {
 
 /// Follows the room registry so new rooms are read within one BLOCK.
 async fn registry_loop(ctx: Arc<Ctx>, mut after: String) {
-    let client = match ctx.store.dedicated_client(Duration::from_secs(5)) {
+    let conn = match ctx.store.blocking_conn(Duration::from_secs(5)) {
         Ok(c) => c,
         Err(err) => {
             tracing::error!(cause = %err, "cannot open the registry connection");
@@ -331,7 +311,7 @@ async fn registry_loop(ctx: Arc<Ctx>, mut after: String) {
     while !ctx.token.is_cancelled() {
         let read = tokio::select! {
             _ = ctx.token.cancelled() => return,
-            r = ctx.store.read_registry(&client, &after, Duration::from_secs(5)) => r,
+            r = ctx.store.read_registry(&conn, &after, Duration::from_secs(5)) => r,
         };
         match read {
             Ok(rooms) => {
@@ -360,73 +340,54 @@ async fn registry_loop(ctx: Arc<Ctx>, mut after: String) {
 }
 
 /// Cancels reach the worker generating the turn over pub/sub; a missed notice is caught by the
-/// turn's periodic check of the cancel flag.
+/// turn's periodic check of the cancel flag. On a cluster the same feed carries room activity,
+/// which wakes the group reads (they cannot block on rooms of several slots).
 async fn cancel_loop(ctx: Arc<Ctx>) {
-    let sub = match ctx.store.subscriber() {
-        Ok(s) => s,
+    let mut feed = match ctx.store.feed() {
+        Ok(f) => f,
         Err(err) => {
             tracing::error!(cause = %err, "cannot open the cancel subscription");
             return;
         }
     };
-    let mut messages = sub.message_rx();
-    let mut reconnects = sub.reconnect_rx();
-    let channel = ctx.store.keys().cancel_channel();
-    // On a cluster the group reads cannot block on every room; the rooms' live feed wakes them.
-    let pattern = ctx
-        .store
-        .is_clustered()
-        .then(|| format!("{}*", ctx.store.keys().prefix()));
-    let subscribe = || async {
-        sub.subscribe(channel.as_str()).await?;
-        if let Some(pattern) = &pattern {
-            sub.psubscribe(pattern.as_str()).await?;
+    let handle = feed.handle();
+    let clustered = ctx.store.is_clustered();
+    let follow = || async {
+        handle.follow_cancels().await?;
+        if clustered {
+            handle.follow_activity().await?;
         }
         Ok::<(), StoreError>(())
     };
-    let _ = retry(&ctx, subscribe).await;
+    if until_ok(&ctx.token, "subscribing to cancel notices", follow)
+        .await
+        .is_none()
+    {
+        return;
+    }
     loop {
-        let msg = tokio::select! {
+        let event = tokio::select! {
             _ = ctx.token.cancelled() => break,
-            // Subscriptions do not survive a reconnect. (fred's own resubscribe also sends an
-            // empty PSUBSCRIBE, which never completes.)
-            ev = reconnects.recv() => {
-                if ev.is_ok() {
-                    let _ = retry(&ctx, subscribe).await;
-                }
-                continue;
-            }
-            m = messages.recv() => m,
+            ev = feed.next() => ev,
         };
-        match msg {
-            Ok(msg) => {
-                if msg.channel != channel {
-                    ctx.wake.notify_one();
-                    continue;
-                }
-                let Some(text) = msg.value.as_str() else {
-                    continue;
-                };
-                let Some((sid, turn)) = text.split_once(' ') else {
-                    continue;
-                };
-                let Ok(turn) = turn.parse::<StreamId>() else {
-                    continue;
-                };
+        match event {
+            Some(FeedEvent::Cancel { sid, turn }) => {
                 if let Some(cancel) = ctx
                     .active
-                    .get(&(sid.to_owned(), turn))
+                    .get(&(sid.clone(), turn))
                     .map(|c| c.value().clone())
                 {
                     tracing::info!(room = %sid, turn = %turn, "turn cancelled");
                     cancel.cancel();
                 }
             }
-            Err(RecvError::Lagged(n)) => tracing::warn!(missed = n, "cancel notices lagged"),
-            Err(RecvError::Closed) => break,
+            Some(FeedEvent::Activity) => ctx.wake.notify_one(),
+            // A lost notice is caught by the turn's own check of the cancel flag.
+            Some(FeedEvent::Resync | FeedEvent::Live { .. }) => {}
+            None => break,
         }
     }
-    let _ = fred::interfaces::ClientLike::quit(&sub).await;
+    handle.close().await;
 }
 
 /// Claims requests whose worker died (idle past `--llm-claim-idle-secs`) and answers them, or

@@ -16,23 +16,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use fred::clients::SubscriberClient;
-use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use futures_util::StreamExt;
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use members::{ConnId, Outbound, Room};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Feed, FeedEvent, FeedHandle, Store, StoreError};
 
 /// How long an empty room keeps its subscription, so a reconnecting client does not pay for a
 /// fresh SUBSCRIBE and baseline read.
 const IDLE_ROOM_TTL: Duration = Duration::from_secs(30);
-/// Longest wait for the server to confirm a re-SUBSCRIBE after a reconnect.
-const RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Rooms recovered at once after the subscription is lost.
 const RECOVERY_CONCURRENCY: usize = 32;
 
@@ -46,10 +41,7 @@ pub struct Rooms {
 struct Inner {
     map: DashMap<String, Arc<Room>>,
     store: Store,
-    subscriber: SubscriberClient,
-    /// Serialises SUBSCRIBE/UNSUBSCRIBE so a room removed and re-created at once cannot end up
-    /// unsubscribed by a late UNSUBSCRIBE of its predecessor.
-    sub_lock: tokio::sync::Mutex<()>,
+    feed: FeedHandle,
     tracker: TaskTracker,
 }
 
@@ -60,17 +52,16 @@ impl Rooms {
         tracker: &TaskTracker,
         token: CancellationToken,
     ) -> Result<Rooms, StoreError> {
-        let subscriber = store.subscriber()?;
+        let feed = store.feed()?;
         let rooms = Rooms {
             inner: Arc::new(Inner {
                 map: DashMap::new(),
                 store,
-                subscriber,
-                sub_lock: tokio::sync::Mutex::new(()),
+                feed: feed.handle(),
                 tracker: tracker.clone(),
             }),
         };
-        tracker.spawn(rooms.clone().feed(token.clone()));
+        tracker.spawn(rooms.clone().follow(feed, token.clone()));
         tracker.spawn(rooms.clone().reap_idle(token));
         Ok(rooms)
     }
@@ -118,11 +109,7 @@ impl Rooms {
     async fn ensure_subscribed(&self, room: &Arc<Room>) -> Result<(), StoreError> {
         room.subscribed
             .get_or_try_init(|| async {
-                let channel = self.inner.store.keys().channel(room.sid());
-                {
-                    let _guard = self.inner.sub_lock.lock().await;
-                    self.inner.subscriber.subscribe(channel).await?;
-                }
+                self.inner.feed.follow_room(room.sid()).await?;
                 // Everything after the stream's current end will arrive live.
                 let newest = self.inner.store.range_before(room.sid(), None, 1).await?;
                 if let Some(e) = newest.last() {
@@ -134,44 +121,39 @@ impl Rooms {
         Ok(())
     }
 
-    /// The live feed: one loop over the subscriber's messages, plus recovery when the
-    /// subscription was lost (reconnect) or messages were dropped (lag).
-    async fn feed(self, token: CancellationToken) {
-        let mut messages = self.inner.subscriber.message_rx();
-        let mut reconnects = self.inner.subscriber.reconnect_rx();
+    /// The live feed: stored entries and transient frames to their rooms, and a catch-up of
+    /// every room from its stream whenever the feed may have lost messages.
+    async fn follow(self, mut feed: Feed, token: CancellationToken) {
         loop {
-            tokio::select! {
+            let event = tokio::select! {
                 _ = token.cancelled() => break,
-                msg = messages.recv() => match msg {
-                    Ok(msg) => {
-                        let Some((sid, live)) = self.inner.store.parse_live(&msg) else { continue };
-                        if let Some(room) = self.get(sid) {
-                            room.on_live(live);
-                        }
+                ev = feed.next() => ev,
+            };
+            match event {
+                Some(FeedEvent::Live { sid, live }) => {
+                    if let Some(room) = self.get(&sid) {
+                        room.on_live(live);
                     }
-                    Err(RecvError::Lagged(missed)) => {
-                        tracing::warn!(missed, "live feed lagged; recovering rooms from their streams");
-                        self.recover_all(false, token.clone());
+                }
+                Some(FeedEvent::Resync) => {
+                    if self.room_count() > 0 {
+                        tracing::info!(
+                            rooms = self.room_count(),
+                            "live feed interrupted; recovering rooms from their streams"
+                        );
                     }
-                    Err(RecvError::Closed) => break,
-                },
-                ev = reconnects.recv() => match ev {
-                    Ok(_) | Err(RecvError::Lagged(_)) => {
-                        if self.room_count() > 0 {
-                            tracing::info!(rooms = self.room_count(), "subscriber reconnected; resubscribing and recovering rooms");
-                        }
-                        self.recover_all(true, token.clone());
-                    }
-                    Err(RecvError::Closed) => break,
-                },
+                    self.recover_all(token.clone());
+                }
+                Some(FeedEvent::Cancel { .. } | FeedEvent::Activity) => {}
+                None => break,
             }
         }
-        let _ = self.inner.subscriber.quit().await;
+        self.inner.feed.close().await;
     }
 
-    /// Put every room into recovery now (so no live entry slips past the cursor), then
-    /// resubscribe if needed and catch each room up from its stream in the background.
-    fn recover_all(&self, resubscribe: bool, token: CancellationToken) {
+    /// Puts every room into recovery now (so no live entry slips past its cursor), then
+    /// catches each room up from its stream in the background.
+    fn recover_all(&self, token: CancellationToken) {
         let rooms: Vec<Arc<Room>> = self.inner.map.iter().map(|r| r.value().clone()).collect();
         if rooms.is_empty() {
             return;
@@ -179,70 +161,18 @@ impl Rooms {
         for room in &rooms {
             room.begin_recovery();
         }
-        let this = self.clone();
+        let store = self.inner.store.clone();
         self.inner.tracker.spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            if resubscribe {
-                loop {
-                    let res = {
-                        let _guard = this.inner.sub_lock.lock().await;
-                        this.resubscribe().await
-                    };
-                    match res {
-                        Ok(()) => break,
-                        Err(err) => {
-                            tracing::warn!(cause = %err, "resubscribe failed; retrying");
-                            tokio::select! {
-                                _ = token.cancelled() => return,
-                                _ = tokio::time::sleep(backoff) => {}
-                            }
-                            backoff = (backoff * 2).min(Duration::from_secs(2));
-                        }
-                    }
-                }
-            }
             futures_util::stream::iter(rooms)
                 .for_each_concurrent(RECOVERY_CONCURRENCY, |room| {
-                    let store = this.inner.store.clone();
-                    let token = token.clone();
+                    let (store, token) = (&store, &token);
                     async move {
-                        let mut backoff = Duration::from_millis(100);
-                        while let Err(err) = room.recover(&store).await {
-                            tracing::warn!(room = %room.sid(), cause = %err, "room recovery failed; retrying");
-                            tokio::select! {
-                                _ = token.cancelled() => return,
-                                _ = tokio::time::sleep(backoff) => {}
-                            }
-                            backoff = (backoff * 2).min(Duration::from_secs(2));
-                        }
+                        crate::retry::until_ok(token, "room recovery", || room.recover(store))
+                            .await;
                     }
                 })
                 .await;
         });
-    }
-
-    /// Subscribes again to every tracked room channel. (fred's `resubscribe_all` also sends a
-    /// PSUBSCRIBE with no patterns, which never completes.)
-    async fn resubscribe(&self) -> Result<(), StoreError> {
-        let channels: Vec<String> = self
-            .inner
-            .subscriber
-            .tracked_channels()
-            .into_iter()
-            .map(|c| c.to_string())
-            .collect();
-        if channels.is_empty() {
-            return Ok(());
-        }
-        match tokio::time::timeout(
-            RESUBSCRIBE_TIMEOUT,
-            self.inner.subscriber.subscribe(channels),
-        )
-        .await
-        {
-            Ok(res) => Ok(res?),
-            Err(_) => Err(StoreError::Reply("SUBSCRIBE timed out")),
-        }
     }
 
     /// Drops rooms that stayed empty for [`IDLE_ROOM_TTL`] and unsubscribes from them.
@@ -261,18 +191,15 @@ impl Rooms {
                 .map(|r| r.key().clone())
                 .collect();
             for sid in candidates {
-                let _guard = self.inner.sub_lock.lock().await;
-                let removed = self
-                    .inner
-                    .map
-                    .remove_if(&sid, |_, room| room.close_if_idle(IDLE_ROOM_TTL));
-                metrics::gauge!(crate::metrics::ROOMS).set(self.inner.map.len() as f64);
-                if removed.is_some() {
-                    let channel = self.inner.store.keys().channel(&sid);
-                    if let Err(err) = self.inner.subscriber.unsubscribe(channel).await {
-                        tracing::debug!(room = %sid, cause = %err, "unsubscribe failed");
-                    }
-                }
+                let map = &self.inner.map;
+                self.inner
+                    .feed
+                    .unfollow_room_if(&sid, || {
+                        map.remove_if(&sid, |_, room| room.close_if_idle(IDLE_ROOM_TTL))
+                            .is_some()
+                    })
+                    .await;
+                metrics::gauge!(crate::metrics::ROOMS).set(map.len() as f64);
             }
         }
     }

@@ -13,24 +13,23 @@
 //! [`Store::dedicated_client`]): a blocked command stalls everything queued behind it.
 //! Every command has a timeout so a dead Redis turns into `store_unavailable`, not silence.
 
+mod feed;
 pub mod keys;
 mod turns;
 
+pub use feed::{Feed, FeedEvent, FeedHandle};
 pub use keys::Keys;
 pub use turns::{Finished, GroupEntry, TurnLock};
 
 use std::time::Duration;
 
-use fred::clients::SubscriberClient;
+use fred::clients::Client;
 use fred::prelude::{
     Builder, ClientLike, Config, KeysInterface, LuaInterface, PubsubInterface, ReconnectPolicy,
     StreamsInterface, TcpConfig,
 };
 use fred::types::scripts::Script;
 use fred::types::Value;
-
-pub use fred::clients::Client;
-pub use fred::types::Message as PubsubMessage;
 
 use crate::protocol::StreamId;
 use keys::{field, TRANSIENT_MARK};
@@ -116,6 +115,11 @@ pub struct StreamInfo {
     pub entries_added: Option<u64>,
 }
 
+/// A connection of its own for blocking reads: a blocked command would stall every command
+/// queued behind it on the shared connection.
+#[derive(Debug)]
+pub struct BlockingConn(Client);
+
 /// Handle to the room streams. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -195,29 +199,22 @@ impl Store {
         &self.keys
     }
 
-    /// Wait until the shared client has connected once (startup logging and tests).
-    pub async fn wait_connected(&self) -> Result<(), StoreError> {
-        self.client.wait_for_connect().await?;
-        Ok(())
-    }
-
-    /// A new subscriber connection with the same settings.
-    pub fn subscriber(&self) -> Result<SubscriberClient, StoreError> {
+    /// A live feed on its own subscriber connection (see [`Feed`]).
+    pub fn feed(&self) -> Result<Feed, StoreError> {
         let sub = self.builder.build_subscriber_client()?;
-        sub.connect();
-        Ok(sub)
+        Ok(Feed::new(sub, self.keys.clone()))
     }
 
     /// A new, unshared connection for blocking reads (`XREAD`/`XREADGROUP BLOCK`), with the
     /// command timeout lifted above `block` so a quiet stream is not reported as a failure.
-    pub fn dedicated_client(&self, block: Duration) -> Result<Client, StoreError> {
+    pub fn blocking_conn(&self, block: Duration) -> Result<BlockingConn, StoreError> {
         let mut builder = self.builder.clone();
         builder.with_performance_config(|p| {
             p.default_command_timeout += block;
         });
         let client = builder.build()?;
         client.connect();
-        Ok(client)
+        Ok(BlockingConn(client))
     }
 
     /// `PING` — for readiness checks.
@@ -360,22 +357,6 @@ impl Store {
         }
         let reply: Value = self.client.xinfo_stream(&key, false, None).await?;
         parse_stream_info(reply).map(Some)
-    }
-
-    /// Parse a pub/sub message from a room channel into the room id and what it carries.
-    pub fn parse_live<'a>(&self, msg: &'a PubsubMessage) -> Option<(&'a str, Live)> {
-        let sid = self.keys.sid_of(&msg.channel)?;
-        let payload = msg.value.as_str()?;
-        let (head, rest) = payload.split_once('\n')?;
-        let live = if head == TRANSIENT_MARK {
-            Live::Transient(rest.to_owned())
-        } else {
-            Live::Entry {
-                id: head.parse().ok()?,
-                body: rest.to_owned(),
-            }
-        };
-        Some((sid, live))
     }
 
     pub async fn quit(&self) {

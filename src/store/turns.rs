@@ -9,7 +9,7 @@ use std::time::Duration;
 use fred::prelude::{ClientLike, KeysInterface, PubsubInterface, StreamsInterface};
 use fred::types::{ClusterHash, CustomCommand, Value};
 
-use super::{parse_item, value_str, Client, Entry, Store, StoreError};
+use super::{parse_item, value_str, BlockingConn, Entry, Store, StoreError};
 use crate::protocol::StreamId;
 
 /// An entry read through the consumer group; `entry` is `None` when it was trimmed or deleted
@@ -43,10 +43,6 @@ pub enum Finished {
 const DONE_TTL_SECS: u64 = 24 * 3600;
 
 impl Store {
-    pub fn llm_group(&self) -> &str {
-        &self.llm_group
-    }
-
     /// Records that a room exists, for workers that discover rooms by tailing the registry.
     pub async fn announce_room(&self, sid: &str) -> Result<(), StoreError> {
         let _: Value = self
@@ -65,7 +61,7 @@ impl Store {
     /// Registry entries after `after` (blocking up to `block` on `client`), as (id, sid).
     pub async fn read_registry(
         &self,
-        client: &Client,
+        conn: &BlockingConn,
         after: &str,
         block: Duration,
     ) -> Result<Vec<(String, String)>, StoreError> {
@@ -79,7 +75,7 @@ impl Store {
             self.keys.rooms_registry().into(),
             after.into(),
         ];
-        let reply: Value = client.custom(cmd, args).await?;
+        let reply: Value = conn.0.custom(cmd, args).await?;
         let mut out = Vec::new();
         for (_, entries) in stream_pairs(reply) {
             for item in entries {
@@ -160,7 +156,7 @@ impl Store {
     /// own unacknowledged entries (`0`) instead of new ones (`>`).
     pub async fn group_read(
         &self,
-        client: &Client,
+        conn: &BlockingConn,
         consumer: &str,
         sids: &[String],
         pending: bool,
@@ -190,7 +186,7 @@ impl Store {
         }
         let from = if pending { "0" } else { ">" };
         args.extend(sids.iter().map(|_| Value::from(from)));
-        let reply: Value = client.custom(cmd, args).await?;
+        let reply: Value = conn.0.custom(cmd, args).await?;
         let mut out = Vec::new();
         for (key, entries) in stream_pairs(reply) {
             let Some(sid) = self.keys.sid_of(&key).map(str::to_owned) else {
@@ -424,7 +420,10 @@ impl Store {
             .await?;
         let _: Value = self
             .client
-            .publish(self.keys.cancel_channel(), format!("{sid} {turn}"))
+            .publish(
+                self.keys.cancel_channel(),
+                super::feed::encode_cancel(sid, turn),
+            )
             .await?;
         Ok(())
     }

@@ -1,0 +1,243 @@
+//! Live feeds from Redis pub/sub, decoded: room channels for relay nodes, cancel notices and
+//! room activity for LLM workers.
+//!
+//! A [`Feed`] owns one subscriber connection. Subscriptions do not survive a reconnect, so the
+//! feed subscribes again to everything it follows (here, once for every user) and then reports
+//! [`FeedEvent::Resync`]: messages may have been missed meanwhile, and whoever follows the feed
+//! catches up from the streams. A reader that lags behind the connection gets `Resync` too.
+//! fred's own `resubscribe_all` is not used: it sends a PSUBSCRIBE even with no patterns, which
+//! never completes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::clients::SubscriberClient;
+use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+use fred::types::config::Server;
+use fred::types::{Message, MessageKind};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::Receiver;
+
+use super::keys::{Keys, TRANSIENT_MARK};
+use super::{Live, StoreError};
+use crate::protocol::StreamId;
+
+/// Longest wait for the server to confirm a re-subscription after a reconnect.
+const RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a feed delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedEvent {
+    /// A stored entry or a transient frame on a followed room's channel.
+    Live { sid: String, live: Live },
+    /// Someone cancelled an LLM turn.
+    Cancel { sid: String, turn: StreamId },
+    /// A room received an entry (only with [`FeedHandle::follow_activity`]).
+    Activity,
+    /// Messages may have been lost (the connection dropped or the reader lagged); the feed is
+    /// subscribed again to everything it follows.
+    Resync,
+}
+
+/// The receiving half of a feed: one task reads it.
+#[derive(Debug)]
+pub struct Feed {
+    handle: FeedHandle,
+    messages: Receiver<Message>,
+    reconnects: Receiver<Server>,
+}
+
+/// The controlling half: follow and unfollow from any task. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct FeedHandle {
+    sub: SubscriberClient,
+    keys: Keys,
+    /// Serialises (un)subscriptions so that an UNSUBSCRIBE for a room that is being dropped
+    /// cannot overtake the SUBSCRIBE of the same room joined again at once.
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Feed {
+    pub(super) fn new(sub: SubscriberClient, keys: Keys) -> Feed {
+        let messages = sub.message_rx();
+        let reconnects = sub.reconnect_rx();
+        sub.connect();
+        Feed {
+            handle: FeedHandle {
+                sub,
+                keys,
+                lock: Arc::new(tokio::sync::Mutex::new(())),
+            },
+            messages,
+            reconnects,
+        }
+    }
+
+    pub fn handle(&self) -> FeedHandle {
+        self.handle.clone()
+    }
+
+    /// The next event; `None` once the connection is closed for good ([`FeedHandle::close`]).
+    /// Cancel-safe: dropping the future loses nothing but a pending re-subscription, which the
+    /// next call starts again.
+    pub async fn next(&mut self) -> Option<FeedEvent> {
+        loop {
+            tokio::select! {
+                msg = self.messages.recv() => match msg {
+                    Ok(msg) => {
+                        if let Some(ev) = self.handle.decode(&msg) {
+                            return Some(ev);
+                        }
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "pub/sub feed lagged");
+                        return Some(FeedEvent::Resync);
+                    }
+                    Err(RecvError::Closed) => return None,
+                },
+                ev = self.reconnects.recv() => match ev {
+                    Ok(_) | Err(RecvError::Lagged(_)) => {
+                        self.handle.resubscribe().await;
+                        return Some(FeedEvent::Resync);
+                    }
+                    Err(RecvError::Closed) => return None,
+                },
+            }
+        }
+    }
+}
+
+impl FeedHandle {
+    /// Follows a room's live channel.
+    pub async fn follow_room(&self, sid: &str) -> Result<(), StoreError> {
+        let _guard = self.lock.lock().await;
+        self.sub.subscribe(self.keys.channel(sid)).await?;
+        Ok(())
+    }
+
+    /// Stops following a room if `drop_room` (called under the subscription lock) says so.
+    /// Returns what `drop_room` returned.
+    pub async fn unfollow_room_if(&self, sid: &str, drop_room: impl FnOnce() -> bool) -> bool {
+        let _guard = self.lock.lock().await;
+        if !drop_room() {
+            return false;
+        }
+        if let Err(err) = self.sub.unsubscribe(self.keys.channel(sid)).await {
+            tracing::debug!(room = %sid, cause = %err, "unsubscribe failed");
+        }
+        true
+    }
+
+    /// Follows cancel notices (LLM workers).
+    pub async fn follow_cancels(&self) -> Result<(), StoreError> {
+        let _guard = self.lock.lock().await;
+        self.sub.subscribe(self.keys.cancel_channel()).await?;
+        Ok(())
+    }
+
+    /// Follows every room's channel as a wake-up signal (LLM workers on Redis Cluster, where a
+    /// group read cannot block on rooms of several slots).
+    pub async fn follow_activity(&self) -> Result<(), StoreError> {
+        let _guard = self.lock.lock().await;
+        self.sub
+            .psubscribe(format!("{}*", self.keys.prefix()))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        let _ = self.sub.quit().await;
+    }
+
+    fn decode(&self, msg: &Message) -> Option<FeedEvent> {
+        if msg.kind == MessageKind::PMessage {
+            return Some(FeedEvent::Activity);
+        }
+        let payload = msg.value.as_str()?;
+        if msg.channel == self.keys.cancel_channel() {
+            let (sid, turn) = decode_cancel(&payload)?;
+            return Some(FeedEvent::Cancel {
+                sid: sid.to_owned(),
+                turn,
+            });
+        }
+        let sid = self.keys.sid_of(&msg.channel)?;
+        let (head, rest) = payload.split_once('\n')?;
+        let live = if head == TRANSIENT_MARK {
+            Live::Transient(rest.to_owned())
+        } else {
+            Live::Entry {
+                id: head.parse().ok()?,
+                body: rest.to_owned(),
+            }
+        };
+        Some(FeedEvent::Live {
+            sid: sid.to_owned(),
+            live,
+        })
+    }
+
+    /// Subscribes again to every channel and pattern this feed follows, retrying until it
+    /// works (the caller's cancellation ends the wait).
+    async fn resubscribe(&self) {
+        let mut delays = crate::retry::until_back();
+        loop {
+            let res = {
+                let _guard = self.lock.lock().await;
+                tokio::time::timeout(RESUBSCRIBE_TIMEOUT, self.subscribe_tracked()).await
+            };
+            match res {
+                Ok(Ok(())) => return,
+                Ok(Err(err)) => tracing::warn!(cause = %err, "resubscribe failed; retrying"),
+                Err(_) => tracing::warn!("resubscribe timed out; retrying"),
+            }
+            tokio::time::sleep(delays.next_delay()).await;
+        }
+    }
+
+    async fn subscribe_tracked(&self) -> Result<(), StoreError> {
+        let channels: Vec<String> = self
+            .sub
+            .tracked_channels()
+            .into_iter()
+            .map(|c| c.to_string())
+            .collect();
+        if !channels.is_empty() {
+            self.sub.subscribe(channels).await?;
+        }
+        let patterns: Vec<String> = self
+            .sub
+            .tracked_patterns()
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect();
+        if !patterns.is_empty() {
+            self.sub.psubscribe(patterns).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The payload of a cancel notice on the cancel channel.
+pub(super) fn encode_cancel(sid: &str, turn: StreamId) -> String {
+    format!("{sid} {turn}")
+}
+
+fn decode_cancel(payload: &str) -> Option<(&str, StreamId)> {
+    let (sid, turn) = payload.split_once(' ')?;
+    Some((sid, turn.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_notice_round_trips() {
+        let turn = StreamId::new(1_700_000_000_000, 3);
+        let payload = encode_cancel("room-1", turn);
+        assert_eq!(decode_cancel(&payload), Some(("room-1", turn)));
+        assert_eq!(decode_cancel("room-1"), None);
+        assert_eq!(decode_cancel("room-1 nope"), None);
+    }
+}
