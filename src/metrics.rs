@@ -34,6 +34,11 @@ pub const LLM_FIRST_TOKEN_SECONDS: &str = "chat_relay_llm_first_token_seconds";
 /// A whole LLM turn at the provider, seconds.
 pub const LLM_TURN_SECONDS: &str = "chat_relay_llm_turn_seconds";
 
+/// Usage callbacks waiting in the outbox (gauge, as last seen by this worker).
+pub const USAGE_PENDING: &str = "chat_relay_usage_callbacks_pending";
+/// Usage callback attempts, by `outcome` (`delivered`, `retry`, `dead`).
+pub const USAGE_CALLBACKS: &str = "chat_relay_usage_callbacks_total";
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the process-wide recorder once; later calls (more relays in one test process) share
@@ -90,6 +95,8 @@ fn describe() {
         Unit::Seconds,
         "Provider time to first token"
     );
+    describe_gauge!(USAGE_PENDING, "Usage callbacks waiting in the outbox");
+    describe_counter!(USAGE_CALLBACKS, "Usage callback attempts, by outcome");
     describe_histogram!(
         LLM_TURN_SECONDS,
         Unit::Seconds,

@@ -107,9 +107,16 @@ pub struct LlmArgs {
     /// Turns one worker generates at once.
     #[arg(long, env = "RELAY_LLM_CONCURRENCY", default_value_t = 8)]
     pub llm_concurrency: usize,
-    /// POST each turn's token usage here (JSON), with retries.
+    /// POST each turn's token usage here (JSON, `Idempotency-Key: <turn_id>`), retried with
+    /// exponential backoff from a durable outbox in Redis.
     #[arg(long, env = "RELAY_USAGE_CALLBACK_URL")]
     pub usage_callback_url: Option<String>,
+    /// Sign usage callbacks: header `X-Chat-Relay-Signature-256: sha256=<HMAC-SHA256 of the body>`.
+    #[arg(long, env = "RELAY_USAGE_CALLBACK_SECRET", hide_env_values = true)]
+    pub usage_callback_secret: Option<String>,
+    /// How long a usage callback is retried before it goes to the dead-letter stream, s.
+    #[arg(long, env = "RELAY_USAGE_CALLBACK_MAX_SECS", default_value_t = 3600)]
+    pub usage_callback_max_secs: u64,
     /// Consumer name in the group (default: host-pid); must differ between workers.
     #[arg(long, env = "RELAY_LLM_CONSUMER")]
     pub llm_consumer: Option<String>,

@@ -108,6 +108,70 @@ pub fn build(system: &str, emotion: Option<&str>, history: &[Entry]) -> Vec<Chat
     messages
 }
 
+/// Speakers whose `Name:` prefix the prompt uses, most recent first, then the LLM's own.
+pub fn speakers(history: &[Entry]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for entry in history.iter().rev() {
+        if entry.participant != LLM_ROLE
+            && spoken_text(entry).is_some()
+            && !out.contains(&entry.participant)
+        {
+            out.push(entry.participant.clone());
+        }
+    }
+    out.push(LLM_ROLE.to_owned());
+    out
+}
+
+/// Most stop sequences sent: OpenAI accepts at most four.
+const MAX_STOPS: usize = 4;
+
+/// Stop sequences for a reply: a new line opening with a speaker's prefix means the model has
+/// started writing the transcript's next line, someone else's words.
+pub fn stop_sequences(speakers: &[String]) -> Vec<String> {
+    let mut stops: Vec<String> = speakers
+        .iter()
+        .filter(|s| s.as_str() != LLM_ROLE)
+        .take(MAX_STOPS - 1)
+        .map(|s| format!("\n{s}:"))
+        .collect();
+    stops.push(format!("\n{LLM_ROLE}:"));
+    stops
+}
+
+/// Enough text to tell whether a reply opens with a speaker prefix.
+pub const PREFIX_WINDOW: usize = 40;
+
+/// How much of the start of `text` is a speaker prefix of the model's own making ("A: ",
+/// "llm: ", "assistant:"), to be dropped. `None` while `text` is too short to tell and `done`
+/// is false.
+pub fn speaker_prefix_len(text: &str, speakers: &[String], done: bool) -> Option<usize> {
+    let lead = text.len() - text.trim_start().len();
+    let rest = &text[lead..];
+    let Some(colon) = rest.find(':') else {
+        let undecided = !done && rest.len() < PREFIX_WINDOW && !rest.contains('\n');
+        return if undecided { None } else { Some(0) };
+    };
+    let name = rest[..colon].trim();
+    let is_speaker = name.eq_ignore_ascii_case("assistant")
+        || speakers.iter().any(|s| s.eq_ignore_ascii_case(name));
+    if !is_speaker {
+        return Some(0);
+    }
+    let after = &rest[colon + 1..];
+    let spaces = after.len() - after.trim_start_matches([' ', '\t']).len();
+    Some(lead + colon + 1 + spaces)
+}
+
+/// A rough prompt size in tokens, for turns whose provider never reported usage: a token per
+/// four bytes of text (about right for English, generous for CJK) plus a few per message.
+pub fn estimate_tokens(messages: &[ChatMessage]) -> u64 {
+    2 + messages
+        .iter()
+        .map(|m| 4 + m.content.len().div_ceil(4) as u64)
+        .sum::<u64>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +213,53 @@ mod tests {
             }
         );
         assert_eq!(m[3].content, "B: @llm what now?");
+    }
+
+    #[test]
+    fn stops_name_every_recent_speaker_and_the_llm() {
+        let h = vec![
+            entry("A", "chat.message", "hi"),
+            entry("B", "chat.message", "hello"),
+            entry("llm", "llm.response", "hey"),
+            entry("A", "chat.message", "@llm yo"),
+        ];
+        let sp = speakers(&h);
+        assert_eq!(sp, ["A", "B", "llm"]);
+        assert_eq!(stop_sequences(&sp), ["\nA:", "\nB:", "\nllm:"]);
+        let many: Vec<String> = ["a", "b", "c", "d", "e", "llm"].map(String::from).to_vec();
+        assert_eq!(stop_sequences(&many).len(), MAX_STOPS);
+    }
+
+    #[test]
+    fn leading_speaker_prefixes_are_found() {
+        let sp: Vec<String> = vec!["A".into(), "B".into(), "llm".into()];
+        assert_eq!(speaker_prefix_len("A: hello", &sp, false), Some(3));
+        assert_eq!(speaker_prefix_len(" llm:hi", &sp, false), Some(5));
+        assert_eq!(speaker_prefix_len("Assistant:  x", &sp, false), Some(12));
+        assert_eq!(
+            speaker_prefix_len("A", &sp, false),
+            None,
+            "too short to tell"
+        );
+        assert_eq!(speaker_prefix_len("A", &sp, true), Some(0));
+        assert_eq!(speaker_prefix_len("Note: x", &sp, false), Some(0));
+        assert_eq!(
+            speaker_prefix_len("Hello there, how are you today my friends?", &sp, false),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn token_estimate_grows_with_text() {
+        let short = [ChatMessage {
+            role: "user",
+            content: "hi".into(),
+        }];
+        let long = [ChatMessage {
+            role: "user",
+            content: "x".repeat(400),
+        }];
+        assert!(estimate_tokens(&long) > estimate_tokens(&short) + 90);
     }
 
     #[test]

@@ -114,9 +114,14 @@ impl Provider {
     }
 
     /// Starts a streamed completion, retrying connection failures, 429 and 5xx with backoff.
-    pub async fn stream(&self, messages: &[ChatMessage]) -> Result<Completion, LlmError> {
+    pub async fn stream(
+        &self,
+        messages: &[ChatMessage],
+        stop: &[String],
+        max_tokens: u32,
+    ) -> Result<Completion, LlmError> {
         let retries = self.settings.attempts.saturating_sub(1) as usize;
-        (|| self.start(messages))
+        (|| self.start(messages, stop, max_tokens))
             .retry(crate::retry::bounded(
                 Duration::from_millis(200),
                 Duration::from_secs(5),
@@ -129,7 +134,12 @@ impl Provider {
             .await
     }
 
-    async fn start(&self, messages: &[ChatMessage]) -> Result<Completion, LlmError> {
+    async fn start(
+        &self,
+        messages: &[ChatMessage],
+        stop: &[String],
+        max_tokens: u32,
+    ) -> Result<Completion, LlmError> {
         let url = format!(
             "{}/chat/completions",
             self.settings.base_url.trim_end_matches('/')
@@ -139,7 +149,8 @@ impl Provider {
             "messages": messages,
             "stream": true,
             "stream_options": {"include_usage": true},
-            "max_tokens": self.settings.max_tokens,
+            "max_tokens": max_tokens.min(self.settings.max_tokens),
+            "stop": stop,
         });
         let mut req = self.http.post(url).json(&body);
         if let Some(key) = &self.settings.api_key {

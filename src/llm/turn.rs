@@ -1,4 +1,11 @@
-//! One LLM turn: lease, context, streamed generation to the room, and the one final entry.
+//! One LLM turn: lease, context, an attempt announced with `llm.start`, deltas streamed to the
+//! room in coalesced batches that also record the text so far in Redis, and one final entry
+//! with the turn's usage and its usage callback.
+//!
+//! The text so far lives in the turn's state in Redis, written by the same script that
+//! publishes the deltas it includes (at most [`FLUSH_EVERY`] apart), so a member who joins,
+//! reloads or resumes mid-reply reads it and continues from the next delta, on any node, and a
+//! worker that takes a dead worker's turn over knows what was spent.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,17 +18,23 @@ use tracing::Instrument;
 
 use super::prompt::{self, emotion_guidance};
 use super::provider::{Event, LlmError, Usage};
-use super::usage::{self, UsageReport};
 use super::worker::Ctx;
 use crate::protocol::{new_body, transient_frame, StreamId, LLM_ROLE};
-use crate::store::{Entry, Finished, StoreError, TurnLock};
+use crate::store::{Entry, Finished, StoreError, TurnBegin, TurnEnd, TurnLock};
+
+/// Deltas are published (and the text so far recorded) at most this often per turn.
+const FLUSH_EVERY: Duration = Duration::from_millis(40);
 
 /// How the generation ended.
 #[derive(Debug)]
 enum Outcome {
-    Done { reason: String },
+    Done {
+        reason: String,
+    },
     Cancelled,
     Failed(LlmError),
+    /// Another worker owns the turn now (this one lost its lease): it will finish it.
+    Superseded,
 }
 
 pub(super) async fn run(
@@ -59,8 +72,17 @@ async fn answer(
         TurnLock::Busy => return Ok(()),
         TurnLock::Done(_) => return store.ack(sid, turn).await,
     }
+    let model = ctx.provider.model();
+    // A dead attempt's state: what it spent is carried into this turn's usage.
+    let prior = store.turn_state(sid, turn).await?;
+    let carried = prior.as_ref().map_or(Spent::default(), |p| Spent {
+        prompt: p.carried_prompt + p.prompt_tokens,
+        completion: p.carried_completion + (p.seq + 1).max(0) as u64,
+    });
+    let mut usage = UsageTally::new(carried);
     if store.is_cancelled(sid, turn).await? {
-        return finish(ctx, sid, turn, String::new(), Outcome::Cancelled, None).await;
+        let end = Ending::new(ctx, sid, turn, "", Outcome::Cancelled, &usage);
+        return finish(ctx, sid, turn, end).await;
     }
     let count = store.count_turn(sid, Duration::from_secs(60)).await?;
     if count > ctx.args.llm_turns_per_minute {
@@ -71,8 +93,14 @@ async fn answer(
             "rate_limited",
             "too many requests to the AI in this room; please wait a minute",
             "",
+            None,
         );
-        return finish_entry(ctx, sid, turn, "llm.error", &body).await;
+        let end = Ending {
+            event: "llm.error",
+            body,
+            callback: None,
+        };
+        return finish(ctx, sid, turn, end).await;
     }
 
     let request_body: Value = serde_json::from_str(&request.body).unwrap_or(Value::Null);
@@ -88,26 +116,87 @@ async fn answer(
         )
         .await?;
     let messages = prompt::build(&ctx.system_prompt, emotion, &history);
+    let speakers = prompt::speakers(&history);
+    let stops = prompt::stop_sequences(&speakers);
+    let prompt_tokens = prompt::estimate_tokens(&messages);
 
-    tracing::debug!(messages = messages.len(), "asking the model");
-    let header = turn_header(turn, ctx.provider.model());
-    let _ = store
-        .publish_transient(
+    let attempt = prior.as_ref().map_or(1, |p| p.attempt + 1);
+    let header = turn_header(turn, model);
+    let start = transient_frame(
+        "llm.start",
+        LLM_ROLE,
+        sid,
+        &header,
+        &json!({"text": "", "seq": -1, "attempt": attempt}),
+    );
+    let requester_sub = request_body.pointer("/hd/sub").and_then(Value::as_str);
+    store
+        .begin_turn(
             sid,
-            &transient_frame("llm.start", LLM_ROLE, sid, &header, &json!({})),
+            turn,
+            &TurnBegin {
+                attempt,
+                requester: &request.participant,
+                sub: requester_sub,
+                started_ms: prior
+                    .as_ref()
+                    .map_or_else(crate::protocol::now_ms, |p| p.started_ms),
+                model,
+                prompt_tokens,
+                carried_completion: carried.completion,
+                carried_prompt: carried.prompt,
+                frame: &start,
+            },
+            state_ttl(ctx),
         )
-        .await;
+        .await?;
+    tracing::debug!(attempt, messages = messages.len(), "asking the model");
 
-    let mut text = String::new();
-    let mut usage: Option<Usage> = None;
+    let mut out = Deltas {
+        ctx,
+        sid,
+        turn,
+        attempt,
+        header,
+        published: String::new(),
+        raw: String::new(),
+        skip: None,
+        speakers,
+        pending: Vec::new(),
+        next_seq: 0,
+        last_flush: None,
+    };
     let outcome = generate(
-        ctx, sid, turn, &token, cancel, &messages, &header, &mut text, &mut usage,
+        ctx, sid, turn, &token, cancel, &messages, &stops, &mut out, &mut usage,
     )
     .await;
-    if let Outcome::Failed(err) = &outcome {
-        tracing::error!(cause = %err, code = err.code(), partial_chars = text.chars().count(), "LLM turn failed");
+    let outcome = match outcome {
+        Outcome::Superseded => Outcome::Superseded,
+        // Whatever the room has not been sent yet goes out now, so the stored text is exactly
+        // what every member rebuilt.
+        other => match out.flush(true).await {
+            Ok(true) => other,
+            Ok(false) => Outcome::Superseded,
+            Err(err) => return Err(err),
+        },
+    };
+    if matches!(outcome, Outcome::Superseded) {
+        tracing::info!("another worker took this turn over; leaving it to that worker");
+        return Ok(());
     }
-    finish(ctx, sid, turn, text, outcome, usage).await
+    usage.prompt_estimate = prompt_tokens;
+    usage.chunks = out.next_seq;
+    if let Outcome::Failed(err) = &outcome {
+        tracing::error!(cause = %err, code = err.code(), partial_chars = out.published.chars().count(), "LLM turn failed");
+    }
+    let end = Ending::new(ctx, sid, turn, &out.published, outcome, &usage);
+    finish(ctx, sid, turn, end).await
+}
+
+/// How long a turn's live state lives without being refreshed (the lease renewals and every
+/// flush refresh it): a dead worker's turn stays visible until another takes it over.
+fn state_ttl(ctx: &Ctx) -> Duration {
+    ctx.args.claim_idle() * 4
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -118,34 +207,46 @@ async fn generate(
     token: &str,
     cancel: &CancellationToken,
     messages: &[prompt::ChatMessage],
-    header: &Map<String, Value>,
-    text: &mut String,
-    usage: &mut Option<Usage>,
+    stops: &[String],
+    out: &mut Deltas<'_>,
+    usage: &mut UsageTally,
 ) -> Outcome {
     let asked = std::time::Instant::now();
     let mut completion = tokio::select! {
         _ = cancel.cancelled() => return Outcome::Cancelled,
-        c = ctx.provider.stream(messages) => match c {
+        c = ctx.provider.stream(messages, stops, ctx.args.llm_max_tokens) => match c {
             Ok(c) => c,
             Err(err) => return Outcome::Failed(err),
         },
     };
+    // From here on the provider has read the prompt: the turn spent tokens.
+    usage.provider_called = true;
     let mut first_token = true;
     // Keep the lease and the entry's claim fresh, and catch cancels whose notice was missed.
     let renew_every = (ctx.args.claim_idle() / 3).max(Duration::from_millis(300));
     let mut renew =
         tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
-    let mut seq: u64 = 0;
     let mut reason = String::from("stop");
     loop {
+        let flush_at = out.flush_due();
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return Outcome::Cancelled,
             _ = renew.tick() => {
-                let _ = ctx.store.turn_lock(sid, turn, token, ctx.args.claim_idle()).await;
+                match ctx.store.turn_lock(sid, turn, token, ctx.args.claim_idle()).await {
+                    Ok(TurnLock::Acquired) | Err(_) => {}
+                    Ok(TurnLock::Busy | TurnLock::Done(_)) => return Outcome::Superseded,
+                }
                 let _ = ctx.store.touch_claim(sid, &ctx.consumer, turn).await;
                 if ctx.store.is_cancelled(sid, turn).await.unwrap_or(false) {
                     return Outcome::Cancelled;
+                }
+            }
+            _ = sleep_until(flush_at), if flush_at.is_some() => {
+                match out.flush(false).await {
+                    Ok(true) => {}
+                    Ok(false) => return Outcome::Superseded,
+                    Err(err) => tracing::debug!(cause = %err, "deltas not published yet; retrying"),
                 }
             }
             ev = completion.next() => match ev {
@@ -154,15 +255,10 @@ async fn generate(
                         first_token = false;
                         metrics::histogram!(crate::metrics::LLM_FIRST_TOKEN_SECONDS).record(asked.elapsed().as_secs_f64());
                     }
-                    let frame = transient_frame("llm.delta", LLM_ROLE, sid, header, &json!({"delta": delta, "seq": seq}));
-                    if let Err(err) = ctx.store.publish_transient(sid, &frame).await {
-                        tracing::debug!(cause = %err, "delta not published");
-                    }
-                    seq += 1;
-                    text.push_str(&delta);
+                    out.push(&delta);
                 }
                 Ok(Some(Event::Finish(r))) => reason = r,
-                Ok(Some(Event::Usage(u))) => *usage = Some(u),
+                Ok(Some(Event::Usage(u))) => usage.reported = Some(u),
                 Ok(None) => {
                     metrics::histogram!(crate::metrics::LLM_TURN_SECONDS).record(asked.elapsed().as_secs_f64());
                     return Outcome::Done { reason };
@@ -173,6 +269,168 @@ async fn generate(
     }
 }
 
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The reply as the room sees it: deltas coalesced into batches, each published together with
+/// the text it brings the turn to.
+struct Deltas<'a> {
+    ctx: &'a Ctx,
+    sid: &'a str,
+    turn: StreamId,
+    attempt: u32,
+    header: Map<String, Value>,
+    /// The text every member has been sent.
+    published: String,
+    /// What the model wrote, as it wrote it (before a leading speaker prefix is dropped).
+    raw: String,
+    /// Bytes of `raw` that are the model's own speaker prefix, once that is decided.
+    skip: Option<usize>,
+    speakers: Vec<String>,
+    /// Deltas not yet published: (seq, text).
+    pending: Vec<(i64, String)>,
+    next_seq: u64,
+    last_flush: Option<tokio::time::Instant>,
+}
+
+impl Deltas<'_> {
+    fn push(&mut self, delta: &str) {
+        let before = self.raw.len();
+        self.raw.push_str(delta);
+        let from = match self.skip {
+            Some(_) => before,
+            None => match prompt::speaker_prefix_len(&self.raw, &self.speakers, false) {
+                None => return,
+                Some(skip) => {
+                    self.skip = Some(skip);
+                    if skip > 0 {
+                        tracing::debug!(prefix = %self.raw[..skip].trim(), "dropping the model's own speaker prefix");
+                    }
+                    skip
+                }
+            },
+        };
+        let text = &self.raw[from..];
+        if !text.is_empty() {
+            self.pending.push((self.next_seq as i64, text.to_owned()));
+            self.next_seq += 1;
+        }
+    }
+
+    /// When the pending deltas should go out: at once if the last flush was long enough ago.
+    fn flush_due(&self) -> Option<tokio::time::Instant> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        Some(
+            self.last_flush
+                .map_or_else(tokio::time::Instant::now, |t| t + FLUSH_EVERY),
+        )
+    }
+
+    /// Publishes the pending deltas with the text so far. `last`: the generation ended, so a
+    /// reply too short to have decided about a speaker prefix is decided now. `Ok(false)`:
+    /// another attempt owns the turn.
+    async fn flush(&mut self, last: bool) -> Result<bool, StoreError> {
+        if last && self.skip.is_none() {
+            let skip = prompt::speaker_prefix_len(&self.raw, &self.speakers, true).unwrap_or(0);
+            self.skip = Some(skip);
+            let text = self.raw[skip..].to_owned();
+            if !text.is_empty() {
+                self.pending.push((self.next_seq as i64, text));
+                self.next_seq += 1;
+            }
+        }
+        if self.pending.is_empty() {
+            return Ok(true);
+        }
+        let mut text = self.published.clone();
+        let frames: Vec<(i64, String)> = self
+            .pending
+            .iter()
+            .map(|(seq, delta)| {
+                text.push_str(delta);
+                let bd = json!({"delta": delta, "seq": seq});
+                let frame = transient_frame("llm.delta", LLM_ROLE, self.sid, &self.header, &bd);
+                (*seq, frame)
+            })
+            .collect();
+        let seq = frames.last().map_or(-1, |(s, _)| *s);
+        self.last_flush = Some(tokio::time::Instant::now());
+        let ok = self
+            .ctx
+            .store
+            .turn_progress(
+                self.sid,
+                self.turn,
+                self.attempt,
+                seq,
+                &text,
+                &frames,
+                state_ttl(self.ctx),
+            )
+            .await?;
+        if ok {
+            self.published = text;
+            self.pending.clear();
+        }
+        Ok(ok)
+    }
+}
+
+/// Tokens spent by earlier, dead attempts of a turn.
+#[derive(Debug, Clone, Copy, Default)]
+struct Spent {
+    prompt: u64,
+    completion: u64,
+}
+
+/// What a turn spent: the provider's own figures when it sent them, otherwise counted chunks
+/// and an estimated prompt.
+#[derive(Debug, Clone, Default)]
+struct UsageTally {
+    carried: Spent,
+    provider_called: bool,
+    reported: Option<Usage>,
+    prompt_estimate: u64,
+    chunks: u64,
+}
+
+impl UsageTally {
+    fn new(carried: Spent) -> Self {
+        Self {
+            carried,
+            ..Self::default()
+        }
+    }
+
+    fn spent_tokens(&self) -> bool {
+        self.provider_called || self.carried.prompt + self.carried.completion > 0
+    }
+
+    /// The turn's usage as stored in `bd.usage`.
+    fn total(&self) -> Value {
+        let carried = self.carried.prompt + self.carried.completion > 0;
+        let (prompt, completion, estimated) = match (self.reported, self.provider_called) {
+            (Some(u), _) => (u.prompt_tokens, u.completion_tokens, carried),
+            (None, true) => (self.prompt_estimate, self.chunks, true),
+            (None, false) => (0, 0, true),
+        };
+        let prompt = prompt + self.carried.prompt;
+        let completion = completion + self.carried.completion;
+        json!({
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "estimated": estimated,
+        })
+    }
+}
+
 fn turn_header(turn: StreamId, model: &str) -> Map<String, Value> {
     let mut header = Map::new();
     header.insert("turn_id".into(), Value::String(turn.to_string()));
@@ -180,85 +438,123 @@ fn turn_header(turn: StreamId, model: &str) -> Map<String, Value> {
     header
 }
 
-fn error_body(sid: &str, turn: StreamId, code: &str, message: &str, partial: &str) -> String {
+fn error_body(
+    sid: &str,
+    turn: StreamId,
+    code: &str,
+    message: &str,
+    text: &str,
+    usage: Option<&Value>,
+) -> String {
     let mut header = Map::new();
     header.insert("turn_id".into(), Value::String(turn.to_string()));
     header.insert("code".into(), Value::String(code.to_owned()));
     let mut bd = json!({"message": message});
-    if !partial.is_empty() {
-        bd["partial"] = Value::String(partial.to_owned());
+    if !text.is_empty() {
+        bd["partial"] = Value::String(text.to_owned());
+        bd["text"] = Value::String(text.to_owned());
+    }
+    if let Some(usage) = usage {
+        bd["usage"] = usage.clone();
     }
     new_body("llm.error", LLM_ROLE, None, sid, &header, &bd)
 }
 
-async fn finish(
-    ctx: &Ctx,
-    sid: &str,
-    turn: StreamId,
-    text: String,
-    outcome: Outcome,
-    usage: Option<Usage>,
-) -> Result<(), StoreError> {
-    let (event, body) = match &outcome {
-        Outcome::Failed(err) => (
-            "llm.error",
-            error_body(sid, turn, err.code(), err.human(), &text),
-        ),
-        Outcome::Done { reason } => (
-            "llm.response",
-            response_body(ctx, sid, turn, &text, reason, usage),
-        ),
-        Outcome::Cancelled => (
-            "llm.response",
-            response_body(ctx, sid, turn, &text, "cancelled", usage),
-        ),
-    };
-    finish_entry(ctx, sid, turn, event, &body).await?;
-    let outcome_label = match &outcome {
-        Outcome::Failed(_) => "error",
-        Outcome::Done { .. } => "response",
-        Outcome::Cancelled => "cancelled",
-    };
-    metrics::counter!(crate::metrics::LLM_TURNS, "outcome" => outcome_label).increment(1);
-    if let Some(u) = usage {
-        metrics::counter!(crate::metrics::LLM_TOKENS, "kind" => "prompt")
-            .increment(u.prompt_tokens);
-        metrics::counter!(crate::metrics::LLM_TOKENS, "kind" => "completion")
-            .increment(u.completion_tokens);
-    }
-    if let (Some(u), Some(url)) = (usage, ctx.args.usage_callback_url.clone()) {
-        let report = UsageReport::new(sid, &turn.to_string(), ctx.provider.model(), u);
-        let http = ctx.http.clone();
-        ctx.tracker.spawn(async move {
-            usage::report(&http, &url, &report).await;
+/// The final entry of a turn and its usage callback.
+struct Ending {
+    event: &'static str,
+    body: String,
+    callback: Option<String>,
+}
+
+impl Ending {
+    fn new(
+        ctx: &Ctx,
+        sid: &str,
+        turn: StreamId,
+        text: &str,
+        outcome: Outcome,
+        usage: &UsageTally,
+    ) -> Ending {
+        let model = ctx.provider.model();
+        let total = usage.total();
+        let (event, reason, body) = match &outcome {
+            Outcome::Failed(err) => {
+                let spent = usage.spent_tokens().then_some(&total);
+                let body = error_body(sid, turn, err.code(), err.human(), text, spent);
+                ("llm.error", err.code().to_owned(), body)
+            }
+            Outcome::Done { reason } => (
+                "llm.response",
+                reason.clone(),
+                response_body(sid, turn, model, text, reason, &total),
+            ),
+            Outcome::Cancelled | Outcome::Superseded => (
+                "llm.response",
+                "cancelled".to_owned(),
+                response_body(sid, turn, model, text, "cancelled", &total),
+            ),
+        };
+        let label = match &outcome {
+            Outcome::Failed(_) => "error",
+            Outcome::Done { .. } => "response",
+            Outcome::Cancelled | Outcome::Superseded => "cancelled",
+        };
+        metrics::counter!(crate::metrics::LLM_TURNS, "outcome" => label).increment(1);
+        let callback = (usage.spent_tokens() && ctx.args.usage_callback_url.is_some()).then(|| {
+            json!({
+                "type": "usage",
+                "session_id": sid,
+                "turn_id": turn.to_string(),
+                "model": model,
+                "prompt_tokens": total["prompt_tokens"],
+                "completion_tokens": total["completion_tokens"],
+                "total_tokens": total["total_tokens"],
+                "reason": reason,
+                "estimated": total["estimated"],
+            })
+            .to_string()
         });
+        if usage.spent_tokens() {
+            for (kind, field) in [
+                ("prompt", "prompt_tokens"),
+                ("completion", "completion_tokens"),
+            ] {
+                metrics::counter!(crate::metrics::LLM_TOKENS, "kind" => kind)
+                    .increment(total[field].as_u64().unwrap_or(0));
+            }
+        }
+        Ending {
+            event,
+            body,
+            callback,
+        }
     }
-    Ok(())
 }
 
 fn response_body(
-    ctx: &Ctx,
     sid: &str,
     turn: StreamId,
+    model: &str,
     text: &str,
     reason: &str,
-    usage: Option<Usage>,
+    usage: &Value,
 ) -> String {
-    let header = turn_header(turn, ctx.provider.model());
+    let header = turn_header(turn, model);
     let bd = json!({"text": text, "reason": reason, "usage": usage});
     new_body("llm.response", LLM_ROLE, None, sid, &header, &bd)
 }
 
-/// Stores the final entry (retrying through a short Redis outage). Exactly one final entry per
-/// turn: the script refuses a second one.
-async fn finish_entry(
-    ctx: &Ctx,
-    sid: &str,
-    turn: StreamId,
-    event: &str,
-    body: &str,
-) -> Result<(), StoreError> {
-    let stored = (|| ctx.store.finish_turn(sid, turn, LLM_ROLE, event, body))
+/// Stores the final entry and queues the usage callback (retrying through a short Redis
+/// outage). Exactly one final entry per turn: the script refuses a second one.
+async fn finish(ctx: &Ctx, sid: &str, turn: StreamId, end: Ending) -> Result<(), StoreError> {
+    let turn_end = TurnEnd {
+        participant: LLM_ROLE,
+        event: end.event,
+        body: &end.body,
+        usage_callback: end.callback.as_deref(),
+    };
+    let stored = (|| ctx.store.finish_turn(sid, turn, &turn_end))
         .retry(crate::retry::bounded(
             Duration::from_millis(100),
             Duration::from_secs(4),
@@ -268,7 +564,12 @@ async fn finish_entry(
         .notify(|err, _| tracing::warn!(cause = %err, "cannot store the turn's end yet; retrying"))
         .await?;
     match stored {
-        Finished::Stored(id) => tracing::info!(event, id = %id, "turn finished"),
+        Finished::Stored { id, ordinal } => {
+            tracing::info!(event = end.event, id = %id, ordinal, "turn finished");
+            if end.callback.is_some() {
+                ctx.usage_wake.notify_one();
+            }
+        }
         Finished::AlreadyDone(id) => {
             tracing::info!(existing = ?id.map(|i| i.to_string()), "turn was already answered; dropping this reply")
         }

@@ -48,6 +48,8 @@ pub(super) struct Ctx {
     pub active: DashMap<(String, StreamId), CancellationToken>,
     /// Rung when a room has new entries (cluster mode, where reads cannot block on every room).
     wake: Notify,
+    /// Rung when a turn queued a usage callback.
+    pub usage_wake: Notify,
     slots: Arc<Semaphore>,
 }
 
@@ -94,6 +96,7 @@ pub async fn run_worker(
         rooms: Mutex::new(BTreeSet::new()),
         active: DashMap::new(),
         wake: Notify::new(),
+        usage_wake: Notify::new(),
     });
     tracing::info!(consumer = %ctx.consumer, model = %ctx.provider.model(), base_url = %ctx.args.llm_base_url, "LLM participant starting");
 
@@ -116,6 +119,9 @@ pub async fn run_worker(
         tracker.spawn(registry_loop(ctx.clone(), from));
         tracker.spawn(cancel_loop(ctx.clone()));
         tracker.spawn(claim_loop(ctx.clone()));
+        if let Some(url) = ctx.args.usage_callback_url.clone() {
+            tracker.spawn(super::usage::deliver_loop(ctx.clone(), url));
+        }
         read_loop(ctx).await?;
     }
     Ok(())

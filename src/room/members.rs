@@ -9,13 +9,15 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::limits::TokenBucket;
 use crate::protocol::{delivery_frame, StreamId};
-use crate::store::{Live, Store, StoreError};
+use crate::store::{Live, Store, StoreError, TurnMark};
 
 /// A frame queued for one socket. `id` is set for stored entries so the session can skip what
 /// it already sent during a replay; transient frames have none.
 #[derive(Debug, Clone)]
 pub struct Outbound {
     pub id: Option<StreamId>,
+    /// Set for a live LLM frame: which turn, attempt and delta it carries.
+    pub turn: Option<TurnMark>,
     pub frame: Utf8Bytes,
 }
 
@@ -133,6 +135,16 @@ impl Room {
             Live::Transient(frame) => {
                 let out = Outbound {
                     id: None,
+                    turn: None,
+                    frame: frame.into(),
+                };
+                let mut st = self.lock();
+                self.fan_out(&mut st, &out);
+            }
+            Live::Turn { mark, frame } => {
+                let out = Outbound {
+                    id: None,
+                    turn: Some(mark),
                     frame: frame.into(),
                 };
                 let mut st = self.lock();
@@ -141,6 +153,7 @@ impl Room {
             Live::Entry { id, body } => {
                 let out = Outbound {
                     id: Some(id),
+                    turn: None,
                     frame: delivery_frame(id, "", "", &body).into(),
                 };
                 let mut st = self.lock();
@@ -213,6 +226,7 @@ impl Room {
                 for e in &page {
                     let out = Outbound {
                         id: Some(e.id),
+                        turn: None,
                         frame: delivery_frame(e.id, &e.participant, &e.event, &e.body).into(),
                     };
                     self.deliver_entry(&mut st, e.id, &out);

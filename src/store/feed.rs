@@ -19,7 +19,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::broadcast::Receiver;
 
 use super::keys::{Keys, TRANSIENT_MARK};
-use super::{Live, StoreError};
+use super::{Live, StoreError, TurnMark};
 use crate::protocol::StreamId;
 
 /// Longest wait for the server to confirm a re-subscription after a reconnect.
@@ -165,6 +165,11 @@ impl FeedHandle {
         let (head, rest) = payload.split_once('\n')?;
         let live = if head == TRANSIENT_MARK {
             Live::Transient(rest.to_owned())
+        } else if let Some(mark) = decode_turn_mark(head) {
+            Live::Turn {
+                mark,
+                frame: rest.to_owned(),
+            }
         } else {
             Live::Entry {
                 id: head.parse().ok()?,
@@ -218,6 +223,33 @@ impl FeedHandle {
     }
 }
 
+/// The pub/sub payload of a live LLM frame: `-s <turn> <attempt> <seq>` (start) or `-d ...`
+/// (delta), a newline, the frame. Stored entries start with their id and typing frames with a
+/// lone `-`, so the three never mix.
+pub(crate) fn encode_turn_frame(mark: TurnMark, frame: &str) -> String {
+    let kind = if mark.start { 's' } else { 'd' };
+    format!(
+        "-{kind} {} {} {}\n{frame}",
+        mark.turn, mark.attempt, mark.seq
+    )
+}
+
+fn decode_turn_mark(head: &str) -> Option<TurnMark> {
+    let start = match head.get(..3)? {
+        "-s " => true,
+        "-d " => false,
+        _ => return None,
+    };
+    let mut parts = head[3..].split(' ');
+    let mark = TurnMark {
+        turn: parts.next()?.parse().ok()?,
+        attempt: parts.next()?.parse().ok()?,
+        seq: parts.next()?.parse().ok()?,
+        start,
+    };
+    parts.next().is_none().then_some(mark)
+}
+
 /// The payload of a cancel notice on the cancel channel.
 pub(super) fn encode_cancel(sid: &str, turn: StreamId) -> String {
     format!("{sid} {turn}")
@@ -231,6 +263,23 @@ fn decode_cancel(payload: &str) -> Option<(&str, StreamId)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn turn_frames_round_trip() {
+        let mark = TurnMark {
+            turn: StreamId::new(17, 2),
+            attempt: 2,
+            seq: -1,
+            start: true,
+        };
+        let payload = encode_turn_frame(mark, "{\"hd\":{}}");
+        let (head, frame) = payload.split_once('\n').unwrap();
+        assert_eq!(decode_turn_mark(head), Some(mark));
+        assert_eq!(frame, "{\"hd\":{}}");
+        assert_eq!(decode_turn_mark("-"), None);
+        assert_eq!(decode_turn_mark("-d 1-0 1"), None);
+        assert_eq!(decode_turn_mark("17-2"), None);
+    }
 
     #[test]
     fn cancel_notice_round_trips() {

@@ -1,12 +1,17 @@
--- End one LLM turn: store its final entry, mark the turn done and acknowledge the request,
--- all at once, so a turn has exactly one final entry whatever crashes or races happen.
+-- End one LLM turn: store its final entry, mark the turn done, acknowledge the request, retire
+-- its live state and queue its usage callback, all at once, so a turn has exactly one final
+-- entry and one callback whatever crashes or races happen.
 --
 -- KEYS[1]  the room stream (also its channel)     KEYS[2]  the turn key
+-- KEYS[3]  the turn's live state   KEYS[4]  the room's turns in progress
+-- KEYS[5]  the room's turn counter   KEYS[6]  the room's usage outbox   KEYS[7]  its records
 -- ARGV[1]  MAXLEN ~ retention (0 = unbounded)
 -- ARGV[2]  participant   ARGV[3]  event   ARGV[4]  body
 -- ARGV[5]  consumer group   ARGV[6]  the request entry id (to XACK)   ARGV[7]  done-marker ttl, s
+-- ARGV[8]  how long the live state lingers, ms   ARGV[9]  now, ms
+-- ARGV[10] usage callback body, a JSON object without "turn" ('' = no callback)
 --
--- Returns {'stored', id} or, when some worker already finished this turn, {'done', id}.
+-- Returns {'stored', id, ordinal} or, when some worker already finished this turn, {'done', id}.
 local cur = redis.call('GET', KEYS[2])
 if cur and string.sub(cur, 1, 5) == 'done:' then
   redis.call('XACK', KEYS[1], ARGV[5], ARGV[6])
@@ -23,4 +28,12 @@ end
 redis.call('PUBLISH', KEYS[1], id .. '\n' .. ARGV[4])
 redis.call('SET', KEYS[2], 'done:' .. id, 'EX', ARGV[7])
 redis.call('XACK', KEYS[1], ARGV[5], ARGV[6])
-return {'stored', id}
+redis.call('ZREM', KEYS[4], ARGV[6])
+redis.call('PEXPIRE', KEYS[3], ARGV[8])
+local ordinal = redis.call('INCR', KEYS[5])
+if ARGV[10] ~= '' then
+  local body = string.sub(ARGV[10], 1, -2) .. ',"turn":' .. ordinal .. '}'
+  redis.call('HSET', KEYS[7], ARGV[6], body, ARGV[6] .. '#created', ARGV[9], ARGV[6] .. '#attempts', 0)
+  redis.call('ZADD', KEYS[6], ARGV[9], ARGV[6])
+end
+return {'stored', id, ordinal}

@@ -10,6 +10,13 @@
 //! | `chat:rooms` | stream | registry of rooms for LLM workers (`sid` field) |
 //! | `chat:llm:turn:{<room key>}:<turn>` | string | lease of a turn being answered, then `done:<reply id>` |
 //! | `chat:llm:cancel:{<room key>}:<turn>` | string | a cancelled turn |
+//! | `chat:llm:live:{<room key>}:<turn>` | hash | a turn in progress: attempt, text so far and the seq of its last delta, requester; expires shortly after the turn ends |
+//! | `chat:llm:active:{<room key>}` | sorted set | turns in progress in the room, by start time |
+//! | `chat:llm:turns:{<room key>}` | string | turns finished in the room (each turn's ordinal) |
+//! | `chat:usage:outbox:{<room key>}` | sorted set | usage callbacks to deliver, by due time |
+//! | `chat:usage:record:{<room key>}` | hash | their bodies and attempt counts |
+//! | `chat:usage:rooms` | sorted set | rooms with callbacks to deliver (by time of the last one added) |
+//! | `chat:usage:dead` | stream | usage callbacks that could not be delivered in time |
 //! | `chat:llm:rate:{<room key>}:<window>` | string | LLM turns counted per room per window |
 //! | `chat:llm:cancel` | pub/sub channel | cancel notices to workers (`<sid> <turn>`) |
 //! | `chat:llm:dead` | stream | LLM requests that failed too often |
@@ -57,6 +64,41 @@ impl Keys {
     /// `chat:llm:cancel:{chat:session:<sid>}:<turn>`: set when someone cancels a turn.
     pub fn cancel_flag(&self, sid: &str, turn: StreamId) -> String {
         format!("{}llm:cancel:{{{}}}:{turn}", self.root, self.room(sid))
+    }
+
+    /// `chat:llm:live:{chat:session:<sid>}:<turn>`: the state of a turn in progress.
+    pub fn turn_state(&self, sid: &str, turn: StreamId) -> String {
+        format!("{}llm:live:{{{}}}:{turn}", self.root, self.room(sid))
+    }
+
+    /// `chat:llm:active:{chat:session:<sid>}`: the room's turns in progress.
+    pub fn active_turns(&self, sid: &str) -> String {
+        format!("{}llm:active:{{{}}}", self.root, self.room(sid))
+    }
+
+    /// `chat:llm:turns:{chat:session:<sid>}`: how many turns the room has finished.
+    pub fn turn_counter(&self, sid: &str) -> String {
+        format!("{}llm:turns:{{{}}}", self.root, self.room(sid))
+    }
+
+    /// `chat:usage:outbox:{chat:session:<sid>}`: the room's usage callbacks, by due time.
+    pub fn usage_outbox(&self, sid: &str) -> String {
+        format!("{}usage:outbox:{{{}}}", self.root, self.room(sid))
+    }
+
+    /// `chat:usage:record:{chat:session:<sid>}`: bodies and attempt counts of those callbacks.
+    pub fn usage_records(&self, sid: &str) -> String {
+        format!("{}usage:record:{{{}}}", self.root, self.room(sid))
+    }
+
+    /// `chat:usage:rooms`: rooms with usage callbacks to deliver.
+    pub fn usage_rooms(&self) -> String {
+        format!("{}usage:rooms", self.root)
+    }
+
+    /// `chat:usage:dead`: usage callbacks given up on.
+    pub fn usage_dead(&self) -> String {
+        format!("{}usage:dead", self.root)
     }
 
     /// `chat:dedup:{chat:session:<sid>}:<sender>:<cid>`: the stream id stored for a client's

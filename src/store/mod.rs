@@ -15,11 +15,15 @@
 
 mod feed;
 pub mod keys;
+mod llm_group;
 mod turns;
+mod usage;
 
 pub use feed::{Feed, FeedEvent, FeedHandle};
 pub use keys::Keys;
-pub use turns::{Finished, GroupEntry, TurnLock};
+pub use llm_group::GroupEntry;
+pub use turns::{Finished, TurnBegin, TurnEnd, TurnLock, TurnState};
+pub use usage::PendingCallback;
 
 use std::time::Duration;
 
@@ -54,7 +58,13 @@ impl Lua {
 struct Scripts {
     append: Lua,
     turn_lock: Lua,
+    turn_begin: Lua,
+    turn_progress: Lua,
+    active_turns: Lua,
     finish: Lua,
+    usage_claim: Lua,
+    usage_settle: Lua,
+    usage_forget: Lua,
 }
 
 /// What can go wrong talking to Redis. Callers map it to `store_unavailable` for clients; the
@@ -99,8 +109,23 @@ pub struct Appended {
 pub enum Live {
     /// A stored entry, in stream order; `body` is the stored envelope.
     Entry { id: StreamId, body: String },
-    /// A frame that is not stored (typing, LLM deltas), ready to send.
+    /// A frame that is not stored (typing), ready to send.
     Transient(String),
+    /// An LLM turn's `llm.start` or `llm.delta`, ready to send, with where it belongs in the turn.
+    Turn { mark: TurnMark, frame: String },
+}
+
+/// Where a live LLM frame belongs: which turn, which attempt, and up to which delta. Lets every
+/// connection drop what it already has and never show a delta out of order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TurnMark {
+    pub turn: StreamId,
+    pub attempt: u32,
+    /// For a delta, its own seq; for a start, the seq of the last delta its text includes (-1:
+    /// none).
+    pub seq: i64,
+    /// `llm.start` (sets the turn's text) rather than `llm.delta` (appends to it).
+    pub start: bool,
 }
 
 /// Summary of a room's stream (`XINFO STREAM`).
@@ -174,7 +199,13 @@ impl Store {
             scripts: Scripts {
                 append: Lua::new(include_str!("append.lua")),
                 turn_lock: Lua::new(include_str!("turn_lock.lua")),
+                turn_begin: Lua::new(include_str!("turn_begin.lua")),
+                turn_progress: Lua::new(include_str!("turn_progress.lua")),
+                active_turns: Lua::new(include_str!("active_turns.lua")),
                 finish: Lua::new(include_str!("finish.lua")),
+                usage_claim: Lua::new(include_str!("usage_claim.lua")),
+                usage_settle: Lua::new(include_str!("usage_settle.lua")),
+                usage_forget: Lua::new(include_str!("usage_forget.lua")),
             },
         })
     }

@@ -1,6 +1,7 @@
 -- Take or renew the lease on one LLM turn.
 --
 -- KEYS[1]  the turn key (hash-tagged with the room key, so it lives on the room's shard)
+-- KEYS[2]  the turn's live state, kept alive as long as the lease
 -- ARGV[1]  the worker's token   ARGV[2]  lease in ms
 --
 -- Returns {'acquired'}, {'busy'} (another live worker holds it) or {'done', <reply id>}.
@@ -14,6 +15,8 @@ if string.sub(cur, 1, 5) == 'done:' then
 end
 if cur == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  -- The state outlives the lease a little, so a turn taken over still shows its last text.
+  redis.call('PEXPIRE', KEYS[2], 2 * tonumber(ARGV[2]))
   return {'acquired'}
 end
 return {'busy'}

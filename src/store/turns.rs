@@ -1,25 +1,18 @@
-//! Redis operations of the LLM participant: room discovery, the consumer group, turn leases,
-//! the atomic finish, cancel signals and the per-room turn rate.
+//! An LLM turn in Redis: its lease, its live state while it runs (so any member can catch up
+//! mid-reply, on any node, after any crash), the atomic finish with its usage callback, cancel
+//! signals and the per-room turn rate.
 //!
 //! Turn keys carry the room key as a hash tag (`chat:llm:turn:{chat:session:<sid>}:<turn>`), so
-//! a script may touch the room and its turn key together even on Redis Cluster.
+//! a script may touch the room and its turn keys together even on Redis Cluster.
 
 use std::time::Duration;
 
-use fred::prelude::{ClientLike, KeysInterface, PubsubInterface, StreamsInterface};
-use fred::types::{ClusterHash, CustomCommand, Value};
+use fred::interfaces::{HashesInterface, KeysInterface, PubsubInterface};
+use fred::types::Value;
 
-use super::{parse_item, value_str, BlockingConn, Entry, Store, StoreError};
+use super::feed::encode_turn_frame;
+use super::{value_str, Store, StoreError, TurnMark};
 use crate::protocol::StreamId;
-
-/// An entry read through the consumer group; `entry` is `None` when it was trimmed or deleted
-/// while pending (Redis then returns the id with a nil payload).
-#[derive(Debug, Clone)]
-pub struct GroupEntry {
-    pub sid: String,
-    pub id: StreamId,
-    pub entry: Option<Entry>,
-}
 
 /// The state of a turn's lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,308 +27,65 @@ pub enum TurnLock {
 /// What [`Store::finish_turn`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finished {
-    Stored(StreamId),
+    /// Stored as this entry; the turn is the room's `ordinal`-th.
+    Stored { id: StreamId, ordinal: u64 },
     /// Another worker finished first; nothing was written.
     AlreadyDone(Option<StreamId>),
 }
 
+/// A turn in progress as Redis holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TurnState {
+    pub turn: StreamId,
+    pub attempt: u32,
+    /// The seq of the last delta `text` includes; -1 before the first.
+    pub seq: i64,
+    pub text: String,
+    /// The role that asked.
+    pub requester: String,
+    /// The token subject that asked, when authenticated.
+    pub sub: Option<String>,
+    pub started_ms: u64,
+    pub model: String,
+    /// Estimated prompt tokens of this attempt.
+    pub prompt_tokens: u64,
+    /// Tokens spent by earlier attempts that died (completion: chunks they streamed).
+    pub carried_completion: u64,
+    pub carried_prompt: u64,
+}
+
+/// The start of an attempt, as [`Store::begin_turn`] records it.
+#[derive(Debug, Clone)]
+pub struct TurnBegin<'a> {
+    pub attempt: u32,
+    pub requester: &'a str,
+    pub sub: Option<&'a str>,
+    pub started_ms: u64,
+    pub model: &'a str,
+    pub prompt_tokens: u64,
+    pub carried_completion: u64,
+    pub carried_prompt: u64,
+    /// The `llm.start` frame announcing the attempt.
+    pub frame: &'a str,
+}
+
+/// The final entry of a turn, as [`Store::finish_turn`] stores it.
+#[derive(Debug, Clone)]
+pub struct TurnEnd<'a> {
+    pub participant: &'a str,
+    pub event: &'a str,
+    pub body: &'a str,
+    /// The usage callback body (a JSON object; the script adds `"turn"`), if tokens were spent.
+    pub usage_callback: Option<&'a str>,
+}
+
 /// How long the done-marker of a turn is kept: longer than any redelivery can take.
 const DONE_TTL_SECS: u64 = 24 * 3600;
+/// How long a finished turn's live state stays readable (a member catching up at that moment
+/// reads it, then finds the final entry in the stream).
+const STATE_LINGER_MS: u64 = 10_000;
 
 impl Store {
-    /// Records that a room exists, for workers that discover rooms by tailing the registry.
-    pub async fn announce_room(&self, sid: &str) -> Result<(), StoreError> {
-        let _: Value = self
-            .client
-            .xadd(
-                self.keys.rooms_registry(),
-                false,
-                ("MAXLEN", "~", 10_000),
-                "*",
-                vec![("sid", sid)],
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Registry entries after `after` (blocking up to `block` on `client`), as (id, sid).
-    pub async fn read_registry(
-        &self,
-        conn: &BlockingConn,
-        after: &str,
-        block: Duration,
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        let cmd = CustomCommand::new_static("XREAD", ClusterHash::Offset(5), true);
-        let args: Vec<Value> = vec![
-            "COUNT".into(),
-            1000.into(),
-            "BLOCK".into(),
-            (block.as_millis() as i64).into(),
-            "STREAMS".into(),
-            self.keys.rooms_registry().into(),
-            after.into(),
-        ];
-        let reply: Value = conn.0.custom(cmd, args).await?;
-        let mut out = Vec::new();
-        for (_, entries) in stream_pairs(reply) {
-            for item in entries {
-                let Value::Array(pair) = item else { continue };
-                let mut it = pair.into_iter();
-                let (Some(id), Some(Value::Array(fields))) = (it.next(), it.next()) else {
-                    continue;
-                };
-                let Some(id) = value_str(&id) else { continue };
-                let sid = fields.get(1).and_then(value_str).unwrap_or_default();
-                out.push((id, sid));
-            }
-        }
-        Ok(out)
-    }
-
-    /// The newest registry id, so a worker can start tailing from "now".
-    pub async fn registry_tail(&self) -> Result<String, StoreError> {
-        let reply: Value = self
-            .client
-            .xrevrange(self.keys.rooms_registry(), "+", "-", Some(1))
-            .await?;
-        Ok(super::parse_entries(reply)?
-            .first()
-            .map_or_else(|| "0-0".to_owned(), |e| e.id.to_string()))
-    }
-
-    /// Every room stream, by `SCAN` on every primary (used once at worker start, for rooms from
-    /// before it).
-    pub async fn scan_rooms(&self) -> Result<Vec<String>, StoreError> {
-        use fred::types::scan::{ScanType, Scanner};
-        use futures_util::TryStreamExt;
-
-        let pattern = format!("{}*", self.keys.prefix());
-        let keys: Vec<fred::types::Key> = if self.client.is_clustered() {
-            let mut pages = std::pin::pin!(self.client.scan_cluster(
-                pattern,
-                Some(1000),
-                Some(ScanType::Stream)
-            ));
-            let mut keys = Vec::new();
-            while let Some(mut page) = pages.try_next().await? {
-                keys.extend(page.take_results().unwrap_or_default());
-                page.next();
-            }
-            keys
-        } else {
-            self.client
-                .scan_buffered(pattern, Some(1000), Some(ScanType::Stream))
-                .try_collect()
-                .await?
-        };
-        Ok(keys
-            .iter()
-            .filter_map(|k| {
-                k.as_str()
-                    .and_then(|k| self.keys.sid_of(k))
-                    .map(str::to_owned)
-            })
-            .collect())
-    }
-
-    /// Creates the LLM group on a room at `start` (`0` or `$`); `Ok(false)` if it existed,
-    /// `Err` if the stream does not exist.
-    pub async fn ensure_group(&self, sid: &str, start: &str) -> Result<bool, StoreError> {
-        let res: Result<Value, _> = self
-            .client
-            .xgroup_create(self.keys.room(sid), self.llm_group.as_str(), start, false)
-            .await;
-        match res {
-            Ok(_) => Ok(true),
-            Err(err) if err.details().starts_with("BUSYGROUP") => Ok(false),
-            Err(err) => Err(err.into()),
-        }
-    }
-
-    /// `XREADGROUP` over many rooms on a dedicated client. `pending` re-reads this consumer's
-    /// own unacknowledged entries (`0`) instead of new ones (`>`).
-    pub async fn group_read(
-        &self,
-        conn: &BlockingConn,
-        consumer: &str,
-        sids: &[String],
-        pending: bool,
-        count: u64,
-        block: Option<Duration>,
-    ) -> Result<Vec<GroupEntry>, StoreError> {
-        if sids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let offset = if block.is_some() { 8 } else { 6 };
-        let cmd =
-            CustomCommand::new_static("XREADGROUP", ClusterHash::Offset(offset), block.is_some());
-        let mut args: Vec<Value> = vec![
-            "GROUP".into(),
-            self.llm_group.as_str().into(),
-            consumer.into(),
-            "COUNT".into(),
-            (count as i64).into(),
-        ];
-        if let Some(block) = block {
-            args.push("BLOCK".into());
-            args.push((block.as_millis() as i64).into());
-        }
-        args.push("STREAMS".into());
-        for sid in sids {
-            args.push(self.keys.room(sid).into());
-        }
-        let from = if pending { "0" } else { ">" };
-        args.extend(sids.iter().map(|_| Value::from(from)));
-        let reply: Value = conn.0.custom(cmd, args).await?;
-        let mut out = Vec::new();
-        for (key, entries) in stream_pairs(reply) {
-            let Some(sid) = self.keys.sid_of(&key).map(str::to_owned) else {
-                continue;
-            };
-            for (id, entry) in entries.into_iter().filter_map(parse_item) {
-                out.push(GroupEntry {
-                    sid: sid.clone(),
-                    id,
-                    entry,
-                });
-            }
-        }
-        Ok(out)
-    }
-
-    pub async fn ack(&self, sid: &str, id: StreamId) -> Result<(), StoreError> {
-        let _: Value = self
-            .client
-            .xack(self.keys.room(sid), self.llm_group.as_str(), id.to_string())
-            .await?;
-        Ok(())
-    }
-
-    /// Claims entries of `sid` idle for at least `min_idle` for `consumer` (`XAUTOCLAIM`),
-    /// returning them with how often each was delivered before. Deleted entries are acked.
-    pub async fn claim_idle(
-        &self,
-        sid: &str,
-        consumer: &str,
-        min_idle: Duration,
-    ) -> Result<Vec<(GroupEntry, u64)>, StoreError> {
-        let key = self.keys.room(sid);
-        let mut start = "0-0".to_owned();
-        let mut out = Vec::new();
-        loop {
-            let reply: Value = self
-                .client
-                .xautoclaim(
-                    key.as_str(),
-                    self.llm_group.as_str(),
-                    consumer,
-                    min_idle.as_millis() as u64,
-                    start.as_str(),
-                    Some(100),
-                    false,
-                )
-                .await?;
-            let Value::Array(parts) = reply else {
-                return Err(StoreError::Reply("XAUTOCLAIM reply is not an array"));
-            };
-            let mut parts = parts.into_iter();
-            let next = parts
-                .next()
-                .as_ref()
-                .and_then(value_str)
-                .unwrap_or_else(|| "0-0".into());
-            let claimed = parts.next().unwrap_or(Value::Null);
-            if let Value::Array(items) = claimed {
-                for (id, entry) in items.into_iter().filter_map(parse_item) {
-                    let deliveries = self.delivery_count(sid, id).await.unwrap_or(1);
-                    out.push((
-                        GroupEntry {
-                            sid: sid.to_owned(),
-                            id,
-                            entry,
-                        },
-                        deliveries,
-                    ));
-                }
-            }
-            // Redis 7 lists entries that were deleted while pending; they can never be served.
-            if let Some(Value::Array(deleted)) = parts.next() {
-                for d in deleted {
-                    if let Some(id) = value_str(&d).and_then(|s| s.parse::<StreamId>().ok()) {
-                        tracing::warn!(room = %sid, id = %id, "pending LLM entry was trimmed; acknowledging it");
-                        self.ack(sid, id).await?;
-                    }
-                }
-            }
-            if next == "0-0" {
-                return Ok(out);
-            }
-            start = next;
-        }
-    }
-
-    async fn delivery_count(&self, sid: &str, id: StreamId) -> Result<u64, StoreError> {
-        let cmd = CustomCommand::new_static("XPENDING", ClusterHash::FirstKey, false);
-        let ids = id.to_string();
-        let args: Vec<Value> = vec![
-            self.keys.room(sid).into(),
-            self.llm_group.as_str().into(),
-            ids.as_str().into(),
-            ids.as_str().into(),
-            1.into(),
-        ];
-        let reply: Value = self.client.custom(cmd, args).await?;
-        if let Value::Array(rows) = reply {
-            if let Some(Value::Array(row)) = rows.into_iter().next() {
-                if let Some(Value::Integer(n)) = row.get(3) {
-                    return Ok((*n).max(0) as u64);
-                }
-            }
-        }
-        Ok(0)
-    }
-
-    /// Resets the entry's idle time so no other worker claims a turn still being generated.
-    pub async fn touch_claim(
-        &self,
-        sid: &str,
-        consumer: &str,
-        id: StreamId,
-    ) -> Result<(), StoreError> {
-        let cmd = CustomCommand::new_static("XCLAIM", ClusterHash::FirstKey, false);
-        let args: Vec<Value> = vec![
-            self.keys.room(sid).into(),
-            self.llm_group.as_str().into(),
-            consumer.into(),
-            0.into(),
-            id.to_string().into(),
-            "JUSTID".into(),
-        ];
-        let _: Value = self.client.custom(cmd, args).await?;
-        Ok(())
-    }
-
-    /// Moves an entry that failed too often to the dead-letter stream and acknowledges it.
-    pub async fn dead_letter(&self, entry: &GroupEntry, deliveries: u64) -> Result<(), StoreError> {
-        let body = entry.entry.as_ref().map(|e| e.body.as_str()).unwrap_or("");
-        let _: Value = self
-            .client
-            .xadd(
-                self.keys.dead_letters(),
-                false,
-                ("MAXLEN", "~", 10_000),
-                "*",
-                vec![
-                    ("sid", entry.sid.as_str()),
-                    ("id", &entry.id.to_string()),
-                    ("deliveries", &deliveries.to_string()),
-                    ("body", body),
-                ],
-            )
-            .await?;
-        self.ack(&entry.sid, entry.id).await
-    }
-
     /// Takes or renews the lease on a turn.
     pub async fn turn_lock(
         &self,
@@ -344,14 +94,10 @@ impl Store {
         token: &str,
         lease: Duration,
     ) -> Result<TurnLock, StoreError> {
-        let key = self.keys.turn(sid, turn);
+        let keys = vec![self.keys.turn(sid, turn), self.keys.turn_state(sid, turn)];
         let lease = (lease.as_millis() as u64).to_string();
         let reply: Value = self
-            .eval_script(
-                &self.scripts.turn_lock,
-                key.as_str(),
-                vec![token, lease.as_str()],
-            )
+            .eval_script(&self.scripts.turn_lock, keys, vec![token, lease.as_str()])
             .await?;
         let Value::Array(parts) = reply else {
             return Err(StoreError::Reply("turn lock reply is not an array"));
@@ -369,27 +115,147 @@ impl Store {
         }
     }
 
-    /// Stores the turn's final entry, marks it done and acks the request, atomically.
+    /// Records the start of an attempt and publishes its `llm.start`, atomically.
+    pub async fn begin_turn(
+        &self,
+        sid: &str,
+        turn: StreamId,
+        begin: &TurnBegin<'_>,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let keys = vec![
+            self.keys.room(sid),
+            self.keys.turn_state(sid, turn),
+            self.keys.active_turns(sid),
+        ];
+        let mark = TurnMark {
+            turn,
+            attempt: begin.attempt,
+            seq: -1,
+            start: true,
+        };
+        let args: Vec<String> = vec![
+            begin.attempt.to_string(),
+            begin.requester.to_owned(),
+            begin.sub.unwrap_or("").to_owned(),
+            begin.started_ms.to_string(),
+            begin.model.to_owned(),
+            begin.prompt_tokens.to_string(),
+            begin.carried_completion.to_string(),
+            begin.carried_prompt.to_string(),
+            (ttl.as_millis() as u64).to_string(),
+            turn.to_string(),
+            encode_turn_frame(mark, begin.frame),
+        ];
+        let _: Value = self
+            .eval_script(&self.scripts.turn_begin, keys, args)
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes deltas `frames` (ending at `seq`) and records `text` as the text so far,
+    /// atomically. `Ok(false)`: the turn belongs to another attempt now; nothing was published.
+    pub async fn turn_progress(
+        &self,
+        sid: &str,
+        turn: StreamId,
+        attempt: u32,
+        seq: i64,
+        text: &str,
+        frames: &[(i64, String)],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let keys = vec![self.keys.room(sid), self.keys.turn_state(sid, turn)];
+        let mut args: Vec<String> = vec![
+            attempt.to_string(),
+            seq.to_string(),
+            text.to_owned(),
+            (ttl.as_millis() as u64).to_string(),
+        ];
+        args.extend(frames.iter().map(|(seq, frame)| {
+            let mark = TurnMark {
+                turn,
+                attempt,
+                seq: *seq,
+                start: false,
+            };
+            encode_turn_frame(mark, frame)
+        }));
+        let reply: Value = self
+            .eval_script(&self.scripts.turn_progress, keys, args)
+            .await?;
+        Ok(matches!(reply, Value::Integer(1)))
+    }
+
+    /// The room's turns in progress, oldest first.
+    pub async fn active_turns(&self, sid: &str) -> Result<Vec<TurnState>, StoreError> {
+        let prefix = self.keys.turn_state(sid, StreamId::ZERO);
+        let prefix = prefix.trim_end_matches(&StreamId::ZERO.to_string());
+        let reply: Value = self
+            .eval_script(
+                &self.scripts.active_turns,
+                self.keys.active_turns(sid),
+                vec![prefix],
+            )
+            .await?;
+        let Value::Array(items) = reply else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        let mut it = items.into_iter();
+        while let (Some(turn), Some(fields)) = (it.next(), it.next()) {
+            let Some(turn) = value_str(&turn).and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            out.push(turn_state(turn, fields));
+        }
+        Ok(out)
+    }
+
+    /// The live state of one turn, if it is in progress (or just ended).
+    pub async fn turn_state(
+        &self,
+        sid: &str,
+        turn: StreamId,
+    ) -> Result<Option<TurnState>, StoreError> {
+        let reply: Value = self.client.hgetall(self.keys.turn_state(sid, turn)).await?;
+        let state = turn_state(turn, reply);
+        Ok((state.attempt > 0).then_some(state))
+    }
+
+    /// Stores the turn's final entry, marks it done, acks the request, retires its live state
+    /// and queues its usage callback, atomically.
     pub async fn finish_turn(
         &self,
         sid: &str,
         turn: StreamId,
-        participant: &str,
-        event: &str,
-        body: &str,
+        end: &TurnEnd<'_>,
     ) -> Result<Finished, StoreError> {
-        let keys = vec![self.keys.room(sid), self.keys.turn(sid, turn)];
-        let retention = self.retention.to_string();
-        let turn_s = turn.to_string();
-        let ttl = DONE_TTL_SECS.to_string();
-        let args = vec![
-            retention.as_str(),
-            participant,
-            event,
-            body,
-            self.llm_group.as_str(),
-            turn_s.as_str(),
-            ttl.as_str(),
+        let keys = vec![
+            self.keys.room(sid),
+            self.keys.turn(sid, turn),
+            self.keys.turn_state(sid, turn),
+            self.keys.active_turns(sid),
+            self.keys.turn_counter(sid),
+            self.keys.usage_outbox(sid),
+            self.keys.usage_records(sid),
+        ];
+        if end.usage_callback.is_some() {
+            // Before the script: the index lives on another shard under Redis Cluster, and a
+            // room listed with nothing to send costs one empty read.
+            self.note_usage_room(sid).await?;
+        }
+        let args: Vec<String> = vec![
+            self.retention.to_string(),
+            end.participant.to_owned(),
+            end.event.to_owned(),
+            end.body.to_owned(),
+            self.llm_group.clone(),
+            turn.to_string(),
+            DONE_TTL_SECS.to_string(),
+            STATE_LINGER_MS.to_string(),
+            crate::protocol::now_ms().to_string(),
+            end.usage_callback.unwrap_or("").to_owned(),
         ];
         let reply: Value = self.eval_script(&self.scripts.finish, keys, args).await?;
         let Value::Array(parts) = reply else {
@@ -400,7 +266,10 @@ impl Store {
             .and_then(value_str)
             .and_then(|s| s.parse().ok());
         match (parts.first().and_then(value_str).as_deref(), id) {
-            (Some("stored"), Some(id)) => Ok(Finished::Stored(id)),
+            (Some("stored"), Some(id)) => Ok(Finished::Stored {
+                id,
+                ordinal: parts.get(2).and_then(Value::as_u64).unwrap_or(0),
+            }),
             (Some("done"), id) => Ok(Finished::AlreadyDone(id)),
             _ => Err(StoreError::Reply("finish reply unknown")),
         }
@@ -446,30 +315,45 @@ impl Store {
     }
 }
 
-/// `XREAD`/`XREADGROUP` reply → (key, entries) pairs, for RESP2 arrays and RESP3 maps.
-fn stream_pairs(reply: Value) -> Vec<(String, Vec<Value>)> {
-    let mut out = Vec::new();
-    match reply {
-        Value::Array(streams) => {
-            for s in streams {
-                let Value::Array(pair) = s else { continue };
-                let mut it = pair.into_iter();
-                let (Some(k), Some(Value::Array(entries))) = (it.next(), it.next()) else {
-                    continue;
-                };
-                if let Some(k) = value_str(&k) {
-                    out.push((k, entries));
+/// `HGETALL` of a turn's state → [`TurnState`]; missing fields stay at their defaults.
+fn turn_state(turn: StreamId, fields: Value) -> TurnState {
+    let mut state = TurnState {
+        turn,
+        seq: -1,
+        ..TurnState::default()
+    };
+    let pairs: Vec<(String, String)> = match fields {
+        Value::Array(items) => {
+            let mut it = items.into_iter();
+            let mut pairs = Vec::new();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                if let (Some(k), Some(v)) = (value_str(&k), value_str(&v)) {
+                    pairs.push((k, v));
                 }
             }
+            pairs
         }
-        Value::Map(map) => {
-            for (k, v) in map.inner() {
-                if let (Some(k), Value::Array(entries)) = (k.as_str().map(|s| s.to_string()), v) {
-                    out.push((k, entries));
-                }
-            }
+        Value::Map(map) => map
+            .inner()
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.as_str()?.to_string(), value_str(&v)?)))
+            .collect(),
+        _ => Vec::new(),
+    };
+    for (k, v) in pairs {
+        match k.as_str() {
+            "attempt" => state.attempt = v.parse().unwrap_or(0),
+            "seq" => state.seq = v.parse().unwrap_or(-1),
+            "text" => state.text = v,
+            "requester" => state.requester = v,
+            "sub" => state.sub = (!v.is_empty()).then_some(v),
+            "started" => state.started_ms = v.parse().unwrap_or(0),
+            "model" => state.model = v,
+            "prompt" => state.prompt_tokens = v.parse().unwrap_or(0),
+            "carried_completion" => state.carried_completion = v.parse().unwrap_or(0),
+            "carried_prompt" => state.carried_prompt = v.parse().unwrap_or(0),
+            _ => {}
         }
-        _ => {}
     }
-    out
+    state
 }

@@ -1,0 +1,172 @@
+//! The usage-callback outbox: callbacks the finish script queued, delivered by any worker with
+//! leases, retries at stored due times, and a dead-letter stream.
+//!
+//! Each room has its own outbox (a sorted set by due time, beside the room's keys, so the finish
+//! script can write it atomically with the final entry even on Redis Cluster). A global index
+//! of rooms with callbacks lets workers find them without scanning; a room is listed before its
+//! callback is queued and unlisted only when its outbox is empty and nothing was added to it
+//! for a while, so no callback is ever left unlisted.
+
+use fred::interfaces::{SortedSetsInterface, StreamsInterface};
+use fred::types::Value;
+
+use super::{value_str, Store, StoreError};
+
+/// A room stays in the index this long after its last callback was queued, even when empty.
+const INDEX_GRACE_MS: u64 = 5 * 60 * 1000;
+
+/// One callback taken for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingCallback {
+    pub sid: String,
+    pub turn: String,
+    pub body: String,
+    pub created_ms: u64,
+    /// Attempts so far, this one included.
+    pub attempts: u64,
+}
+
+impl Store {
+    /// Lists a room in the index of rooms with callbacks to deliver.
+    pub(super) async fn note_usage_room(&self, sid: &str) -> Result<(), StoreError> {
+        let now = crate::protocol::now_ms() as f64;
+        let _: Value = self
+            .client
+            .zadd(
+                self.keys.usage_rooms(),
+                None,
+                None,
+                false,
+                false,
+                (now, sid),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Rooms that may have callbacks to deliver (at most `count`).
+    pub async fn usage_rooms(&self, count: i64) -> Result<Vec<String>, StoreError> {
+        let reply: Value = self
+            .client
+            .zrange(
+                self.keys.usage_rooms(),
+                0,
+                count - 1,
+                None,
+                false,
+                None,
+                false,
+            )
+            .await?;
+        Ok(match reply {
+            Value::Array(items) => items.iter().filter_map(value_str).collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    /// Takes up to `count` due callbacks of a room under a lease of `lease_ms`; also returns how
+    /// many callbacks the room has pending in all.
+    pub async fn claim_usage(
+        &self,
+        sid: &str,
+        lease_ms: u64,
+        count: u64,
+    ) -> Result<(u64, Vec<PendingCallback>), StoreError> {
+        let keys = vec![self.keys.usage_outbox(sid), self.keys.usage_records(sid)];
+        let args = vec![
+            crate::protocol::now_ms().to_string(),
+            lease_ms.to_string(),
+            count.to_string(),
+        ];
+        let reply: Value = self
+            .eval_script(&self.scripts.usage_claim, keys, args)
+            .await?;
+        let Value::Array(items) = reply else {
+            return Err(StoreError::Reply("usage claim reply is not an array"));
+        };
+        let mut it = items.into_iter();
+        let pending = it.next().and_then(|v| v.as_u64()).unwrap_or(0);
+        let claimed = it
+            .filter_map(|item| {
+                let Value::Array(parts) = item else {
+                    return None;
+                };
+                let text = |i: usize| parts.get(i).and_then(value_str);
+                Some(PendingCallback {
+                    sid: sid.to_owned(),
+                    turn: text(0)?,
+                    body: text(1)?,
+                    created_ms: text(2).and_then(|t| t.parse().ok()).unwrap_or(0),
+                    attempts: parts.get(3).and_then(Value::as_u64).unwrap_or(1),
+                })
+            })
+            .collect();
+        Ok((pending, claimed))
+    }
+
+    /// Delivered: forget the callback.
+    pub async fn usage_delivered(&self, cb: &PendingCallback) -> Result<(), StoreError> {
+        self.settle_usage(cb, "drop", 0).await
+    }
+
+    /// Not delivered yet: try again at `due_ms`.
+    pub async fn usage_retry_at(
+        &self,
+        cb: &PendingCallback,
+        due_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.settle_usage(cb, "retry", due_ms).await
+    }
+
+    /// Given up: the callback moves to the dead-letter stream.
+    pub async fn usage_dead_letter(
+        &self,
+        cb: &PendingCallback,
+        last_error: &str,
+    ) -> Result<(), StoreError> {
+        let _: Value = self
+            .client
+            .xadd(
+                self.keys.usage_dead(),
+                false,
+                ("MAXLEN", "~", 100_000),
+                "*",
+                vec![
+                    ("sid", cb.sid.as_str()),
+                    ("turn_id", cb.turn.as_str()),
+                    ("attempts", &cb.attempts.to_string()),
+                    ("last_error", last_error),
+                    ("body", cb.body.as_str()),
+                ],
+            )
+            .await?;
+        self.settle_usage(cb, "drop", 0).await
+    }
+
+    async fn settle_usage(
+        &self,
+        cb: &PendingCallback,
+        how: &str,
+        due_ms: u64,
+    ) -> Result<(), StoreError> {
+        let keys = vec![
+            self.keys.usage_outbox(&cb.sid),
+            self.keys.usage_records(&cb.sid),
+        ];
+        let args = vec![cb.turn.clone(), how.to_owned(), due_ms.to_string()];
+        let _: Value = self
+            .eval_script(&self.scripts.usage_settle, keys, args)
+            .await?;
+        Ok(())
+    }
+
+    /// Unlists a room whose outbox is empty, unless a callback was queued there recently.
+    pub async fn forget_usage_room(&self, sid: &str) -> Result<(), StoreError> {
+        let stale_before = crate::protocol::now_ms().saturating_sub(INDEX_GRACE_MS);
+        let args = vec![sid.to_owned(), stale_before.to_string()];
+        let _: Value = self
+            .eval_script(&self.scripts.usage_forget, self.keys.usage_rooms(), args)
+            .await?;
+        Ok(())
+    }
+}
