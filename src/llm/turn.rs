@@ -20,7 +20,7 @@ use super::prompt::{self, emotion_guidance};
 use super::provider::{Event, LlmError, Usage};
 use super::worker::Ctx;
 use crate::protocol::{new_body, transient_frame, StreamId, LLM_ROLE};
-use crate::store::{Entry, Finished, StoreError, TurnBegin, TurnEnd, TurnLock};
+use crate::store::{Entry, Finished, StoreError, TurnBegin, TurnEnd, TurnLock, TurnProgress};
 
 /// Deltas are published (and the text so far recorded) at most this often per turn.
 const FLUSH_EVERY: Duration = Duration::from_millis(40);
@@ -367,10 +367,12 @@ impl Deltas<'_> {
             .turn_progress(
                 self.sid,
                 self.turn,
-                self.attempt,
-                seq,
-                &text,
-                &frames,
+                &TurnProgress {
+                    attempt: self.attempt,
+                    seq,
+                    text: &text,
+                    frames: &frames,
+                },
                 state_ttl(self.ctx),
             )
             .await?;

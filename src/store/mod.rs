@@ -22,7 +22,7 @@ mod usage;
 pub use feed::{Feed, FeedEvent, FeedHandle};
 pub use keys::Keys;
 pub use llm_group::GroupEntry;
-pub use turns::{Finished, TurnBegin, TurnEnd, TurnLock, TurnState};
+pub use turns::{Finished, TurnBegin, TurnEnd, TurnLock, TurnProgress, TurnState};
 pub use usage::PendingCallback;
 
 use std::time::Duration;

@@ -69,6 +69,18 @@ pub struct TurnBegin<'a> {
     pub frame: &'a str,
 }
 
+/// The next deltas of an attempt, as [`Store::turn_progress`] publishes them.
+#[derive(Debug, Clone, Copy)]
+pub struct TurnProgress<'a> {
+    pub attempt: u32,
+    /// The seq of the last delta in `frames`.
+    pub seq: i64,
+    /// The text so far, these deltas included.
+    pub text: &'a str,
+    /// The `llm.delta` frames with their seqs, in order.
+    pub frames: &'a [(i64, String)],
+}
+
 /// The final entry of a turn, as [`Store::finish_turn`] stores it.
 #[derive(Debug, Clone)]
 pub struct TurnEnd<'a> {
@@ -153,18 +165,21 @@ impl Store {
         Ok(())
     }
 
-    /// Publishes deltas `frames` (ending at `seq`) and records `text` as the text so far,
-    /// atomically. `Ok(false)`: the turn belongs to another attempt now; nothing was published.
+    /// Publishes the deltas of `progress` and records its text as the text so far, atomically.
+    /// `Ok(false)`: the turn belongs to another attempt now; nothing was published.
     pub async fn turn_progress(
         &self,
         sid: &str,
         turn: StreamId,
-        attempt: u32,
-        seq: i64,
-        text: &str,
-        frames: &[(i64, String)],
+        progress: &TurnProgress<'_>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
+        let TurnProgress {
+            attempt,
+            seq,
+            text,
+            frames,
+        } = *progress;
         let keys = vec![self.keys.room(sid), self.keys.turn_state(sid, turn)];
         let mut args: Vec<String> = vec![
             attempt.to_string(),
