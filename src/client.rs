@@ -227,6 +227,8 @@ struct View {
     interactive: bool,
     /// The LLM turn being streamed, if any (its deltas are printed in place).
     current_turn: Option<String>,
+    /// Where the printed text of that turn is: attempt and the seq of its last delta.
+    turn_pos: (u64, i64),
     streaming: bool,
 }
 
@@ -235,6 +237,7 @@ impl View {
         Self {
             interactive,
             current_turn: None,
+            turn_pos: (0, -1),
             streaming: false,
         }
     }
@@ -265,8 +268,12 @@ impl View {
         let hd = &frame["hd"];
         let event = hd["event"].as_str().unwrap_or_default();
         if let Some(turn) = hd["turn_id"].as_str() {
-            if event == "llm.start" || event == "llm.delta" {
+            if (event == "llm.start" || event == "llm.delta")
+                && self.current_turn.as_deref() != Some(turn)
+            {
                 self.current_turn = Some(turn.to_owned());
+                self.turn_pos = (0, -1);
+                self.streaming = false;
             }
         }
         if !self.interactive {
@@ -277,12 +284,28 @@ impl View {
         let time = hd["ts"].as_u64().map(clock).unwrap_or_default();
         let text = frame["bd"]["text"].as_str().unwrap_or_default();
         match event {
+            // llm.start sets the turn's text (the reply so far, up to delta bd.seq; a new attempt
+            // starts over); each next-seq llm.delta appends.
             "llm.start" => {
+                let bd = &frame["bd"];
+                let attempt = bd["attempt"].as_u64().unwrap_or(1);
+                let seq = bd["seq"].as_i64().unwrap_or(-1);
+                let (had_attempt, had_seq) = self.turn_pos;
+                if attempt < had_attempt || (attempt == had_attempt && seq <= had_seq) {
+                    return;
+                }
                 self.end_stream();
-                self.out(&format!("{time} llm: "));
+                let again = if attempt > 1 { " (again)" } else { "" };
+                self.out(&format!("{time} llm{again}: {text}"));
+                self.turn_pos = (attempt, seq);
                 self.streaming = true;
             }
             "llm.delta" => {
+                let seq = frame["bd"]["seq"].as_i64().unwrap_or(-1);
+                if seq != self.turn_pos.1 + 1 {
+                    return;
+                }
+                self.turn_pos.1 = seq;
                 if !self.streaming {
                     self.out(&format!("{time} llm: "));
                     self.streaming = true;

@@ -116,7 +116,7 @@
     role: 'A',
     token: '',
     pending: new Map(),  // cid -> { el, event, text, state } for our own sends until their entry arrives
-    turns: new Map(),    // turn_id -> { el, parts: [], state }
+    turns: new Map(),    // turn_id -> { el, text, seq, attempt, state }
     presence: new Map(), // "role\u0000conn" -> join count minus leave count
     typing: new Map(),   // role -> timeout handle
   };
@@ -195,7 +195,7 @@
       const cancel = el('button', { type: 'button', class: 'cancel', text: 'Cancel', onclick: () => cancelTurn(turnId, cancel) });
       const node = el('li', { class: 'msg llm', 'data-turn': turnId, 'data-role': 'llm', 'data-state': 'streaming' },
         [badge('llm'), timeEl(Date.now()), el('div', { class: 'text' }), cancel]);
-      t = { el: node, parts: [], state: 'streaming' };
+      t = { el: node, text: '', seq: -1, attempt: 0, state: 'streaming' };
       view.turns.set(turnId, t);
       list().append(node);
       stickToBottom();
@@ -301,7 +301,7 @@
         }
         setStoredAttrs(node, frame);
         if (hd.event === 'llm.response') {
-          node.querySelector('.text').textContent = bd.text ?? t.parts.join('');
+          node.querySelector('.text').textContent = bd.text ?? t.text;
           finishTurn(t, bd.reason === 'cancelled' ? 'cancelled' : 'done');
           if (bd.reason === 'cancelled') node.append(el('span', { class: 'note', text: '(cancelled)' }));
           const u = bd.usage;
@@ -360,17 +360,30 @@
         renderTyping();
         return;
       }
-      case 'llm.start':
-        if (hd.turn_id) turnFor(hd.turn_id);
+      // The rule for a reply in progress: llm.start sets the turn's text to bd.text (the reply
+      // so far, up to delta bd.seq; a new attempt starts over); each next-seq llm.delta appends.
+      case 'llm.start': {
+        const t = hd.turn_id && turnFor(hd.turn_id);
+        const bd = frame.bd || {};
+        if (!t || t.state !== 'streaming') return;
+        const attempt = Number.isInteger(bd.attempt) ? bd.attempt : 1;
+        const seq = Number.isInteger(bd.seq) ? bd.seq : -1;
+        if (attempt < t.attempt || (attempt === t.attempt && seq <= t.seq)) return; // stale catch-up
+        t.attempt = attempt;
+        t.seq = seq;
+        t.text = typeof bd.text === 'string' ? bd.text : '';
+        t.el.querySelector('.text').textContent = t.text;
+        stickToBottom();
         return;
+      }
       case 'llm.delta': {
         const t = hd.turn_id && turnFor(hd.turn_id);
         const bd = frame.bd || {};
         if (!t || t.state !== 'streaming' || typeof bd.delta !== 'string') return; // late delta after the final
-        const seq = Number.isInteger(bd.seq) ? bd.seq : t.parts.length;
-        if (t.parts[seq] !== undefined) return; // duplicate seq
-        t.parts[seq] = bd.delta;
-        t.el.querySelector('.text').textContent = t.parts.join(''); // join() skips holes, keeping seq order
+        if (bd.seq !== t.seq + 1) return; // a duplicate (or, never from the relay, a gap)
+        t.seq = bd.seq;
+        t.text += bd.delta;
+        t.el.querySelector('.text').textContent = t.text;
         stickToBottom();
         return;
       }
