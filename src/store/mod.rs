@@ -14,9 +14,11 @@
 //! Every command has a timeout so a dead Redis turns into `store_unavailable`, not silence.
 
 pub mod keys;
+mod stats;
 mod turns;
 
 pub use keys::Keys;
+pub use stats::RoomStats;
 pub use turns::{Finished, GroupEntry, TurnLock};
 
 use std::time::Duration;
@@ -239,7 +241,7 @@ impl Store {
         body: &str,
         dedup: Option<(&str, &str)>,
     ) -> Result<Appended, StoreError> {
-        let mut keys = vec![self.keys.room(sid)];
+        let mut keys = vec![self.keys.room(sid), self.keys.stats(sid)];
         if let Some((sender, cid)) = dedup {
             keys.push(self.keys.dedup(sid, sender, cid));
         }

@@ -382,7 +382,11 @@ impl Store {
         event: &str,
         body: &str,
     ) -> Result<Finished, StoreError> {
-        let keys = vec![self.keys.room(sid), self.keys.turn(sid, turn)];
+        let keys = vec![
+            self.keys.room(sid),
+            self.keys.turn(sid, turn),
+            self.keys.stats(sid),
+        ];
         let retention = self.retention.to_string();
         let turn_s = turn.to_string();
         let ttl = DONE_TTL_SECS.to_string();
