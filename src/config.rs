@@ -191,8 +191,13 @@ impl ServeConfig {
                 return Err(ConfigError::Zero(name));
             }
         }
-        if self.ping_secs == 0 {
-            return Err(ConfigError::Zero("--ping-secs"));
+        for (name, v) in [
+            ("--ping-secs", self.ping_secs),
+            ("--write-timeout-secs", self.write_timeout_secs),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(name));
+            }
         }
         if self.redis.key_prefix.contains(['{', '}']) {
             return Err(ConfigError::BadPrefix);

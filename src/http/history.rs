@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::{checked_sid, ApiError};
 use crate::auth::request_token;
 use crate::protocol::{delivery_frame, ErrorCode, StreamId};
-use crate::relay::Shared;
+use crate::state::Shared;
 
 const DEFAULT_PAGE: u64 = 100;
 const MAX_PAGE: u64 = 1000;

@@ -1,4 +1,4 @@
-//! The HTTP API: room history and info, health, and the browser page.
+//! The HTTP API: room history and info, publish and events, health, and the browser page.
 
 mod error;
 mod history;
@@ -15,9 +15,9 @@ use axum::{Json, Router};
 pub use error::ApiError;
 
 use crate::protocol::{valid_sid, ErrorCode};
-use crate::relay::Shared;
+use crate::state::Shared;
 
-pub fn router() -> Router<Arc<Shared>> {
+pub(crate) fn router() -> Router<Arc<Shared>> {
     Router::new()
         .route("/", get(index))
         .route("/app.js", get(app_js))
