@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{AuthConfigError, Authenticator};
 use crate::config::{ConfigError, ServeConfig, Toggle};
 use crate::dispatch::RolePolicy;
+use crate::http::HttpSettings;
 use crate::ingress::{BudgetSettings, Ingress};
 use crate::limits::ConnCounter;
 use crate::room::Rooms;
@@ -94,9 +95,15 @@ pub async fn run(
         node_id: node_id(),
     });
 
-    let app = crate::http::router()
+    let http = HttpSettings {
+        max_body: cfg.max_frame_bytes,
+        timeout: Duration::from_secs(cfg.http_timeout_secs),
+        allowed_origins: cfg.auth.allowed_origins.clone(),
+    };
+    let app = crate::http::router(&http)
         .merge(crate::ws::router())
         .with_state(shared.clone());
+    let app = crate::http::observed(app, &shared.node_id);
     let addr = listener.local_addr().ok();
     tracing::info!(addr = ?addr, redis = %cfg.redis.redis_url, node = %shared.node_id, "relay listening");
     // Small frames must leave at once: Nagle's algorithm would hold them for the peer's ACK.
