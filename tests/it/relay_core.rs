@@ -198,7 +198,8 @@ async fn shutdown_finishes_appends_and_closes_with_1001() {
     let cid = a.chat("A", "last words").await;
     let id = a.expect_ack(&cid).await;
     relay.shutdown().await;
-    assert_eq!(a.expect_close().await, Some(1001), "going away");
+    a.expect_catalogued_close(chat_relay::protocol::Close::Shutdown)
+        .await;
     let client = redis.client().await;
     let stored = xrange(&client, &format!("chat:session:{sid}")).await;
     assert!(
