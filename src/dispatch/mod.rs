@@ -1,7 +1,7 @@
 //! From a validated envelope to what the relay does with it.
 //!
 //! The dispatcher is pure: it resolves the speaker's role and turns each [`EventKind`] into an
-//! [`Action`]; [`crate::ingress`] performs the action. Handlers never deliver to the room themselves —
+//! [`Action`]; `ingress` performs the action. Handlers never deliver to the room themselves —
 //! stored events reach every member (sender included) through the room's live feed, in stream
 //! order, exactly like replayed ones.
 
