@@ -15,8 +15,9 @@
 //! with [`CursorEnd::Slow`]: the client resumes with `last_id`, because the stream, not the
 //! relay's memory, is the buffer. Dropping the cursor leaves the room.
 //!
-//! [`Cursor::next`] is cancel-safe: every await either completes a step whose result is kept
-//! before the next await, or is repeated from unchanged state, so writers can `select!` on it.
+//! [`Cursor::next`] is cancel-safe, so writers can `select!` on it: a Redis read in progress
+//! is kept in the cursor and resumed by the next call, never thrown away and sent again (a
+//! client sending fast while it resumes would otherwise restart the page read at every ack).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -30,11 +31,14 @@ use crate::protocol::{delivery_frame, resume_gap_frame, StreamId};
 use crate::store::{Entry, Store, StoreError, StreamInfo};
 
 /// History page size for a replay: one `XRANGE` each.
-pub(crate) const REPLAY_PAGE: u64 = 500;
+const REPLAY_PAGE: u64 = 500;
+
+/// A Redis read that outlives one `next()` call.
+type Read<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
 
 /// Catch-up frames to send between the replay and the live feed, computed when first needed.
 /// Frames with an id count as sent (live copies are skipped); frames without one are sent as is.
-pub(crate) type Prelude = Pin<Box<dyn Future<Output = Result<Vec<Outbound>, StoreError>> + Send>>;
+pub(crate) type Prelude = Read<Vec<Outbound>>;
 
 /// Why a cursor stops.
 #[derive(Debug, thiserror::Error)]
@@ -54,10 +58,12 @@ pub(crate) struct Cursor {
     rx: mpsc::Receiver<Outbound>,
     /// Newest stored entry sent; anything at or below it is a duplicate.
     last_sent: StreamId,
-    /// The `last_id` of a resume whose gap check is still to do.
-    check_gap: Option<StreamId>,
+    /// A resume's gap check, still to do: the `resume_gap` frame, if one is due.
+    gap_check: Option<Read<Option<String>>>,
     /// More history may follow `last_sent`.
     replaying: bool,
+    /// The history page being read.
+    fetch: Option<Read<Vec<Entry>>>,
     /// The current history page, not yet sent.
     page: VecDeque<Entry>,
     prelude: Option<Prelude>,
@@ -100,8 +106,9 @@ impl Cursor {
             },
             rx,
             last_sent: StreamId::ZERO,
-            check_gap: None,
+            gap_check: None,
             replaying: false,
+            fetch: None,
             page: VecDeque::new(),
             prelude: None,
             caught_up: VecDeque::new(),
@@ -119,7 +126,10 @@ impl Cursor {
     /// Resumes a client that has everything up to `last`: a `resume_gap` notice first when the
     /// stream cannot give all that followed, then the replay, then live.
     pub(crate) fn resume_after(mut self, last: StreamId) -> Self {
-        self.check_gap = Some(last);
+        let (store, sid) = (self.store.clone(), self.sid().to_owned());
+        self.gap_check = Some(Box::pin(
+            async move { gap_notice(&store, &sid, last).await },
+        ));
         self.replay_after(last)
     }
 
@@ -143,14 +153,10 @@ impl Cursor {
             if let Some(out) = self.next_buffered() {
                 return Ok(out);
             }
-            if let Some(last) = self.check_gap {
-                // Field borrows, not `&self`: the cursor is Send but not Sync.
-                let notice = gap_notice(&self.store, self.member.room.sid(), last)
-                    .await
-                    .map_err(CursorEnd::Store)?;
-                self.check_gap = None;
+            if let Some(check) = self.gap_check.as_mut() {
+                let notice = check.await.map_err(CursorEnd::Store)?;
+                self.gap_check = None;
                 if let Some(frame) = notice {
-                    tracing::info!(room = %self.sid(), last_id = %last, "resume gap");
                     return Ok(Outbound {
                         id: None,
                         frame: frame.into(),
@@ -159,16 +165,18 @@ impl Cursor {
                 continue;
             }
             if self.replaying {
-                let page = self
-                    .store
-                    .range_after(
-                        self.member.room.sid(),
-                        Some(self.last_sent),
-                        None,
-                        REPLAY_PAGE,
-                    )
-                    .await
-                    .map_err(CursorEnd::Store)?;
+                let (store, after) = (&self.store, self.last_sent);
+                let sid = self.member.room.sid();
+                let fetch = self.fetch.get_or_insert_with(|| {
+                    let (store, sid) = (store.clone(), sid.to_owned());
+                    Box::pin(async move {
+                        store
+                            .range_after(&sid, Some(after), None, REPLAY_PAGE)
+                            .await
+                    })
+                });
+                let page = fetch.await.map_err(CursorEnd::Store)?;
+                self.fetch = None;
                 self.replaying = page.len() as u64 == REPLAY_PAGE;
                 self.page.extend(page);
                 continue;
@@ -199,7 +207,7 @@ impl Cursor {
         if let Some(out) = self.next_buffered() {
             return Some(out);
         }
-        if self.check_gap.is_some() || self.replaying || self.prelude.is_some() {
+        if self.gap_check.is_some() || self.replaying || self.prelude.is_some() {
             return None;
         }
         while let Ok(out) = self.rx.try_recv() {
@@ -254,7 +262,11 @@ async fn gap_notice(
             .await?
             .first()
             .is_some_and(|e| e.id == last);
-    Ok(resume_gap(sid, last, seen, info.as_ref()))
+    let notice = resume_gap(sid, last, seen, info.as_ref());
+    if notice.is_some() {
+        tracing::info!(room = %sid, last_id = %last, "resume gap");
+    }
+    Ok(notice)
 }
 
 /// The `resume_gap` notice for a client resuming after `last`, if the stream cannot give it
