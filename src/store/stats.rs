@@ -3,12 +3,12 @@
 //! stream. They count every entry ever stored, including those retention has trimmed since;
 //! entries written by hand (redis-cli `XADD`) are not counted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use fred::prelude::ClientLike;
 use fred::types::{ClusterHash, CustomCommand, Value};
 
-use super::{value_str, Store, StoreError};
+use super::{Store, StoreError};
 
 /// Entries stored in a room, by participant and by event.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -21,44 +21,30 @@ impl Store {
     /// The room's counters; empty for a room with no entries (or from before the counters).
     pub async fn room_stats(&self, sid: &str) -> Result<RoomStats, StoreError> {
         let cmd = CustomCommand::new_static("HGETALL", ClusterHash::FirstKey, false);
-        let reply: Value = self
+        let fields: HashMap<String, String> = self
             .client
             .custom(cmd, vec![Value::from(self.keys.stats(sid))])
             .await?;
-        Ok(parse_stats(reply))
+        Ok(RoomStats::from_fields(fields))
     }
 }
 
-/// `HGETALL` (a flat array with RESP2, a map with RESP3) → counters; unknown fields are skipped.
-fn parse_stats(reply: Value) -> RoomStats {
-    let pairs: Vec<(String, Value)> = match reply {
-        Value::Array(items) => {
-            let mut it = items.into_iter();
-            let mut pairs = Vec::new();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                if let Some(k) = value_str(&k) {
-                    pairs.push((k, v));
-                }
+impl RoomStats {
+    /// `p:<participant>` and `e:<event>` fields; anything else is skipped.
+    fn from_fields(fields: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut stats = RoomStats::default();
+        for (field, value) in fields {
+            let Ok(n) = value.parse::<u64>() else {
+                continue;
+            };
+            if let Some(p) = field.strip_prefix("p:") {
+                stats.participants.insert(p.to_owned(), n);
+            } else if let Some(e) = field.strip_prefix("e:") {
+                stats.events.insert(e.to_owned(), n);
             }
-            pairs
         }
-        Value::Map(map) => map
-            .inner()
-            .into_iter()
-            .filter_map(|(k, v)| k.as_str().map(|k| (k.to_string(), v)))
-            .collect(),
-        _ => Vec::new(),
-    };
-    let mut stats = RoomStats::default();
-    for (field, value) in pairs {
-        let Some(n) = value.as_u64() else { continue };
-        if let Some(p) = field.strip_prefix("p:") {
-            stats.participants.insert(p.to_owned(), n);
-        } else if let Some(e) = field.strip_prefix("e:") {
-            stats.events.insert(e.to_owned(), n);
-        }
+        stats
     }
-    stats
 }
 
 #[cfg(test)]
@@ -67,16 +53,20 @@ mod tests {
 
     #[test]
     fn fields_split_by_prefix() {
-        let reply = Value::Array(
-            ["p:A", "3", "e:chat.message", "2", "x", "1", "p:B", "nope"]
+        let fields = [
+            ("p:A", "3"),
+            ("e:chat.message", "2"),
+            ("x", "1"),
+            ("p:B", "nope"),
+        ];
+        let stats = RoomStats::from_fields(
+            fields
                 .into_iter()
-                .map(Value::from)
-                .collect(),
+                .map(|(k, v)| (k.to_owned(), v.to_owned())),
         );
-        let stats = parse_stats(reply);
         assert_eq!(stats.participants.get("A"), Some(&3));
         assert_eq!(stats.participants.get("B"), None);
         assert_eq!(stats.events.get("chat.message"), Some(&2));
-        assert_eq!(parse_stats(Value::Null), RoomStats::default());
+        assert_eq!(stats.events.len(), 1);
     }
 }

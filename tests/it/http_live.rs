@@ -111,15 +111,11 @@ async fn the_room_budget_holds_for_http_without_a_local_member() {
     )
     .await;
     let sid = unique_sid("httpbudget");
-    let http = reqwest::Client::new();
     let mut answers = Vec::new();
     for i in 0..10 {
-        let r = http
-            .post(relay.http(&format!("/v1/sessions/{sid}/messages")))
-            .json(&json!({"hd": {"event": "chat.message", "role": "A"}, "bd": {"text": format!("m{i}")}}))
-            .send()
-            .await
-            .unwrap();
+        let r = relay
+            .post(&sid, &json!({"hd": {"event": "chat.message", "role": "A"}, "bd": {"text": format!("m{i}")}}))
+            .await;
         let status = r.status().as_u16();
         let body: Value = r.json().await.unwrap();
         answers.push((status, body["code"].as_str().unwrap_or("").to_owned()));
@@ -147,15 +143,11 @@ async fn sse_resume_past_trimmed_history_gets_resume_gap() {
     )
     .await;
     let sid = unique_sid("ssegap");
-    let http = reqwest::Client::new();
     let mut first = None;
     for i in 0..400 {
-        let r: Value = http
-            .post(relay.http(&format!("/v1/sessions/{sid}/messages")))
-            .json(&json!({"hd": {"event": "chat.message", "role": "A"}, "bd": {"text": format!("g{i}")}}))
-            .send()
+        let r: Value = relay
+            .post(&sid, &json!({"hd": {"event": "chat.message", "role": "A"}, "bd": {"text": format!("g{i}")}}))
             .await
-            .unwrap()
             .json()
             .await
             .unwrap();
@@ -191,31 +183,17 @@ async fn a_stalled_sse_reader_gets_a_final_slow_consumer_event() {
     let sid = unique_sid("sseslow");
     let mut sse =
         SseReader::open_small_buffer(relay.addr, &format!("/v1/sessions/{sid}/events")).await;
-    let http = reqwest::Client::new();
     // ~6 KB per message: the stalled socket and the server's buffers fill, then its queue of 8.
     let big = "가".repeat(1990);
     let mut dropped = false;
     for i in 0..5000 {
-        let r = http
-            .post(relay.http(&format!("/v1/sessions/{sid}/messages")))
-            .json(&json!({"hd": {"event": "chat.message", "role": "A"}, "bd": {"text": format!("{i} {big}")}}))
-            .send()
-            .await
-            .unwrap();
+        let r = relay
+            .post(&sid, &json!({"hd": {"event": "chat.message", "role": "A"}, "bd": {"text": format!("{i} {big}")}}))
+            .await;
         assert_eq!(r.status(), 201);
-        if i % 25 == 24 {
-            let info: Value = http
-                .get(relay.http(&format!("/v1/sessions/{sid}")))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if info["connected_here"] == 0 {
-                dropped = true;
-                break;
-            }
+        if i % 25 == 24 && relay.room_info(&sid).await["connected_here"] == 0 {
+            dropped = true;
+            break;
         }
     }
     assert!(dropped, "the stalled reader was dropped from the room");

@@ -158,17 +158,9 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
     }
     let _writer = w.await.unwrap();
     // The slow member is gone from the room.
-    let http = reqwest::Client::new();
     let mut connected = 0;
     for _ in 0..50 {
-        let info: Value = http
-            .get(relay.http(&format!("/v1/sessions/{sid}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let info = relay.room_info(&sid).await;
         connected = info["connected_here"].as_u64().unwrap();
         if connected == 2 {
             break;
