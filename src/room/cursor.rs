@@ -153,10 +153,12 @@ impl Cursor {
             if let Some(out) = self.next_buffered() {
                 return Ok(out);
             }
+            // Each read is cleared once it completes, before its error is returned: a finished
+            // future must not be polled again.
             if let Some(check) = self.gap_check.as_mut() {
-                let notice = check.await.map_err(CursorEnd::Store)?;
+                let notice = check.await;
                 self.gap_check = None;
-                if let Some(frame) = notice {
+                if let Some(frame) = notice.map_err(CursorEnd::Store)? {
                     return Ok(Outbound {
                         id: None,
                         frame: frame.into(),
@@ -175,16 +177,17 @@ impl Cursor {
                             .await
                     })
                 });
-                let page = fetch.await.map_err(CursorEnd::Store)?;
+                let page = fetch.await;
                 self.fetch = None;
+                let page = page.map_err(CursorEnd::Store)?;
                 self.replaying = page.len() as u64 == REPLAY_PAGE;
                 self.page.extend(page);
                 continue;
             }
             if let Some(prelude) = self.prelude.as_mut() {
-                let frames = prelude.await.map_err(CursorEnd::Store)?;
+                let frames = prelude.await;
                 self.prelude = None;
-                self.caught_up.extend(frames);
+                self.caught_up.extend(frames.map_err(CursorEnd::Store)?);
                 continue;
             }
             match self.rx.recv().await {
