@@ -138,6 +138,9 @@ pub struct ServeConfig {
     /// Seconds one socket write may take before the peer counts as dead.
     #[arg(long, env = "RELAY_WRITE_TIMEOUT_SECS", default_value_t = 10)]
     pub write_timeout_secs: u64,
+    /// Seconds an HTTP request may take (not the event stream nor WebSocket sessions).
+    #[arg(long, env = "RELAY_HTTP_TIMEOUT_SECS", default_value_t = 30)]
+    pub http_timeout_secs: u64,
     /// Seconds to let sessions and in-flight appends finish on shutdown.
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -191,8 +194,14 @@ impl ServeConfig {
                 return Err(ConfigError::Zero(name));
             }
         }
-        if self.ping_secs == 0 {
-            return Err(ConfigError::Zero("--ping-secs"));
+        for (name, v) in [
+            ("--ping-secs", self.ping_secs),
+            ("--write-timeout-secs", self.write_timeout_secs),
+            ("--http-timeout-secs", self.http_timeout_secs),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(name));
+            }
         }
         if self.redis.key_prefix.contains(['{', '}']) {
             return Err(ConfigError::BadPrefix);

@@ -4,22 +4,27 @@
 //! # Layout
 //!
 //! ```text
-//!  client ──ws──▶ ws::session ──parse──▶ protocol ──▶ dispatch ──Action──▶ store.append ──▶ Redis
-//!    ▲              (reader: pipelined appends, acks)                      (XADD + PUBLISH,
-//!    │                                                                      one Lua script)
-//!    └──── ws::session writer ◀── room::Room (fan-out) ◀── room feed ◀── SUBSCRIBE chat:session:<sid>
-//!          (replay after last_id,                           (recovers from XRANGE when the
-//!           skip ids already sent)                            subscription was lost)
+//!  client ──ws──▶ ws::session reader ─┐                                  (XADD + PUBLISH,
+//!  client ─POST─▶ http::live publish ─┴▶ ingress::submit ──▶ store.append ──▶ Redis
+//!                  (translate only)      (budgets, dispatch,                 one Lua script)
+//!                                         append / publish)                    │
+//!  client ◀──ws── ws::session writer ─┐                                        │
+//!  client ◀─SSE── http::live events ──┴─ room::Cursor ◀── room::Room ◀── SUBSCRIBE chat:session:<sid>
+//!                                       (resume_gap, replay    (fan-out; recovers from XRANGE
+//!                                        after last_id, live,   when the subscription was lost)
+//!                                        skip ids already sent)
 //! ```
 //!
-//! Dependencies point one way: `protocol` ← `store` ← `room` ← `dispatch` ← `ws`/`http` ←
-//! `relay`. Only `store` talks to Redis.
+//! Dependencies point one way: `protocol` ← `store` ← `room` ← `ingress` ← `ws`/`http` ←
+//! `relay` (which builds `state::Shared`, the handle `ws` and `http` read). Only `store` talks
+//! to Redis.
 
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod http;
+mod ingress;
 pub mod limits;
 pub mod llm;
 pub mod metrics;
@@ -27,6 +32,7 @@ pub mod protocol;
 pub mod relay;
 mod retry;
 pub mod room;
+mod state;
 pub mod store;
 pub mod telemetry;
 pub mod ws;

@@ -10,55 +10,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthConfigError, Authenticator};
-use crate::config::{ServeConfig, Toggle};
+use crate::config::{ConfigError, ServeConfig, Toggle};
 use crate::dispatch::RolePolicy;
+use crate::http::HttpSettings;
+use crate::ingress::{BudgetSettings, Ingress};
 use crate::limits::ConnCounter;
-use crate::protocol::Limits;
 use crate::room::Rooms;
-use crate::store::{Store, StoreError};
-
-/// Per-connection settings every session reads.
-#[derive(Debug, Clone)]
-pub struct SessionSettings {
-    pub limits: Limits,
-    pub outbound_queue: usize,
-    pub send_window: usize,
-    pub ping_interval: Duration,
-    pub write_timeout: Duration,
-}
-
-/// Abuse limits, per node.
-#[derive(Debug, Clone)]
-pub struct LimitSettings {
-    pub max_conns_per_room: usize,
-    pub max_conns_per_ip: usize,
-    pub msgs_per_sec: f64,
-    pub msgs_burst: f64,
-    pub room_msgs_per_sec: f64,
-    pub room_msgs_burst: f64,
-    pub abuse_strikes: u32,
-}
-
-/// State shared by every request and session of one relay.
-#[derive(Debug)]
-pub struct Shared {
-    pub store: Store,
-    pub rooms: Rooms,
-    pub roles: RolePolicy,
-    pub auth: Authenticator,
-    pub conns: ConnCounter,
-    pub limits: LimitSettings,
-    pub session: SessionSettings,
-    pub token: CancellationToken,
-    pub tracker: TaskTracker,
-    pub next_conn: AtomicU64,
-    /// Distinguishes this process's connection ids in `session.join` entries.
-    pub node_id: String,
-}
+use crate::state::{ConnLimits, SessionSettings, Shared};
+use crate::store::StoreError;
 
 /// Failure to start the relay.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
     #[error("cannot set up the Redis client")]
     Store(#[from] StoreError),
     #[error("invalid authentication settings")]
@@ -67,13 +32,15 @@ pub enum RelayError {
     Serve(#[source] std::io::Error),
 }
 
-/// Serves WebSocket and HTTP on `listener` until `token` is cancelled, then closes sessions
+/// Checks `cfg`, then serves WebSocket and HTTP on `listener` until `token` is cancelled, then
+/// closes sessions
 /// (1001), lets in-flight appends finish within the grace period, and disconnects from Redis.
 pub async fn run(
     listener: TcpListener,
     cfg: ServeConfig,
     token: CancellationToken,
 ) -> Result<(), RelayError> {
+    cfg.validate()?;
     crate::metrics::install();
     let auth = Authenticator::from_args(&cfg.auth)?;
     let store = cfg.redis.store()?;
@@ -92,20 +59,28 @@ pub async fn run(
         });
     }
     let rooms = Rooms::start(store.clone(), &tracker, token.clone())?;
-    let shared = Arc::new(Shared {
-        store: store.clone(),
-        rooms,
-        roles: RolePolicy::new(&cfg.roles),
-        auth,
-        conns: ConnCounter::default(),
-        limits: LimitSettings {
-            max_conns_per_room: cfg.max_conns_per_room,
-            max_conns_per_ip: cfg.max_conns_per_ip,
+    let ingress = Ingress::new(
+        store.clone(),
+        RolePolicy::new(&cfg.roles),
+        cfg.limits(),
+        &BudgetSettings {
             msgs_per_sec: cfg.msgs_per_sec,
             msgs_burst: cfg.msgs_burst,
             room_msgs_per_sec: cfg.room_msgs_per_sec,
             room_msgs_burst: cfg.room_msgs_burst,
             abuse_strikes: cfg.abuse_strikes,
+        },
+    )?;
+    ingress.spawn_eviction(&tracker, token.clone());
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        rooms,
+        ingress,
+        auth,
+        conns: ConnCounter::default(),
+        conn_limits: ConnLimits {
+            max_conns_per_room: cfg.max_conns_per_room,
+            max_conns_per_ip: cfg.max_conns_per_ip,
         },
         session: SessionSettings {
             limits: cfg.limits(),
@@ -120,9 +95,15 @@ pub async fn run(
         node_id: node_id(),
     });
 
-    let app = crate::http::router()
+    let http = HttpSettings {
+        max_body: cfg.max_frame_bytes,
+        timeout: Duration::from_secs(cfg.http_timeout_secs),
+        allowed_origins: cfg.auth.allowed_origins.clone(),
+    };
+    let app = crate::http::router(&http)
         .merge(crate::ws::router())
         .with_state(shared.clone());
+    let app = crate::http::observed(app, &shared.node_id);
     let addr = listener.local_addr().ok();
     tracing::info!(addr = ?addr, redis = %cfg.redis.redis_url, node = %shared.node_id, "relay listening");
     // Small frames must leave at once: Nagle's algorithm would hold them for the peer's ACK.

@@ -1,7 +1,7 @@
 //! From a validated envelope to what the relay does with it.
 //!
 //! The dispatcher is pure: it resolves the speaker's role and turns each [`EventKind`] into an
-//! [`Action`]; the session performs the action. Handlers never deliver to the room themselves —
+//! [`Action`]; `ingress` performs the action. Handlers never deliver to the room themselves —
 //! stored events reach every member (sender included) through the room's live feed, in stream
 //! order, exactly like replayed ones.
 
@@ -13,7 +13,6 @@ use crate::protocol::{
     new_body, transient_frame, ClientError, ErrorCode, EventKind, Inbound, StreamId, DEFAULT_ROLE,
     LLM_ROLE,
 };
-use crate::store::{Appended, Store, StoreError};
 
 /// Who may speak as whom.
 #[derive(Debug, Clone)]
@@ -96,30 +95,6 @@ pub struct StoreEnvelope {
     pub body: String,
     /// For `llm.cancel`: the turn to stop once the cancel is stored.
     pub cancels: Option<StreamId>,
-}
-
-impl StoreEnvelope {
-    /// The I/O half, shared by the WebSocket session and HTTP publish: append (idempotent on
-    /// the sender's `cid`; the sender is the token's subject, else the role), then tell the LLM
-    /// workers about a cancel.
-    pub async fn apply(
-        &self,
-        store: &Store,
-        sid: &str,
-        sender: Option<&str>,
-    ) -> Result<Appended, StoreError> {
-        let sender = sender.unwrap_or(self.role.as_str());
-        let dedup = self.cid.as_deref().map(|c| (sender, c));
-        let appended = store
-            .append(sid, &self.role, self.event, &self.body, dedup)
-            .await?;
-        if let Some(turn) = self.cancels {
-            if let Err(err) = store.signal_cancel(sid, turn).await {
-                tracing::warn!(room = %sid, cause = %err, "cancel stored but not signalled");
-            }
-        }
-        Ok(appended)
-    }
 }
 
 /// Decide what an envelope means for this connection.

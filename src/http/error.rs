@@ -25,6 +25,27 @@ impl ApiError {
         }
     }
 
+    /// A connection or request refused while establishing who sends (`?role=`, token role).
+    pub(crate) fn for_conn(error: ClientError) -> Self {
+        let status = match error.code {
+            ErrorCode::RoleMismatch => StatusCode::FORBIDDEN,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self { status, error }
+    }
+
+    /// A submitted envelope refused: the status for each code a submit can refuse with.
+    pub(crate) fn for_submit(error: ClientError) -> Self {
+        let status = match error.code {
+            ErrorCode::FrameTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::RoleMismatch | ErrorCode::ReservedRole => StatusCode::FORBIDDEN,
+            ErrorCode::RateLimited | ErrorCode::RoomRateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self { status, error }
+    }
+
     pub fn bad_request(
         code: ErrorCode,
         message: impl Into<std::borrow::Cow<'static, str>>,

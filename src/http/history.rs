@@ -1,6 +1,6 @@
-//! `GET /v1/sessions/{sid}` and `GET /v1/sessions/{sid}/messages`: the room read from its stream.
+//! `GET /v1/sessions/{sid}` (the room's summary and counters) and
+//! `GET /v1/sessions/{sid}/messages` (pages of its stream).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
@@ -12,12 +12,10 @@ use serde_json::{json, Value};
 use super::{checked_sid, ApiError};
 use crate::auth::request_token;
 use crate::protocol::{delivery_frame, ErrorCode, StreamId};
-use crate::relay::Shared;
+use crate::state::Shared;
 
 const DEFAULT_PAGE: u64 = 100;
 const MAX_PAGE: u64 = 1000;
-/// Entries scanned per read when counting participants.
-const SCAN_PAGE: u64 = 1000;
 
 #[derive(Debug, Deserialize)]
 pub struct PageQuery {
@@ -110,7 +108,8 @@ pub async fn messages(
     })))
 }
 
-/// Whether the room exists, its length, first/last id, and entries per participant.
+/// Whether the room exists, its length, first/last id, and entries stored per participant and
+/// per event (from the room's counters: O(1) in the stream's length).
 pub async fn room_info(
     State(shared): State<Arc<Shared>>,
     Path(sid): Path<String>,
@@ -126,24 +125,7 @@ pub async fn room_info(
             format!("room '{sid}' has no messages"),
         ));
     };
-    // Retention bounds the stream, so a full scan is bounded too.
-    let mut participants: BTreeMap<String, u64> = BTreeMap::new();
-    let mut events: BTreeMap<String, u64> = BTreeMap::new();
-    let mut after = None;
-    loop {
-        let page = shared
-            .store
-            .range_after(sid, after, None, SCAN_PAGE)
-            .await?;
-        for e in &page {
-            *participants.entry(e.participant.clone()).or_default() += 1;
-            *events.entry(e.event.clone()).or_default() += 1;
-        }
-        match page.last() {
-            Some(last) if page.len() as u64 == SCAN_PAGE => after = Some(last.id),
-            _ => break,
-        }
-    }
+    let stats = shared.store.room_stats(sid).await?;
     let members_here = shared.rooms.get(sid).map_or(0, |r| r.member_count());
     Ok(Json(json!({
         "sid": sid,
@@ -152,8 +134,8 @@ pub async fn room_info(
         "length": info.length,
         "first_id": info.first_id.map(|i| i.to_string()),
         "last_id": info.last_id.map(|i| i.to_string()),
-        "participants": participants,
-        "events": events,
+        "participants": stats.participants,
+        "events": stats.events,
         "connected_here": members_here,
     })))
 }

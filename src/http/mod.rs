@@ -1,8 +1,9 @@
-//! The HTTP API: room history and info, health, and the browser page.
+//! The HTTP API: room history and info, publish and events, health, and the browser page.
 
 mod error;
 mod history;
 mod live;
+mod middleware;
 
 use std::sync::Arc;
 
@@ -13,25 +14,35 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 pub use error::ApiError;
+pub(crate) use middleware::{observed, HttpSettings};
 
 use crate::protocol::{valid_sid, ErrorCode};
-use crate::relay::Shared;
+use crate::state::Shared;
 
-pub fn router() -> Router<Arc<Shared>> {
-    Router::new()
-        .route("/", get(index))
-        .route("/app.js", get(app_js))
-        .route("/style.css", get(style_css))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/sessions/{sid}", get(history::room_info))
-        .route(
-            "/v1/sessions/{sid}/messages",
-            get(history::messages).post(live::publish),
-        )
-        .route("/v1/sessions/{sid}/events", get(live::events))
+pub(crate) fn router(settings: &HttpSettings) -> Router<Arc<Shared>> {
+    let api = middleware::api(
+        Router::new()
+            .route("/v1/sessions/{sid}", get(history::room_info))
+            .route(
+                "/v1/sessions/{sid}/messages",
+                get(history::messages).post(live::publish),
+            ),
+        Router::new().route("/v1/sessions/{sid}/events", get(live::events)),
+        settings,
+    );
+    let pages = middleware::quick(
+        Router::new()
+            .route("/", get(index))
+            .route("/app.js", get(app_js))
+            .route("/style.css", get(style_css))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics)),
+        settings,
+    );
+    api.merge(pages)
         .fallback(not_found)
+        .layer(axum::middleware::map_response(middleware::json_errors))
 }
 
 /// Checks a room id from a path or query, as every entry point does.

@@ -35,6 +35,7 @@ pub enum ErrorCode {
     ForbiddenRoom,
     ForbiddenOrigin,
     SlowConsumer,
+    RequestTimeout,
     NotFound,
     Internal,
 }
@@ -71,6 +72,7 @@ impl ErrorCode {
             ErrorCode::ForbiddenRoom => "forbidden_room",
             ErrorCode::ForbiddenOrigin => "forbidden_origin",
             ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
         }
@@ -86,6 +88,7 @@ impl ErrorCode {
                 | ErrorCode::RoomFull
                 | ErrorCode::TooManyConnections
                 | ErrorCode::SlowConsumer
+                | ErrorCode::RequestTimeout
                 | ErrorCode::Internal
         )
     }
@@ -111,6 +114,13 @@ impl ClientError {
         Self::new(
             ErrorCode::RoomRateLimited,
             "this room is receiving too many messages; try again in a moment",
+        )
+    }
+
+    pub fn slow_consumer() -> Self {
+        Self::new(
+            ErrorCode::SlowConsumer,
+            "you fell too far behind the room; reconnect with last_id to catch up",
         )
     }
 

@@ -3,17 +3,20 @@
 //! Nothing here does I/O, so the whole protocol is unit-tested in-process and fuzzed
 //! (see `inbound`), and the store, rooms and sessions agree on one vocabulary.
 
+mod close;
 mod error;
 mod event;
 mod inbound;
 mod outbound;
 mod stream_id;
 
+pub use close::{Close, Reconnect};
 pub use error::{ClientError, ErrorCode};
 pub use event::EventKind;
 pub use inbound::{parse_client_frame, Inbound, Limits};
 pub use outbound::{
-    ack_frame, delivery_frame, error_frame, new_body, now_ms, transient_frame, StoredBody,
+    ack_frame, delivery_frame, error_frame, new_body, now_ms, resume_gap_frame, transient_frame,
+    StoredBody,
 };
 pub use stream_id::StreamId;
 

@@ -114,6 +114,28 @@ pub fn error_frame(err: &ClientError, cid: Option<&str>) -> String {
     .to_string()
 }
 
+/// `{"hd":{"event":"resume_gap","sid":..,"ts":..},"bd":{"reason":..,"last_id":..,"oldest_id":..,
+/// "message":..}}`: the first frame of a resume that cannot be complete. `reason` is `trimmed`
+/// (retention), `lost` or `ahead` (the store lost data the client had seen).
+pub fn resume_gap_frame(
+    sid: &str,
+    last: StreamId,
+    reason: &str,
+    message: &str,
+    oldest: Option<StreamId>,
+) -> String {
+    serde_json::json!({
+        "hd": {"event": "resume_gap", "sid": sid, "ts": now_ms()},
+        "bd": {
+            "reason": reason,
+            "last_id": last.to_string(),
+            "oldest_id": oldest.map(|i| i.to_string()),
+            "message": message,
+        },
+    })
+    .to_string()
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

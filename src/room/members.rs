@@ -7,7 +7,6 @@ use std::time::Instant;
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use crate::limits::TokenBucket;
 use crate::protocol::{delivery_frame, StreamId};
 use crate::store::{Live, Store, StoreError, TurnMark};
 
@@ -47,8 +46,6 @@ struct RoomState {
     /// Set once the registry removed the room; joins then retry with a fresh room.
     closed: bool,
     empty_since: Option<Instant>,
-    /// Stored messages this room may still take on this node (see `--room-msgs-per-sec`).
-    send_bucket: Option<TokenBucket>,
 }
 
 #[derive(Debug)]
@@ -73,7 +70,6 @@ impl Room {
                 recovering: None,
                 closed: false,
                 empty_since: Some(Instant::now()),
-                send_bucket: None,
             }),
             subscribed: tokio::sync::OnceCell::new(),
         }
@@ -253,15 +249,5 @@ impl Room {
                 return Ok(());
             }
         }
-    }
-
-    /// Takes one message from the room's rate budget; `false` when the room is sending faster
-    /// than `rate` per second (beyond `burst`).
-    pub fn try_send_budget(&self, rate: f64, burst: f64) -> bool {
-        let now = Instant::now();
-        let mut st = self.lock();
-        st.send_bucket
-            .get_or_insert_with(|| TokenBucket::new(rate, burst, now))
-            .try_take(now)
     }
 }

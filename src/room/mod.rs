@@ -10,6 +10,7 @@
 //! room buffers live entries, re-reads the stream after the last id it delivered, and then
 //! replays the buffer, skipping what it already sent ([`Room::recover`]).
 
+mod cursor;
 mod members;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub(crate) use cursor::{Cursor, CursorEnd};
 pub use members::{ConnId, Outbound, Room};
 
 use crate::store::{Feed, FeedEvent, FeedHandle, Store, StoreError};

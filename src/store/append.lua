@@ -1,11 +1,12 @@
 -- Append one envelope to a room and publish it, atomically; optionally idempotent.
 --
 -- KEYS[1]  the room stream; its name is also the room's pub/sub channel
--- KEYS[2]  (optional) the dedup key of (sender, cid), hash-tagged with the room key
+-- KEYS[2]  the room's counters (a hash: p:<participant> and e:<event> -> entries stored)
+-- KEYS[3]  (optional) the dedup key of (sender, cid), hash-tagged with the room key
 -- ARGV[1]  MAXLEN ~ retention (0 = unbounded)
 -- ARGV[2]  participant (role)      ARGV[3]  event      ARGV[4]  body (the envelope JSON)
 -- ARGV[5]  consumer group to create with a new room ('' = none)
--- ARGV[6]  dedup window in seconds (with KEYS[2])
+-- ARGV[6]  dedup window in seconds (with KEYS[3])
 --
 -- Why a script: the PUBLISH must leave Redis in stream order. Two relays appending to one room
 -- concurrently could otherwise publish in the opposite order of their XADDs, and every node
@@ -13,8 +14,8 @@
 -- resend racing the original could store twice.
 -- Returns {id, created, duplicate}: created = 1 when this call created the stream, duplicate = 1
 -- when (sender, cid) was already stored and id is the original entry's.
-if KEYS[2] then
-  local prev = redis.call('GET', KEYS[2])
+if KEYS[3] then
+  local prev = redis.call('GET', KEYS[3])
   if prev then
     return {prev, 0, 1}
   end
@@ -32,8 +33,10 @@ if created and ARGV[5] ~= '' then
   -- At 0, not $: the entry just written is the group's first to read.
   redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[5], '0')
 end
-if KEYS[2] then
-  redis.call('SET', KEYS[2], id, 'EX', ARGV[6])
+redis.call('HINCRBY', KEYS[2], 'p:' .. ARGV[2], 1)
+redis.call('HINCRBY', KEYS[2], 'e:' .. ARGV[3], 1)
+if KEYS[3] then
+  redis.call('SET', KEYS[3], id, 'EX', ARGV[6])
 end
 redis.call('PUBLISH', KEYS[1], id .. '\n' .. ARGV[4])
 if created then

@@ -5,6 +5,7 @@
 -- KEYS[1]  the room stream (also its channel)     KEYS[2]  the turn key
 -- KEYS[3]  the turn's live state   KEYS[4]  the room's turns in progress
 -- KEYS[5]  the room's turn counter   KEYS[6]  the room's usage outbox   KEYS[7]  its records
+-- KEYS[8]  the room's counters (see append.lua)
 -- ARGV[1]  MAXLEN ~ retention (0 = unbounded)
 -- ARGV[2]  participant   ARGV[3]  event   ARGV[4]  body
 -- ARGV[5]  consumer group   ARGV[6]  the request entry id (to XACK)   ARGV[7]  done-marker ttl, s
@@ -25,6 +26,10 @@ else
   id = redis.call('XADD', KEYS[1], '*',
     'participant', ARGV[2], 'event', ARGV[3], 'body', ARGV[4])
 end
+redis.call('HINCRBY', KEYS[3], 'p:' .. ARGV[2], 1)
+redis.call('HINCRBY', KEYS[3], 'e:' .. ARGV[3], 1)
+redis.call('HINCRBY', KEYS[8], 'p:' .. ARGV[2], 1)
+redis.call('HINCRBY', KEYS[8], 'e:' .. ARGV[3], 1)
 redis.call('PUBLISH', KEYS[1], id .. '\n' .. ARGV[4])
 redis.call('SET', KEYS[2], 'done:' .. id, 'EX', ARGV[7])
 redis.call('XACK', KEYS[1], ARGV[5], ARGV[6])

@@ -7,6 +7,7 @@
 //! | group `llm` on each room stream | consumer group | the LLM participant's read position, created at `0` with the room |
 //!
 //! | `chat:dedup:{<room key>}:<sender>:<cid>` | string | id stored for a client's cid (idempotent resend) |
+//! | `chat:stats:{<room key>}` | hash | entries ever stored in the room: `p:<participant>` and `e:<event>` → count (`append.lua`, `finish.lua`) |
 //! | `chat:rooms` | stream | registry of rooms for LLM workers (`sid` field) |
 //! | `chat:llm:turn:{<room key>}:<turn>` | string | lease of a turn being answered, then `done:<reply id>` |
 //! | `chat:llm:cancel:{<room key>}:<turn>` | string | a cancelled turn |
@@ -107,6 +108,12 @@ impl Keys {
         format!("{}dedup:{{{}}}:{sender}:{cid}", self.root, self.room(sid))
     }
 
+    /// `chat:stats:{chat:session:<sid>}`: the room's counters (entries per participant and per
+    /// event), kept by the scripts that append, so room info needs no scan. Same hash tag.
+    pub fn stats(&self, sid: &str) -> String {
+        format!("{}stats:{{{}}}", self.root, self.room(sid))
+    }
+
     /// `chat:llm:cancel`: channel on which cancels reach the worker generating the turn.
     pub fn cancel_channel(&self) -> String {
         format!("{}llm:cancel", self.root)
@@ -157,5 +164,6 @@ mod tests {
         assert_eq!(k.room("room001"), "chat:session:room001");
         assert_eq!(k.sid_of("chat:session:room001"), Some("room001"));
         assert_eq!(k.sid_of("other:room001"), None);
+        assert_eq!(k.stats("room001"), "chat:stats:{chat:session:room001}");
     }
 }

@@ -16,12 +16,14 @@
 mod feed;
 pub mod keys;
 mod llm_group;
+mod stats;
 mod turns;
 mod usage;
 
 pub use feed::{Feed, FeedEvent, FeedHandle};
 pub use keys::Keys;
 pub use llm_group::GroupEntry;
+pub use stats::RoomStats;
 pub use turns::{Finished, TurnBegin, TurnEnd, TurnLock, TurnProgress, TurnState};
 pub use usage::PendingCallback;
 
@@ -267,7 +269,7 @@ impl Store {
         body: &str,
         dedup: Option<(&str, &str)>,
     ) -> Result<Appended, StoreError> {
-        let mut keys = vec![self.keys.room(sid)];
+        let mut keys = vec![self.keys.room(sid), self.keys.stats(sid)];
         if let Some((sender, cid)) = dedup {
             keys.push(self.keys.dedup(sid, sender, cid));
         }

@@ -254,6 +254,7 @@ impl Store {
             self.keys.turn_counter(sid),
             self.keys.usage_outbox(sid),
             self.keys.usage_records(sid),
+            self.keys.stats(sid),
         ];
         if end.usage_callback.is_some() {
             // Before the script: the index lives on another shard under Redis Cluster, and a

@@ -7,7 +7,6 @@
 mod session;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -22,11 +21,11 @@ use serde::Deserialize;
 use crate::auth::{request_token, Denied};
 use crate::http::{checked_sid, ApiError};
 use crate::protocol::{ErrorCode, StreamId};
-use crate::relay::Shared;
+use crate::state::Shared;
 
-pub use session::SessionParams;
+use session::SessionParams;
 
-pub fn router() -> Router<Arc<Shared>> {
+pub(crate) fn router() -> Router<Arc<Shared>> {
     Router::new().route("/v1/session/chat", get(upgrade))
 }
 
@@ -75,26 +74,13 @@ async fn upgrade(
             )
         })?),
     };
-    let requested = q.role.filter(|r| !r.is_empty());
-    let role = match (&grant.role, requested) {
-        (Some(bound), Some(asked)) if *bound != asked => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                ErrorCode::RoleMismatch,
-                "the token grants another role than ?role= asks for",
-            ))
-        }
-        (Some(bound), _) => Some(bound.clone()),
-        (None, Some(asked)) => {
-            shared.roles.check(&asked).map_err(|error| ApiError {
-                status: StatusCode::BAD_REQUEST,
-                error,
-            })?;
-            Some(asked)
-        }
-        (None, None) => None,
-    };
-    let limits = &shared.limits;
+    let conn = shared
+        .ingress
+        .conn(&sid, &grant, q.role)
+        .map_err(ApiError::for_conn)?
+        .with_addr(peer.ip())
+        .with_budget(shared.ingress.connection_budget());
+    let limits = &shared.conn_limits;
     if shared
         .rooms
         .get(&sid)
@@ -125,13 +111,11 @@ async fn upgrade(
     } else {
         ws
     };
-    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let params = SessionParams {
-        sid,
         last_id,
-        role,
-        grant,
         conn,
+        conn_id: shared.next_conn_id(),
+        expires_at_ms: grant.expires_at_ms,
         slot,
     };
     let hard_cap = (shared.session.limits.max_frame_bytes * 4).max(16 * 1024);

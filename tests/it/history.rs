@@ -113,14 +113,7 @@ async fn room_info_and_health() {
     }
     let cid = b.chat("B", "hi").await;
     b.expect_ack(&cid).await;
-    let info: Value = http
-        .get(relay.http(&format!("/v1/sessions/{sid}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = relay.room_info(&sid).await;
     assert_eq!(info["exists"], true);
     assert_eq!(info["length"], 5);
     assert_eq!(info["participants"]["A"], 3, "{info}");

@@ -102,6 +102,10 @@ async fn mention_gets_a_streamed_reply_seen_by_everyone_and_stored_once() {
     assert_eq!(ta.end["hd"]["id"], tb.end["hd"]["id"]);
     let responses = stored_events(&redis, &sid, "llm.response").await;
     assert_eq!(responses.len(), 1, "one stored reply");
+    // The finish script counts the reply in the room's counters, like the append script.
+    let info = relay.room_info(&sid).await;
+    assert_eq!(info["participants"]["llm"], 1, "{info}");
+    assert_eq!(info["events"]["llm.response"], 1, "{info}");
 
     // The prompt: people as user turns tagged with their stored role.
     let req = &fake.requests()[0];

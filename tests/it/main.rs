@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod history;
 mod http_live;
+mod http_stack;
 mod llm;
 mod multi_node;
 mod props;

@@ -198,7 +198,8 @@ async fn shutdown_finishes_appends_and_closes_with_1001() {
     let cid = a.chat("A", "last words").await;
     let id = a.expect_ack(&cid).await;
     relay.shutdown().await;
-    assert_eq!(a.expect_close().await, Some(1001), "going away");
+    a.expect_catalogued_close(chat_relay::protocol::Close::Shutdown)
+        .await;
     let client = redis.client().await;
     let stored = xrange(&client, &format!("chat:session:{sid}")).await;
     assert!(
@@ -217,4 +218,33 @@ async fn shutdown_finishes_appends_and_closes_with_1001() {
         "session.leave",
         "the leave is recorded on the way out"
     );
+}
+
+/// `run` checks its configuration itself: a caller that skipped `validate()` gets an error,
+/// not a panic (`--ping-secs 0` used to panic in the session's ping interval).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_refuses_an_invalid_configuration() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: chat_relay::ServeConfig,
+    }
+    let cfg = <Cli as clap::Parser>::try_parse_from([
+        "test",
+        "--ping-secs",
+        "0",
+        "--redis-url",
+        "redis://127.0.0.1:1",
+    ])
+    .unwrap()
+    .serve;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = chat_relay::run(listener, cfg, tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, chat_relay::relay::RelayError::Config(_)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--ping-secs"), "{err}");
 }

@@ -158,17 +158,9 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
     }
     let _writer = w.await.unwrap();
     // The slow member is gone from the room.
-    let http = reqwest::Client::new();
     let mut connected = 0;
     for _ in 0..50 {
-        let info: Value = http
-            .get(relay.http(&format!("/v1/sessions/{sid}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let info = relay.room_info(&sid).await;
         connected = info["connected_here"].as_u64().unwrap();
         if connected == 2 {
             break;
@@ -252,4 +244,46 @@ async fn resuming_past_retention_or_lost_data_gets_resume_gap() {
     };
     // Service goes on: the join of this connection follows.
     assert_eq!(c.next_json().await["hd"]["event"], "session.join");
+}
+
+/// A client that sends while its resume replays several pages of history: its acks and the
+/// replay share the socket, and it still gets the room exactly once, in stream order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sending_while_resuming_keeps_one_order() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), NO_RATE_LIMITS).await;
+    let sid = unique_sid("busyresume");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let mut cids = Vec::new();
+    for i in 0..1200 {
+        cids.push(a.chat("A", &format!("h{i}")).await);
+    }
+    for cid in &cids {
+        a.expect_ack(cid).await;
+    }
+    let mut b = WsClient::connect(&relay.ws_url(&format!("sid={sid}&role=B&last_id=0"))).await;
+    let mut sent = Vec::new();
+    for i in 0..100 {
+        sent.push(b.chat("B", &format!("r{i}")).await);
+    }
+    let mut acked = Vec::new();
+    for cid in &sent {
+        acked.push(b.expect_ack(cid).await);
+    }
+    let got: Vec<String> = b
+        .collect_messages(1300)
+        .await
+        .iter()
+        .map(|m| m["hd"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    let client = redis.client().await;
+    let all: Vec<String> = xrange(&client, &format!("chat:session:{sid}"))
+        .await
+        .into_iter()
+        .filter(|(_, f)| f.iter().any(|(k, v)| k == "event" && v == "chat.message"))
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(all.len(), 1300);
+    assert_eq!(got, all, "every message once, in stream order");
+    assert!(acked.iter().all(|id| all.contains(id)));
 }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use chat_relay::protocol::Close;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -214,7 +215,7 @@ async fn a_token_expiring_while_connected_closes_the_socket() {
     let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&token={t}"))).await;
     let err = a.expect_error().await;
     assert_eq!(err["hd"]["code"], "token_expired");
-    assert_eq!(a.expect_close().await, Some(1008));
+    a.expect_catalogued_close(Close::TokenExpired).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,7 +347,9 @@ async fn message_rate_limits_refuse_then_disconnect_and_spare_others() {
             .send_json(&json!({"hd": {"event": "chat.typing"}, "bd": {"n": i}}))
             .await;
     }
-    assert_eq!(flooder.expect_close().await, Some(1008));
+    flooder
+        .expect_catalogued_close(Close::RateLimitsIgnored)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,11 +3,13 @@
 pub mod fake_llm;
 pub mod redis;
 pub mod relay;
+pub mod sse;
 pub mod ws;
 
 pub use self::redis::RedisServer;
 pub use fake_llm::{Callback, FakeLlm, Mode};
 pub use relay::{Relay, RelayProcess, WorkerProcess};
+pub use sse::SseReader;
 pub use ws::WsClient;
 
 use std::sync::atomic::{AtomicU64, Ordering};

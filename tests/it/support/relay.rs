@@ -69,6 +69,27 @@ impl Relay {
         format!("http://{}{path}", self.addr)
     }
 
+    /// `GET /v1/sessions/{sid}` as JSON.
+    pub async fn room_info(&self, sid: &str) -> serde_json::Value {
+        reqwest::get(self.http(&format!("/v1/sessions/{sid}")))
+            .await
+            .expect("room info")
+            .json()
+            .await
+            .expect("room info is JSON")
+    }
+
+    /// `POST /v1/sessions/{sid}/messages` with `envelope`.
+    pub async fn post(&self, sid: &str, envelope: &serde_json::Value) -> reqwest::Response {
+        static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+        HTTP.get_or_init(reqwest::Client::new)
+            .post(self.http(&format!("/v1/sessions/{sid}/messages")))
+            .json(envelope)
+            .send()
+            .await
+            .expect("POST")
+    }
+
     pub async fn shutdown(mut self) {
         self.token.cancel();
         if let Some(h) = self.handle.take() {

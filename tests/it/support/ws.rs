@@ -19,6 +19,8 @@ pub struct WsClient {
     /// Frames read while looking for something else (an ack, an error), kept in order for the
     /// next reads so no room traffic is lost to a helper.
     stash: VecDeque<Value>,
+    /// The server's close frame (code, reason), once one was read.
+    close: Option<(u16, String)>,
 }
 
 /// What the next frame was.
@@ -38,6 +40,7 @@ impl WsClient {
             ws,
             cid: 0,
             stash: VecDeque::new(),
+            close: None,
         }
     }
 
@@ -61,6 +64,7 @@ impl WsClient {
             ws,
             cid: 0,
             stash: VecDeque::new(),
+            close: None,
         }
     }
 
@@ -113,7 +117,10 @@ impl WsClient {
                     return Next::Json(serde_json::from_str(t.as_str()).expect("server sent JSON"))
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    return Next::Closed(frame.map(|f| u16::from(f.code)))
+                    self.close = frame
+                        .as_ref()
+                        .map(|f| (u16::from(f.code), f.reason.to_string()));
+                    return Next::Closed(frame.map(|f| u16::from(f.code)));
                 }
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return Next::Closed(None),
@@ -199,6 +206,15 @@ impl WsClient {
                 return code;
             }
         }
+    }
+
+    /// Wait for the server to close with `close` from the relay's catalogue: its code and its
+    /// reason.
+    pub async fn expect_catalogued_close(&mut self, close: chat_relay::protocol::Close) {
+        let code = self.expect_close().await;
+        assert_eq!(code, Some(close.code()), "{close:?}");
+        let reason = self.close.as_ref().map(|(_, r)| r.as_str());
+        assert_eq!(reason, Some(close.reason()), "{close:?}");
     }
 
     pub async fn close(mut self) {

@@ -1,0 +1,372 @@
+//! The one way out: what a member of a room receives, in stream order, exactly once.
+//!
+//! Every egress (the WebSocket writer, Server-Sent Events, the dialect adapters to come) reads
+//! through a [`Cursor`]:
+//!
+//! 1. **gap check** (a resume only): a `resume_gap` notice first when the stream cannot give
+//!    everything after the client's `last_id` (trimmed by retention, or lost by Redis);
+//! 2. **replay**: history after the start id, in pages of [`REPLAY_PAGE`] (`XRANGE`);
+//! 3. **prelude**: catch-up frames that are not in the stream, such as an LLM turn in progress
+//!    (issue 12) — after the history the turn answers, before the live deltas that continue it;
+//! 4. **live**: the member's queue, filled by the room since the cursor joined (so nothing
+//!    between replay and live is lost), skipping ids already sent.
+//!
+//! The member queue is bounded; when it is full the room drops the member and the cursor ends
+//! with [`CursorEnd::Slow`]: the client resumes with `last_id`, because the stream, not the
+//! relay's memory, is the buffer. Dropping the cursor leaves the room.
+//!
+//! [`Cursor::next`] is cancel-safe, so writers can `select!` on it: a Redis read in progress
+//! is kept in the cursor and resumed by the next call, never thrown away and sent again (a
+//! client sending fast while it resumes would otherwise restart the page read at every ack).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::{ConnId, Outbound, Room, Rooms};
+use crate::protocol::{delivery_frame, resume_gap_frame, StreamId};
+use crate::store::{Entry, Store, StoreError, StreamInfo};
+
+/// History page size for a replay: one `XRANGE` each.
+const REPLAY_PAGE: u64 = 500;
+
+/// A Redis read that outlives one `next()` call.
+type Read<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
+
+/// Catch-up frames to send between the replay and the live feed, computed when first needed.
+/// Frames with an id count as sent (live copies are skipped); frames without one are sent as is.
+pub(crate) type Prelude = Read<Vec<Outbound>>;
+
+/// Why a cursor stops.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CursorEnd {
+    /// The room dropped this member: its queue was full.
+    #[error("the member fell too far behind the room")]
+    Slow,
+    /// The history (or the stream's state for the gap check) could not be read.
+    #[error("cannot read the room's history")]
+    Store(#[source] StoreError),
+}
+
+/// One member's view of a room: replay, then live. See the module docs.
+pub(crate) struct Cursor {
+    store: Store,
+    member: Member,
+    rx: mpsc::Receiver<Outbound>,
+    /// Newest stored entry sent; anything at or below it is a duplicate.
+    last_sent: StreamId,
+    /// A resume's gap check, still to do: the `resume_gap` frame, if one is due.
+    gap_check: Option<Read<Option<String>>>,
+    /// More history may follow `last_sent`.
+    replaying: bool,
+    /// The history page being read.
+    fetch: Option<Read<Vec<Entry>>>,
+    /// The current history page, not yet sent.
+    page: VecDeque<Entry>,
+    prelude: Option<Prelude>,
+    /// Prelude frames not yet sent.
+    caught_up: VecDeque<Outbound>,
+}
+
+/// Membership of one room; leaving happens on drop, however the cursor's owner ends.
+struct Member {
+    rooms: Rooms,
+    room: Arc<Room>,
+    conn: ConnId,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.rooms.leave(&self.room, self.conn);
+    }
+}
+
+impl Cursor {
+    /// Joins room `sid` as member `conn`: from now on the room queues live frames for it (at
+    /// most `queue`). Without [`Cursor::replay_after`] or [`Cursor::resume_after`] it is
+    /// live-only.
+    pub(crate) async fn join(
+        rooms: &Rooms,
+        store: &Store,
+        sid: &str,
+        conn: ConnId,
+        queue: usize,
+    ) -> Result<Cursor, StoreError> {
+        let (tx, rx) = mpsc::channel(queue);
+        let room = rooms.join(sid, conn, tx).await?;
+        Ok(Cursor {
+            store: store.clone(),
+            member: Member {
+                rooms: rooms.clone(),
+                room,
+                conn,
+            },
+            rx,
+            last_sent: StreamId::ZERO,
+            gap_check: None,
+            replaying: false,
+            fetch: None,
+            page: VecDeque::new(),
+            prelude: None,
+            caught_up: VecDeque::new(),
+        })
+    }
+
+    /// Replays the history after `id`, then goes live. For a fresh client `id` is where it
+    /// starts: just before its own join entry, or the stream's end.
+    pub(crate) fn replay_after(mut self, id: StreamId) -> Self {
+        self.last_sent = id;
+        self.replaying = true;
+        self
+    }
+
+    /// Resumes a client that has everything up to `last`: a `resume_gap` notice first when the
+    /// stream cannot give all that followed, then the replay, then live.
+    pub(crate) fn resume_after(mut self, last: StreamId) -> Self {
+        let (store, sid) = (self.store.clone(), self.sid().to_owned());
+        self.gap_check = Some(Box::pin(
+            async move { gap_notice(&store, &sid, last).await },
+        ));
+        self.replay_after(last)
+    }
+
+    /// Frames to send once the replay is done, before the live feed (see [`Prelude`]).
+    #[allow(
+        dead_code,
+        reason = "the hook for issue 12 (an LLM turn in progress); no caller yet"
+    )]
+    pub(crate) fn with_prelude(mut self, prelude: Prelude) -> Self {
+        self.prelude = Some(prelude);
+        self
+    }
+
+    pub(crate) fn sid(&self) -> &str {
+        self.member.room.sid()
+    }
+
+    /// The next frame for this member.
+    pub(crate) async fn next(&mut self) -> Result<Outbound, CursorEnd> {
+        loop {
+            if let Some(out) = self.next_buffered() {
+                return Ok(out);
+            }
+            // Each read is cleared once it completes, before its error is returned: a finished
+            // future must not be polled again.
+            if let Some(check) = self.gap_check.as_mut() {
+                let notice = check.await;
+                self.gap_check = None;
+                if let Some(frame) = notice.map_err(CursorEnd::Store)? {
+                    return Ok(Outbound {
+                        id: None,
+                        turn: None,
+                        frame: frame.into(),
+                    });
+                }
+                continue;
+            }
+            if self.replaying {
+                let (store, after) = (&self.store, self.last_sent);
+                let sid = self.member.room.sid();
+                let fetch = self.fetch.get_or_insert_with(|| {
+                    let (store, sid) = (store.clone(), sid.to_owned());
+                    Box::pin(async move {
+                        store
+                            .range_after(&sid, Some(after), None, REPLAY_PAGE)
+                            .await
+                    })
+                });
+                let page = fetch.await;
+                self.fetch = None;
+                let page = page.map_err(CursorEnd::Store)?;
+                self.replaying = page.len() as u64 == REPLAY_PAGE;
+                self.page.extend(page);
+                continue;
+            }
+            if let Some(prelude) = self.prelude.as_mut() {
+                let frames = prelude.await;
+                self.prelude = None;
+                self.caught_up.extend(frames.map_err(CursorEnd::Store)?);
+                continue;
+            }
+            match self.rx.recv().await {
+                Some(out) => {
+                    if let Some(out) = self.unsent(out) {
+                        return Ok(out);
+                    }
+                }
+                None => {
+                    tracing::warn!(room = %self.sid(), "disconnecting slow client");
+                    return Err(CursorEnd::Slow);
+                }
+            }
+        }
+    }
+
+    /// The next frame if one is ready without I/O, so a writer can batch a burst into one flush.
+    /// `None` says nothing is ready now (or the cursor ended: [`Cursor::next`] says why).
+    pub(crate) fn try_next(&mut self) -> Option<Outbound> {
+        if let Some(out) = self.next_buffered() {
+            return Some(out);
+        }
+        if self.gap_check.is_some() || self.replaying || self.prelude.is_some() {
+            return None;
+        }
+        while let Ok(out) = self.rx.try_recv() {
+            if let Some(out) = self.unsent(out) {
+                return Some(out);
+            }
+        }
+        None
+    }
+
+    /// A frame from the current history page or the prelude.
+    fn next_buffered(&mut self) -> Option<Outbound> {
+        while let Some(e) = self.page.pop_front() {
+            let out = Outbound {
+                id: Some(e.id),
+                turn: None,
+                frame: delivery_frame(e.id, &e.participant, &e.event, &e.body).into(),
+            };
+            if let Some(out) = self.unsent(out) {
+                return Some(out);
+            }
+        }
+        while let Some(out) = self.caught_up.pop_front() {
+            if let Some(out) = self.unsent(out) {
+                return Some(out);
+            }
+        }
+        None
+    }
+
+    /// `out` unless it is a stored entry already sent; advances the cursor.
+    fn unsent(&mut self, out: Outbound) -> Option<Outbound> {
+        if let Some(id) = out.id {
+            if id <= self.last_sent {
+                return None;
+            }
+            self.last_sent = id;
+        }
+        Some(out)
+    }
+}
+
+/// The `resume_gap` notice for a client resuming after `last`, if one is due.
+async fn gap_notice(
+    store: &Store,
+    sid: &str,
+    last: StreamId,
+) -> Result<Option<String>, StoreError> {
+    let info = store.info(sid).await?;
+    let seen = last == StreamId::ZERO
+        || store
+            .range_after(sid, Some(last.prev()), Some(last), 1)
+            .await?
+            .first()
+            .is_some_and(|e| e.id == last);
+    let notice = resume_gap(sid, last, seen, info.as_ref());
+    if notice.is_some() {
+        tracing::info!(room = %sid, last_id = %last, "resume gap");
+    }
+    Ok(notice)
+}
+
+/// The `resume_gap` notice for a client resuming after `last`, if the stream cannot give it
+/// everything after that id: entries after it were trimmed (retention), or the stream is behind
+/// it (Redis lost data). Never a silent gap.
+///
+/// `seen` says whether the entry `last` itself is still in the stream: when it is gone without
+/// having been trimmed, the store lost data the client had.
+fn resume_gap(sid: &str, last: StreamId, seen: bool, info: Option<&StreamInfo>) -> Option<String> {
+    let Some(info) = info else {
+        return (last > StreamId::ZERO).then(|| {
+            resume_gap_frame(
+                sid,
+                last,
+                "lost",
+                "the room's history is gone (the store lost it); showing what comes next",
+                None,
+            )
+        });
+    };
+    let some_removed = info.entries_added.is_some_and(|added| added > info.length);
+    let (reason, message) = if last > info.last_generated_id {
+        ("ahead", "the store is behind the last message you saw (it lost recent data); showing what comes next")
+    } else if seen || (last == StreamId::ZERO && !some_removed) {
+        return None;
+    } else if some_removed
+        && (last == StreamId::ZERO || info.first_id.is_some_and(|first| last < first))
+    {
+        (
+            "trimmed",
+            "older messages after your last one were trimmed; showing what is left",
+        )
+    } else {
+        (
+            "lost",
+            "the store lost messages you had seen (it restarted without them); showing what is left",
+        )
+    };
+    Some(resume_gap_frame(sid, last, reason, message, info.first_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn info(length: u64, added: u64, first: u64, last_generated: u64) -> StreamInfo {
+        StreamInfo {
+            length,
+            first_id: Some(StreamId::new(first, 0)),
+            last_id: Some(StreamId::new(last_generated, 0)),
+            last_generated_id: StreamId::new(last_generated, 0),
+            entries_added: Some(added),
+        }
+    }
+
+    fn reason(notice: Option<String>) -> Option<String> {
+        notice.map(|n| {
+            let v: Value = serde_json::from_str(&n).unwrap();
+            assert_eq!(v["hd"]["event"], "resume_gap");
+            v["bd"]["reason"].as_str().unwrap().to_owned()
+        })
+    }
+
+    #[test]
+    fn gaps_are_named() {
+        let id = |ms| StreamId::new(ms, 0);
+        let whole = info(10, 10, 1, 10);
+        assert_eq!(reason(resume_gap("r", id(5), true, Some(&whole))), None);
+        assert_eq!(
+            reason(resume_gap("r", StreamId::ZERO, true, Some(&whole))),
+            None
+        );
+        let trimmed = info(5, 10, 6, 10);
+        assert_eq!(
+            reason(resume_gap("r", id(2), false, Some(&trimmed))).as_deref(),
+            Some("trimmed")
+        );
+        // `last_id=0` asks for whatever history there is: the caller passes `seen`, no notice.
+        assert_eq!(
+            reason(resume_gap("r", StreamId::ZERO, true, Some(&trimmed))),
+            None
+        );
+        assert_eq!(
+            reason(resume_gap("r", id(7), false, Some(&whole))).as_deref(),
+            Some("lost")
+        );
+        assert_eq!(
+            reason(resume_gap("r", id(11), false, Some(&whole))).as_deref(),
+            Some("ahead")
+        );
+        assert_eq!(
+            reason(resume_gap("r", id(3), false, None)).as_deref(),
+            Some("lost")
+        );
+        assert_eq!(reason(resume_gap("r", StreamId::ZERO, true, None)), None);
+    }
+}

@@ -1,0 +1,60 @@
+//! State shared by every request and session of one relay, built once by [`crate::relay::run`].
+//!
+//! Its own module so dependencies point one way: `ws` and `http` read it, `relay` builds it,
+//! and neither side imports the other.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::ingress::Ingress;
+use crate::limits::ConnCounter;
+use crate::protocol::Limits;
+use crate::room::{ConnId, Rooms};
+use crate::store::Store;
+
+/// Per-connection settings every session reads.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionSettings {
+    pub(crate) limits: Limits,
+    pub(crate) outbound_queue: usize,
+    pub(crate) send_window: usize,
+    pub(crate) ping_interval: Duration,
+    pub(crate) write_timeout: Duration,
+}
+
+/// Connection limits, per node. (Message budgets live in [`Ingress`].)
+#[derive(Debug, Clone)]
+pub(crate) struct ConnLimits {
+    pub(crate) max_conns_per_room: usize,
+    pub(crate) max_conns_per_ip: usize,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) store: Store,
+    pub(crate) rooms: Rooms,
+    /// The one way in: every adapter submits through it.
+    pub(crate) ingress: Ingress,
+    pub(crate) auth: Authenticator,
+    pub(crate) conns: ConnCounter,
+    pub(crate) conn_limits: ConnLimits,
+    pub(crate) session: SessionSettings,
+    /// Fires on shutdown.
+    pub(crate) token: CancellationToken,
+    /// Sessions and background tasks; shutdown waits for them within the grace period.
+    pub(crate) tracker: TaskTracker,
+    pub(crate) next_conn: AtomicU64,
+    /// Distinguishes this process's connection ids in `session.join` entries and request ids.
+    pub(crate) node_id: String,
+}
+
+impl Shared {
+    /// A connection (or SSE stream) number unique on this node.
+    pub(crate) fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}

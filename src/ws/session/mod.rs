@@ -1,0 +1,185 @@
+//! One WebSocket connection in one room: its lifecycle.
+//!
+//! Join the room (a [`Cursor`]) and record `session.join`; run the [`reader`] and the [`writer`]
+//! until one ends; send the close the writer chose from the catalogue ([`Close`]), with its
+//! notice; record `session.leave`. The reader turns frames into submits (pipelined, acked in
+//! order); the writer is the only task that touches the socket's sink. Every queue is bounded.
+
+mod reader;
+mod writer;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::dispatch::presence_body;
+use crate::ingress::Conn;
+use crate::limits::ConnSlot;
+use crate::protocol::{error_frame, Close, StreamId};
+use crate::room::{ConnId, Cursor};
+use crate::state::Shared;
+
+/// What the upgrade handler checked and hands to the session.
+#[derive(Debug)]
+pub(crate) struct SessionParams {
+    pub(crate) last_id: Option<StreamId>,
+    /// Who sends on this connection (room, roles, token subject, budget).
+    pub(crate) conn: Conn,
+    pub(crate) conn_id: ConnId,
+    /// When the connection's token expires (ms since the epoch).
+    pub(crate) expires_at_ms: Option<u64>,
+    /// This connection's place in the per-address count; freed when the session ends.
+    pub(crate) slot: ConnSlot,
+}
+
+/// Acks and errors waiting for the writer; when full, the reader stops reading this client.
+const CONTROL_QUEUE: usize = 64;
+/// How long the last frames of a session (notice, close, the client's close) may take.
+const CLOSING_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the reader hands the writer.
+#[derive(Debug)]
+enum Ctrl {
+    /// An ack or error frame for this client only.
+    Frame(String),
+    /// End the session with this close.
+    Close(Close),
+}
+
+pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) {
+    let span = tracing::info_span!("session", room = %params.conn.sid(), conn = params.conn_id);
+    session(socket, shared, params).instrument(span).await;
+}
+
+async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) {
+    metrics::gauge!(crate::metrics::CONNECTIONS).increment(1.0);
+    let _connected = ConnectedGauge;
+    let _slot = params.slot;
+    let (mut sink, stream) = socket.split();
+    let sid = params.conn.sid().to_owned();
+    let role = params.conn.default_role().to_owned();
+    let conn_label = format!("{}-{}", shared.node_id, params.conn_id);
+
+    let cursor = match Cursor::join(
+        &shared.rooms,
+        &shared.store,
+        &sid,
+        params.conn_id,
+        shared.session.outbound_queue,
+    )
+    .await
+    {
+        Ok(cursor) => cursor,
+        Err(err) => {
+            tracing::warn!(cause = %err, "cannot join room: store unavailable");
+            send_close(&mut sink, Close::StoreUnavailable).await;
+            return;
+        }
+    };
+    let join = presence_body("session.join", &role, &sid, &conn_label);
+    let joined = match shared
+        .store
+        .append(&sid, &role, "session.join", &join, None)
+        .await
+    {
+        Ok(a) => a.id,
+        Err(err) => {
+            tracing::warn!(cause = %err, "cannot record join: store unavailable");
+            drop(cursor);
+            send_close(&mut sink, Close::StoreUnavailable).await;
+            return;
+        }
+    };
+    tracing::info!(%role, last_id = ?params.last_id.map(|i| i.to_string()), "joined");
+    // A fresh client starts at its own join entry; a resuming one right after its last id.
+    // Both read that start from the stream rather than trusting the live feed: in a brand-new
+    // room the node's SUBSCRIBE may not be active in Redis yet when the join is published.
+    let cursor = match params.last_id {
+        Some(last) => cursor.resume_after(last),
+        None => cursor.replay_after(joined.prev()),
+    };
+
+    let last_pong = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let stop = CancellationToken::new();
+    let (ctrl_tx, ctrl_rx) = mpsc::channel::<Ctrl>(CONTROL_QUEUE);
+    let writer = writer::Writer {
+        shared: shared.clone(),
+        last_pong: last_pong.clone(),
+        started,
+        expires: params.expires_at_ms.map(deadline_from_epoch_ms),
+    };
+    let reader = reader::Reader {
+        shared: shared.clone(),
+        conn: params.conn,
+        ctrl: ctrl_tx,
+        last_pong,
+        started,
+    };
+    let read = reader.run(stream, stop.clone());
+    let write = async {
+        // The cursor is dropped (the room left) as soon as the writer ends.
+        let close = writer.run(&mut sink, cursor, ctrl_rx).await;
+        stop.cancel();
+        close
+    };
+    let (close, mut stream) = tokio::join!(write, read);
+
+    send_close(&mut sink, close).await;
+    // Read (and drop) what the client still sends until its close frame, briefly: closing a
+    // socket with unread data resets it, and the client would lose our close frame and reason.
+    let _ = tokio::time::timeout(CLOSING_TIMEOUT, async {
+        while let Some(Ok(msg)) = stream.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    tracing::info!(?close, code = close.code(), "left");
+
+    let leave = presence_body("session.leave", &role, &sid, &conn_label);
+    if let Err(err) = shared
+        .store
+        .append(&sid, &role, "session.leave", &leave, None)
+        .await
+    {
+        tracing::warn!(cause = %err, "could not record leave");
+    }
+}
+
+/// Decrements the connection gauge however the session ends.
+struct ConnectedGauge;
+
+impl Drop for ConnectedGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::CONNECTIONS).decrement(1.0);
+    }
+}
+
+/// The close's notice (an error frame), if it has one, then the close frame; each bounded.
+async fn send_close(sink: &mut SplitSink<WebSocket, Message>, close: Close) {
+    if let Some(err) = close.notice() {
+        crate::metrics::error(err.code.as_str());
+        let notice = Message::Text(error_frame(&err, None).into());
+        let _ = tokio::time::timeout(CLOSING_TIMEOUT, sink.send(notice)).await;
+    }
+    let frame = Message::Close(Some(CloseFrame {
+        code: close.code(),
+        reason: Utf8Bytes::from_static(close.reason()),
+    }));
+    let _ = tokio::time::timeout(CLOSING_TIMEOUT, sink.send(frame)).await;
+}
+
+/// A tokio deadline for a wall-clock time in ms since the epoch.
+fn deadline_from_epoch_ms(at_ms: u64) -> tokio::time::Instant {
+    let left = at_ms.saturating_sub(crate::protocol::now_ms());
+    tokio::time::Instant::now() + Duration::from_millis(left)
+}
