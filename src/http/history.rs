@@ -126,6 +126,21 @@ pub async fn room_info(
         ));
     };
     let stats = shared.store.room_stats(sid).await?;
+    let active_turns: Vec<Value> = shared
+        .store
+        .active_turns(sid)
+        .await?
+        .iter()
+        .map(|t| {
+            json!({
+                "turn_id": t.turn.to_string(),
+                "requester": t.requester,
+                "started": t.started_ms,
+                "attempt": t.attempt,
+                "chars": t.text.chars().count(),
+            })
+        })
+        .collect();
     let members_here = shared.rooms.get(sid).map_or(0, |r| r.member_count());
     Ok(Json(json!({
         "sid": sid,
@@ -136,6 +151,7 @@ pub async fn room_info(
         "last_id": info.last_id.map(|i| i.to_string()),
         "participants": stats.participants,
         "events": stats.events,
+        "active_turns": active_turns,
         "connected_here": members_here,
     })))
 }

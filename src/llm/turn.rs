@@ -19,7 +19,7 @@ use tracing::Instrument;
 use super::prompt::{self, emotion_guidance};
 use super::provider::{Event, LlmError, Usage};
 use super::worker::Ctx;
-use crate::protocol::{new_body, transient_frame, StreamId, LLM_ROLE};
+use crate::protocol::{llm_start_frame, new_body, transient_frame, StreamId, LLM_ROLE};
 use crate::store::{Entry, Finished, StoreError, TurnBegin, TurnEnd, TurnLock, TurnProgress};
 
 /// Deltas are published (and the text so far recorded) at most this often per turn.
@@ -122,13 +122,7 @@ async fn answer(
 
     let attempt = prior.as_ref().map_or(1, |p| p.attempt + 1);
     let header = turn_header(turn, model);
-    let start = transient_frame(
-        "llm.start",
-        LLM_ROLE,
-        sid,
-        &header,
-        &json!({"text": "", "seq": -1, "attempt": attempt}),
-    );
+    let start = llm_start_frame(sid, turn, model, attempt, -1, "");
     let requester_sub = request_body.pointer("/hd/sub").and_then(Value::as_str);
     store
         .begin_turn(

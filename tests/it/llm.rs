@@ -179,8 +179,15 @@ async fn cancel_stops_the_turn_promptly_and_records_the_partial_text() {
             seen += 1;
         }
     }
+    // Only who asked may cancel: B is refused and the turn goes on.
     b.send_json(
         &json!({"hd": {"event": "llm.cancel", "role": "B", "cid": "x"}, "bd": {"turn_id": turn}}),
+    )
+    .await;
+    let refused = b.take_reply("x").await;
+    assert_eq!(refused["hd"]["code"], "forbidden_cancel", "{refused}");
+    a.send_json(
+        &json!({"hd": {"event": "llm.cancel", "role": "A", "cid": "x"}, "bd": {"turn_id": turn}}),
     )
     .await;
     let cancelled_at = Instant::now();
