@@ -179,7 +179,6 @@ async fn answer(
         return Ok(());
     }
     usage.prompt_estimate = prompt_tokens;
-    usage.chunks = out.next_seq;
     if let Outcome::Failed(err) = &outcome {
         tracing::error!(cause = %err, code = err.code(), partial_chars = out.published.chars().count(), "LLM turn failed");
     }
@@ -249,6 +248,7 @@ async fn generate(
                         first_token = false;
                         metrics::histogram!(crate::metrics::LLM_FIRST_TOKEN_SECONDS).record(asked.elapsed().as_secs_f64());
                     }
+                    usage.chunks += 1;
                     out.push(&delta);
                 }
                 Ok(Some(Event::Finish(r))) => reason = r,
@@ -308,7 +308,15 @@ impl Deltas<'_> {
                 }
             },
         };
-        let text = &self.raw[from..];
+        self.queue(from);
+    }
+
+    /// Queues `raw[from..]` as the next delta; a reply never starts with white space.
+    fn queue(&mut self, from: usize) {
+        let mut text = &self.raw[from..];
+        if self.next_seq == 0 {
+            text = text.trim_start();
+        }
         if !text.is_empty() {
             self.pending.push((self.next_seq as i64, text.to_owned()));
             self.next_seq += 1;
@@ -333,11 +341,7 @@ impl Deltas<'_> {
         if last && self.skip.is_none() {
             let skip = prompt::speaker_prefix_len(&self.raw, &self.speakers, true).unwrap_or(0);
             self.skip = Some(skip);
-            let text = self.raw[skip..].to_owned();
-            if !text.is_empty() {
-                self.pending.push((self.next_seq as i64, text));
-                self.next_seq += 1;
-            }
+            self.queue(skip);
         }
         if self.pending.is_empty() {
             return Ok(true);
