@@ -299,7 +299,14 @@ async fn only_the_requester_cancels_and_a_cut_turn_stores_what_the_room_saw() {
     .await;
     let sid = unique_sid("cancel");
     let token = |sub: &str| {
-        chat_relay::auth::mint(SECRET, &[sid.clone()], "A", sub, Duration::from_secs(600)).unwrap()
+        chat_relay::auth::mint(
+            SECRET,
+            std::slice::from_ref(&sid),
+            "A",
+            sub,
+            Duration::from_secs(600),
+        )
+        .unwrap()
     };
     let url = |sub: &str| relay.ws_url(&format!("sid={sid}&token={}", token(sub)));
     let mut alice = WsClient::join(&url("alice")).await;
