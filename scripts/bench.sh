@@ -228,11 +228,11 @@ table() {
 
 if [ "$build" -eq 1 ]; then
   if [ "$profile" = release ]; then
-    say "cargo build --release --bins"
-    cargo build --release --bins --quiet
+    say "cargo build --release --workspace --bins"
+    cargo build --release --workspace --bins --quiet
   else
-    say "cargo build --bins (debug: the short form checks correctness, not speed)"
-    cargo build --bins --quiet
+    say "cargo build --workspace --bins (debug: the short form checks correctness, not speed)"
+    cargo build --workspace --bins --quiet
   fi
 fi
 command -v redis-server >/dev/null || { say "redis-server missing: run scripts/setup.sh"; exit 1; }

@@ -1,13 +1,12 @@
 #![allow(dead_code)]
 
-pub mod fake_llm;
 pub mod redis;
 pub mod relay;
 pub mod ws;
 
 pub use self::redis::RedisServer;
-pub use fake_llm::{Callback, FakeLlm, Mode};
 pub use relay::{Relay, RelayProcess, WorkerProcess};
+pub use testkit::{Callback, FakeLlm, Mode};
 pub use ws::WsClient;
 
 use std::sync::atomic::{AtomicU64, Ordering};
