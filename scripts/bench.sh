@@ -284,7 +284,7 @@ fi
 # with its own key prefix so the worker does not first read the rooms of S1-S3.
 stop_relay
 llm_port="$(free_port)"
-"target/$profile/chaos" fake-llm --port "$llm_port" --delay-ms 2 --tokens 100 >"$logs/fake-llm.log" 2>&1 &
+"target/$profile/fake-llm" --port "$llm_port" --delay-ms 2 --tokens 100 >"$logs/fake-llm.log" 2>&1 &
 fake_llm_pid=$!
 saved_flags=("${relay_flags[@]}")
 relay_flags=(

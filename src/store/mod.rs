@@ -17,7 +17,7 @@ pub mod keys;
 mod turns;
 
 pub use keys::Keys;
-pub use turns::{Finished, GroupEntry, TurnLock};
+pub use turns::{lease_holder, lease_token, Finished, GroupEntry, TurnLock};
 
 use std::time::Duration;
 
