@@ -466,8 +466,9 @@ verdict() { # ACTUAL OP TARGET → how far from the target, in the target's own 
 rnum() { # A B → A ÷ B as a plain number (empty when either is missing)
   awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && a != "null" && b != "" && b != "null" && b + 0 != 0) print a / b }'
 }
-# Redis CPU per stored message in S1 before issue 16's work (commit 0c1e0ba), for its "1/3" target.
-redis_baseline_us="${BENCH_REDIS_BASELINE_US:-16}"
+# Redis CPU per stored message in S1 before issue 16's work (measured at commit 0c1e0ba: 16.5 µs,
+# the append script's cost), for its "1/3 of today's" target.
+redis_baseline_us="${BENCH_REDIS_BASELINE_US:-16.5}"
 
 cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
 mem_gib="$(awk '/MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)"
@@ -528,8 +529,6 @@ fi
   echo
   echo "## Targets"
   echo
-  echo "| Target | Measured | Verdict |"
-  echo "|---|--:|---|"
   echo "Issue 16's targets: ratios are to the reference measured in this run."
   echo
   echo "| Target | Measured | Verdict |"
@@ -538,7 +537,7 @@ fi
   echo "| S1 zero loss, duplicates, reordering | $(jget "$s1" loss) lost, $(jget "$s1" duplicates) dup, $(jget "$s1" reorders) reordered | $( [ "$(jget "$s1" passed)" = true ] && echo met || echo '**not met**') |"
   echo "| S1 relay CPU ≤ 4 µs per delivery | $(dec "$(jget "$s1" relay_cpu_us_per_delivery)" 2) µs | $(verdict "$(jget "$s1" relay_cpu_us_per_delivery)" '<=' 4) |"
   echo "| S1 relay CPU per delivery ≤ the reference's | $(dec "$(jget "$s1" relay_cpu_us_per_delivery)" 2) vs $(dec "$(jget "$s1r" relay_cpu_us_per_delivery)" 2) µs = $(ratio "$(jget "$s1" relay_cpu_us_per_delivery)" "$(jget "$s1r" relay_cpu_us_per_delivery)") | $(verdict "$(rnum "$(jget "$s1" relay_cpu_us_per_delivery)" "$(jget "$s1r" relay_cpu_us_per_delivery)")" '<=' 1) |"
-  echo "| S2 400,000 deliveries/s offered, kept up (senders reach 2,000 msg/s) | $(num "$(jget "$s2" deliveries_per_sec)") deliveries/s, senders at $(num "$(jget "$s2" sent_per_sec)") msg/s, p99 $(dec "$(jget "$s2" lat_p99_ms)" 1) ms | $(verdict "$(jget "$s2" sent_per_sec)" '>=' 1960) |"
+  echo "| S2 400,000 deliveries/s offered, kept up (senders reach ≥ 98 % of 2,000 msg/s) | $(num "$(jget "$s2" deliveries_per_sec)") deliveries/s, senders at $(num "$(jget "$s2" sent_per_sec)") msg/s, p99 $(dec "$(jget "$s2" lat_p99_ms)" 1) ms | $(verdict "$(jget "$s2" sent_per_sec)" '>=' 1960) |"
   echo "| S2 relay CPU per delivery ≤ the reference's | $(dec "$(jget "$s2" relay_cpu_us_per_delivery)" 2) vs $(dec "$(jget "$s2r" relay_cpu_us_per_delivery)" 2) µs = $(ratio "$(jget "$s2" relay_cpu_us_per_delivery)" "$(jget "$s2r" relay_cpu_us_per_delivery)") | $(verdict "$(rnum "$(jget "$s2" relay_cpu_us_per_delivery)" "$(jget "$s2r" relay_cpu_us_per_delivery)")" '<=' 1) |"
   echo "| S3 ≤ 10 KiB per idle connection | $(dec "$(jget "$s3" relay_kib_per_conn)" 2) KiB (reference $(dec "$(jget "$s3r" relay_kib_per_conn)" 2)) | $(verdict "$(jget "$s3" relay_kib_per_conn)" '<=' 10) |"
   echo "| S4 LLM fan-out: no regression | $(num "$(jget "${result[s4]:-}" deltas_per_sec)") deltas/s, p99 $(dec "$(jget "${result[s4]:-}" lat_p99_ms)" 1) ms | compare with earlier runs (no reference: it has no LLM) |"
