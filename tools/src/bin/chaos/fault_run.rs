@@ -2,7 +2,7 @@
 //! crashed on its own, print the faults and the summary, clean up.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -333,7 +333,7 @@ fn on_path(tool: &str) -> bool {
     })
 }
 
-fn is_executable(p: &PathBuf) -> bool {
+fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }

@@ -230,11 +230,10 @@ impl World {
                 tokio::task::spawn_blocking(move || lock(&r).stop_with(sig)).await?;
             }
             RedisSide::Cluster(c) => {
-                let (port, keys) = c
-                    .busiest_master(&self.names.keys.room(&room_glob(&self.run)))
-                    .await;
-                let prefix = self.names.keys.room(&room_glob(&self.run));
-                let prefix = prefix.trim_end_matches('*');
+                // The master holding the most of this run's rooms: its restart hurts most.
+                let pattern = self.names.keys.room(&room_glob(&self.run));
+                let (port, keys) = c.busiest_master(&pattern).await;
+                let prefix = pattern.trim_end_matches('*');
                 let mut rooms: Vec<u64> = keys
                     .iter()
                     .filter_map(|k| k.strip_prefix(prefix)?.parse().ok())

@@ -103,3 +103,33 @@ impl Plan {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fault_is_undone_within_the_sending_time() {
+        for short in [true, false] {
+            let plan = Plan::new(short);
+            let times: Vec<f64> = plan.timeline.iter().map(|(t, _)| *t).collect();
+            assert!(times.windows(2).all(|w| w[0] < w[1]), "in time order");
+            assert!(
+                times.iter().all(|t| *t < plan.duration),
+                "while clients send"
+            );
+            let mut down = Vec::new();
+            for (_, action) in &plan.timeline {
+                match action {
+                    Action::KillNode(i) => down.push(format!("node{i}")),
+                    Action::KillRedis(_) => down.push("redis".into()),
+                    Action::KillBusyWorker => down.push("worker".into()),
+                    Action::StartNode(i) => assert_eq!(down.pop(), Some(format!("node{i}"))),
+                    Action::StartRedis => assert_eq!(down.pop().as_deref(), Some("redis")),
+                    Action::StartKilledWorker => assert_eq!(down.pop().as_deref(), Some("worker")),
+                }
+            }
+            assert!(down.is_empty(), "everything restarted");
+        }
+    }
+}
