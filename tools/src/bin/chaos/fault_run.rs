@@ -199,10 +199,21 @@ fn drive_args(world: &World, plan: &Plan) -> DriveArgs {
     }
 }
 
+/// Aborts the drive when the run ends early (an interrupt drops the run's future).
+struct Driver(JoinHandle<Result<DriveEnd>>);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn run_with_processes(world: &mut World, plan: &Plan) -> u8 {
     let (joined_tx, joined_rx) = oneshot::channel();
-    let mut driver: JoinHandle<Result<DriveEnd>> =
-        tokio::spawn(drive(drive_args(world, plan), Some(joined_tx)));
+    let mut driver = Driver(tokio::spawn(drive(
+        drive_args(world, plan),
+        Some(joined_tx),
+    )));
 
     // Every client joined: the timeline is relative to this moment.
     if !matches!(
@@ -210,17 +221,16 @@ async fn run_with_processes(world: &mut World, plan: &Plan) -> u8 {
         Ok(Ok(()))
     ) {
         world.say("the driver did not start sending");
-        driver.abort();
         return 2;
     }
     world.sending_began();
     let t0 = Instant::now();
     for &(at, action) in &plan.timeline {
         let due = t0 + Duration::from_secs_f64(at);
-        while Instant::now() < due && !driver.is_finished() {
+        while Instant::now() < due && !driver.0.is_finished() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if driver.is_finished() {
+        if driver.0.is_finished() {
             break;
         }
         world.play(action).await;
@@ -230,7 +240,7 @@ async fn run_with_processes(world: &mut World, plan: &Plan) -> u8 {
     let mut crashed = crashed_now(world);
     // The driver bounds itself (its --timeout); this is the backstop.
     let limit = Duration::from_secs_f64(plan.deadline + 15.0);
-    let (code, summary) = match tokio::time::timeout(limit, &mut driver).await {
+    let (code, summary) = match tokio::time::timeout(limit, &mut driver.0).await {
         Ok(Ok(Ok(end))) => {
             let code = end.exit_code();
             match end {
@@ -245,7 +255,7 @@ async fn run_with_processes(world: &mut World, plan: &Plan) -> u8 {
                 "the driver exceeded {}s; stopping it",
                 limit.as_secs()
             ));
-            driver.abort();
+            driver.0.abort();
             (1, String::new())
         }
     };
