@@ -66,7 +66,7 @@ async fn answer(
 ) -> Result<(), StoreError> {
     let store = &ctx.store;
     let lease = ctx.args.claim_idle();
-    let token = format!("{}/{}", ctx.consumer, turn);
+    let token = crate::store::lease_token(&ctx.consumer, turn);
     match store.turn_lock(sid, turn, &token, lease).await? {
         TurnLock::Acquired => {}
         TurnLock::Busy => return Ok(()),

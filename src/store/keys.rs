@@ -62,6 +62,12 @@ impl Keys {
         format!("{}llm:turn:{{{}}}:{turn}", self.root, self.room(sid))
     }
 
+    /// `SCAN MATCH` pattern for every turn key of a room: what the fault run watches to find a
+    /// worker in the middle of a turn (read-only use, by the tools).
+    pub fn turns_pattern(&self, sid: &str) -> String {
+        format!("{}llm:turn:{{{}}}:*", self.root, self.room(sid))
+    }
+
     /// `chat:llm:cancel:{chat:session:<sid>}:<turn>`: set when someone cancels a turn.
     pub fn cancel_flag(&self, sid: &str, turn: StreamId) -> String {
         format!("{}llm:cancel:{{{}}}:{turn}", self.root, self.room(sid))
@@ -165,5 +171,9 @@ mod tests {
         assert_eq!(k.sid_of("chat:session:room001"), Some("room001"));
         assert_eq!(k.sid_of("other:room001"), None);
         assert_eq!(k.stats("room001"), "chat:stats:{chat:session:room001}");
+        assert_eq!(
+            k.turns_pattern("room001"),
+            "chat:llm:turn:{chat:session:room001}:*"
+        );
     }
 }

@@ -24,7 +24,9 @@ pub use feed::{Feed, FeedEvent, FeedHandle};
 pub use keys::Keys;
 pub use llm_group::GroupEntry;
 pub use stats::RoomStats;
-pub use turns::{Finished, TurnBegin, TurnEnd, TurnLock, TurnProgress, TurnState};
+pub use turns::{
+    lease_holder, lease_token, Finished, TurnBegin, TurnEnd, TurnLock, TurnProgress, TurnState,
+};
 pub use usage::PendingCallback;
 
 use std::time::Duration;

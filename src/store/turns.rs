@@ -24,6 +24,22 @@ pub enum TurnLock {
     Done(Option<StreamId>),
 }
 
+/// The value a worker's lease puts in a turn key: `<consumer>/<turn>` (until the finish script
+/// replaces it with `done:<reply id>`).
+pub fn lease_token(consumer: &str, turn: StreamId) -> String {
+    format!("{consumer}/{turn}")
+}
+
+/// Who holds a turn's lease, read from the turn key's value: the consumer and the turn; `None`
+/// for a done-marker or anything else. The fault run uses it to kill a worker mid-turn.
+pub fn lease_holder(value: &str) -> Option<(&str, StreamId)> {
+    if value.starts_with("done:") {
+        return None;
+    }
+    let (consumer, turn) = value.rsplit_once('/')?;
+    Some((consumer, turn.parse().ok()?))
+}
+
 /// What [`Store::finish_turn`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finished {
@@ -372,4 +388,18 @@ fn turn_state(turn: StreamId, fields: Value) -> TurnState {
         }
     }
     state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_round_trip() {
+        let turn = StreamId::new(1_700_000_000_000, 3);
+        let token = lease_token("w1", turn);
+        assert_eq!(lease_holder(&token), Some(("w1", turn)));
+        assert_eq!(lease_holder("done:1700000000001-0"), None);
+        assert_eq!(lease_holder("garbage"), None);
+    }
 }
