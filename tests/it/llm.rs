@@ -303,10 +303,10 @@ async fn usage_callback_is_retried_until_accepted() {
     let turn = a.expect_ack(&cid).await;
     watch_turn(&mut a).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while callback.received.lock().unwrap().len() < 3 && Instant::now() < deadline {
+    while callback.received().len() < 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let got = callback.received.lock().unwrap().clone();
+    let got = callback.received();
     assert_eq!(got.len(), 3, "two failures, then accepted");
     let r = &got[2];
     assert_eq!(r["session_id"], sid.as_str());

@@ -434,3 +434,164 @@ async fn the_reply_is_the_llms_own_line() {
         "a stop per speaker the prompt names, newest first"
     );
 }
+
+/// Waits until `cond` holds, checking every 50 ms, for at most `within`.
+async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_callbacks_survive_a_down_endpoint_and_a_killed_worker() {
+    use hmac::{Hmac, Mac};
+
+    const SECRET: &str = "bill-me";
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(FakeLlm::tokens(&["one ", "two"], Duration::ZERO)).await;
+    let callback = crate::support::Callback::start(0).await;
+    callback.set_down(true);
+    let (base, url) = (fake.base_url(), callback.url());
+    let worker = |name: &str| {
+        WorkerProcess::start(
+            &redis.url(),
+            &[
+                "--llm-base-url",
+                &base,
+                "--llm-consumer",
+                name,
+                "--llm-claim-idle-secs",
+                "2",
+                "--usage-callback-url",
+                &url,
+                "--usage-callback-secret",
+                SECRET,
+            ],
+        )
+    };
+    let relay = Relay::start(&redis.url(), &["--llm", "off"]).await;
+    let sid = unique_sid("billing");
+    let mut w1 = worker("w1");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let mut turns = Vec::new();
+    for q in ["q1", "q2"] {
+        a.send_json(&request(q, "count")).await;
+        let turn = a.expect_ack(q).await;
+        rebuild_ws(&mut a, &turn).await;
+        turns.push(turn);
+    }
+    // Both turns' callbacks were tried and refused; the worker dies while it retries.
+    eventually(
+        Duration::from_secs(15),
+        "refused attempts for both turns",
+        || {
+            let keys: std::collections::BTreeSet<_> = callback
+                .posts()
+                .into_iter()
+                .filter_map(|p| p.idempotency_key)
+                .collect();
+            keys.len() == 2
+        },
+    )
+    .await;
+    w1.kill();
+    callback.set_down(false);
+    let _w2 = worker("w2");
+    eventually(Duration::from_secs(20), "both callbacks accepted", || {
+        callback.accepted().len() >= 2
+    })
+    .await;
+    // Nothing more arrives: one accepted callback per turn.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let accepted = callback.accepted();
+    assert_eq!(
+        accepted.len(),
+        2,
+        "exactly one accepted callback per turn: {accepted:?}"
+    );
+    for (i, p) in accepted.iter().enumerate() {
+        let b = &p.body;
+        assert_eq!(b["type"], "usage");
+        assert_eq!(b["session_id"], sid.as_str());
+        assert_eq!(b["turn"], i + 1, "the turn's ordinal in the room: {b}");
+        assert_eq!(b["turn_id"], turns[i].as_str());
+        assert_eq!(p.idempotency_key.as_deref(), Some(turns[i].as_str()));
+        assert_eq!(b["model"], "smollm2");
+        assert_eq!(b["completion_tokens"], 2);
+        assert_eq!(
+            b["total_tokens"].as_u64().unwrap(),
+            b["prompt_tokens"].as_u64().unwrap() + 2
+        );
+        assert_eq!(b["reason"], "stop");
+        assert_eq!(b["estimated"], false, "the provider reported usage");
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(p.raw.as_bytes());
+        let hex: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            p.signature.as_deref(),
+            Some(format!("sha256={hex}").as_str())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_never_accepted_lands_in_the_dead_letter_stream() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(FakeLlm::tokens(&["x"], Duration::ZERO)).await;
+    let callback = crate::support::Callback::start(0).await;
+    callback.set_down(true);
+    let (base, url) = (fake.base_url(), callback.url());
+    let relay = Relay::start(
+        &redis.url(),
+        &[
+            "--llm-base-url",
+            &base,
+            "--usage-callback-url",
+            &url,
+            "--usage-callback-max-secs",
+            "2",
+        ],
+    )
+    .await;
+    let sid = unique_sid("dead-bill");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    a.send_json(&request("q", "count")).await;
+    let turn = a.expect_ack("q").await;
+    rebuild_ws(&mut a, &turn).await;
+    let client = redis.client().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let dead = loop {
+        let dead = crate::support::redis::xrange(&client, "chat:usage:dead").await;
+        if !dead.is_empty() || Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(dead.len(), 1, "given up after --usage-callback-max-secs");
+    let field = |k: &str| {
+        dead[0]
+            .1
+            .iter()
+            .find(|(f, _)| f == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(field("turn_id").as_deref(), Some(turn.as_str()));
+    assert!(callback.posts().len() >= 2, "retried before giving up");
+    let metrics = reqwest::get(relay.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"chat_relay_usage_callbacks_total{outcome="dead"} 1"#),
+        "{metrics}"
+    );
+}
