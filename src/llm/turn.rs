@@ -120,7 +120,7 @@ async fn answer(
     let stops = prompt::stop_sequences(&speakers);
     let prompt_tokens = prompt::estimate_tokens(&messages);
 
-    let attempt = prior.as_ref().map_or(1, |p| p.attempt + 1);
+    let attempt = store.next_attempt(sid, turn).await?;
     let header = turn_header(turn, model);
     let start = llm_start_frame(sid, turn, model, attempt, -1, "");
     let requester_sub = request_body.pointer("/hd/sub").and_then(Value::as_str);
@@ -186,10 +186,8 @@ async fn answer(
     finish(ctx, sid, turn, end).await
 }
 
-/// How long a turn's live state lives without being refreshed (the lease renewals and every
-/// flush refresh it): a dead worker's turn stays visible until another takes it over.
 fn state_ttl(ctx: &Ctx) -> Duration {
-    ctx.args.claim_idle() * 4
+    crate::store::turn_state_ttl(ctx.args.claim_idle())
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -13,6 +13,7 @@
 //! | `chat:llm:cancel:{<room key>}:<turn>` | string | a cancelled turn |
 //! | `chat:llm:live:{<room key>}:<turn>` | hash | a turn in progress: attempt, text so far and the seq of its last delta, requester; expires shortly after the turn ends |
 //! | `chat:llm:active:{<room key>}` | sorted set | turns in progress in the room, by start time |
+//! | `chat:llm:attempts:{<room key>}` | hash | attempts started per unfinished turn |
 //! | `chat:llm:turns:{<room key>}` | string | turns finished in the room (each turn's ordinal) |
 //! | `chat:usage:outbox:{<room key>}` | sorted set | usage callbacks to deliver, by due time |
 //! | `chat:usage:record:{<room key>}` | hash | their bodies and attempt counts |
@@ -76,6 +77,12 @@ impl Keys {
     /// `chat:llm:live:{chat:session:<sid>}:<turn>`: the state of a turn in progress.
     pub fn turn_state(&self, sid: &str, turn: StreamId) -> String {
         format!("{}llm:live:{{{}}}:{turn}", self.root, self.room(sid))
+    }
+
+    /// `chat:llm:attempts:{chat:session:<sid>}`: attempts started per unfinished turn. Outlives
+    /// a turn's live state, so a new attempt always numbers above every earlier one.
+    pub fn turn_attempts(&self, sid: &str) -> String {
+        format!("{}llm:attempts:{{{}}}", self.root, self.room(sid))
     }
 
     /// `chat:llm:active:{chat:session:<sid>}`: the room's turns in progress.

@@ -25,7 +25,8 @@ pub use keys::Keys;
 pub use llm_group::GroupEntry;
 pub use stats::RoomStats;
 pub use turns::{
-    lease_holder, lease_token, Finished, TurnBegin, TurnEnd, TurnLock, TurnProgress, TurnState,
+    lease_holder, lease_token, turn_state_ttl, Finished, TurnBegin, TurnEnd, TurnLock,
+    TurnProgress, TurnState,
 };
 pub use usage::PendingCallback;
 

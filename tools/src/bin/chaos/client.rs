@@ -79,6 +79,7 @@ pub struct ClientState {
     pub errors: BTreeMap<String, u64>,
     pub llm_starts: u64,
     pub llm_deltas: u64,
+    pub turns: crate::turns::TurnViews,
     pub bad_frames: u64,
 
     // Connections.
@@ -193,6 +194,7 @@ impl ClientState {
                     self.order.push((conn, last, id));
                 }
             }
+            self.turns.on_frame(&event, &v);
             self.seen.insert(id);
             self.first.get_or_insert(id);
             self.last = Some(self.last.map_or(id, |l| l.max(id)));
@@ -226,8 +228,14 @@ impl ClientState {
                 }
             }
             "resume_gap" => self.resume_gaps.push(v.clone()),
-            "llm.start" => self.llm_starts += 1,
-            "llm.delta" => self.llm_deltas += 1,
+            "llm.start" => {
+                self.llm_starts += 1;
+                self.turns.on_frame(&event, &v);
+            }
+            "llm.delta" => {
+                self.llm_deltas += 1;
+                self.turns.on_frame(&event, &v);
+            }
             _ => {}
         }
     }

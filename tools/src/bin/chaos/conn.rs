@@ -132,6 +132,7 @@ where
         let mut s = lock(st);
         s.connects += 1;
         s.connected = true;
+        s.turns.on_connect();
         s.cur = Some(ConnRecord {
             no: s.connects,
             node,

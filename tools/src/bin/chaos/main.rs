@@ -44,6 +44,7 @@
 //! | phantom | a client received an id that is not in the stream |
 //! | resume_gap | the relay sent a `resume_gap` frame (with AOF `always` nothing may be lost) |
 //! | LLM exactly once | a stored `@llm` message has zero or several `llm.response`/`llm.error` entries |
+//! | LLM catch-up | a client's rebuilt reply (llm.start sets the text, next-seq deltas append) differs from the stored one, or a delta came out of sequence |
 //! | liveness | a message never acked, refused for good, or a client that never caught up |
 //!
 //! Output: a readable summary on stdout, then one JSON line (`{"chaos": ...}`). Exit code 0 when
@@ -61,6 +62,7 @@ mod procs;
 mod redis;
 mod report;
 mod summary;
+mod turns;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -76,8 +76,18 @@ impl Report {
         let (mut connects, mut connect_failures, mut llm_deltas) = (0u64, 0u64, 0u64);
         let mut unavailable_but_stored: Vec<String> = Vec::new();
         let mut gap_clients: Vec<usize> = Vec::new();
+        let mut turn_breaks: Vec<String> = Vec::new();
+        let (mut turns_rebuilt, mut completed_by_final) = (0u64, 0u64);
         for c in clients {
             let s = lock(c);
+            turns_rebuilt += s.turns.rebuilt;
+            completed_by_final += s.turns.completed_by_final;
+            turn_breaks.extend(
+                s.turns
+                    .violations
+                    .iter()
+                    .map(|v| format!("client {}: {v}", s.idx)),
+            );
             let m = &mirrors[s.room];
             sent += s.next_seq;
             transmissions += s.transmissions;
@@ -267,6 +277,11 @@ impl Report {
                 )
             })
             .collect();
+        checks.push((
+            "llm_catch_up_broken",
+            turn_breaks.len() as u64,
+            &turn_breaks,
+        ));
         checks.push(("never_acked", never_acked, &never_acked_list));
         checks.push(("clients_behind_tail", lagging.len() as u64, &lagging_list));
 
@@ -348,6 +363,11 @@ impl Report {
         j.insert("llm_response_reasons".into(), json!(llm_reasons));
         j.insert("llm_finals_for_other_turns".into(), json!(unexpected));
         j.insert("llm_deltas_seen".into(), json!(llm_deltas));
+        j.insert("llm_replies_rebuilt".into(), json!(turns_rebuilt));
+        j.insert(
+            "llm_replies_completed_by_final".into(),
+            json!(completed_by_final),
+        );
         if let Some(p) = pending {
             j.insert("llm_group_pending".into(), p);
         }
