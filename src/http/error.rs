@@ -41,9 +41,18 @@ impl ApiError {
             ErrorCode::RoleMismatch | ErrorCode::ReservedRole => StatusCode::FORBIDDEN,
             ErrorCode::RateLimited | ErrorCode::RoomRateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
             _ => StatusCode::BAD_REQUEST,
         };
         Self { status, error }
+    }
+
+    /// `404 not_found`: "session <sid> does not exist".
+    pub fn no_session(sid: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            error: ClientError::no_session(sid),
+        }
     }
 
     pub fn bad_request(

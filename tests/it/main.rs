@@ -17,3 +17,4 @@ mod real_llm;
 mod relay_core;
 mod resilience;
 mod security;
+mod sessions;
