@@ -91,6 +91,7 @@ pub async fn run(
         },
         api: ApiSettings {
             require_session: cfg.require_session,
+            chat_timeout: Duration::from_secs(cfg.chat_timeout_secs),
             llm_base_url: cfg.llm_args.llm_base_url.clone(),
         },
         token: token.clone(),

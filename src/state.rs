@@ -31,6 +31,8 @@ pub(crate) struct SessionSettings {
 pub(crate) struct ApiSettings {
     /// `--require-session`: joins, publishes and LLM turns only in rooms that exist.
     pub(crate) require_session: bool,
+    /// `--chat-timeout-secs`: how long `POST /api/chat` waits for the reply.
+    pub(crate) chat_timeout: Duration,
     /// The LLM server's API base (`--llm-base-url`), for `GET /api/health`.
     pub(crate) llm_base_url: String,
 }

@@ -1,5 +1,6 @@
 //! The HTTP API: room history and info, publish and events, health, and the browser page.
 
+mod chat;
 mod error;
 mod health;
 mod history;
@@ -37,7 +38,11 @@ pub(crate) fn router(settings: &HttpSettings) -> Router<Arc<Shared>> {
                     .delete(sessions::delete),
             )
             .route("/api/sessions/{sid}/messages", get(sessions::messages)),
-        Router::new().route("/v1/sessions/{sid}/events", get(live::events)),
+        // No request timeout: these stream, or wait for the LLM (`--chat-timeout-secs`).
+        Router::new()
+            .route("/v1/sessions/{sid}/events", get(live::events))
+            .route("/api/chat", post(chat::chat))
+            .route("/api/chat/stream", post(chat::chat_stream)),
         settings,
     );
     let pages = middleware::quick(

@@ -11,6 +11,7 @@
 //! replays the buffer, skipping what it already sent ([`Room::recover`]).
 
 mod cursor;
+mod follow;
 mod members;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub(crate) use cursor::{Cursor, CursorEnd};
+pub(crate) use follow::{Failure, Reply, TurnFollow, TurnStep};
 pub use members::{ConnId, Outbound, Room};
 
 use crate::store::{Feed, FeedEvent, FeedHandle, Live, Store, StoreError};

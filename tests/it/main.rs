@@ -5,6 +5,7 @@
 mod support;
 
 mod bad_input;
+mod chat;
 mod cli;
 mod cluster;
 mod history;
