@@ -153,6 +153,15 @@ pub struct ServeConfig {
     /// Seconds an HTTP request may take (not the event stream nor WebSocket sessions).
     #[arg(long, env = "RELAY_HTTP_TIMEOUT_SECS", default_value_t = 30)]
     pub http_timeout_secs: u64,
+    /// Only rooms created through `POST /api/sessions` (or with entries already) may be joined,
+    /// posted to or asked: others answer 404 `not_found` and store nothing. Off: a room comes
+    /// into being with its first message, as with the prior relay.
+    #[arg(long, env = "RELAY_REQUIRE_SESSION")]
+    pub require_session: bool,
+    /// Longest `POST /api/chat` waits for the LLM's reply, s; past it the answer is 504
+    /// `llm_timeout` (the turn still finishes and is stored in the session).
+    #[arg(long, env = "RELAY_CHAT_TIMEOUT_SECS", default_value_t = 120)]
+    pub chat_timeout_secs: u64,
     /// Seconds to let sessions and in-flight appends finish on shutdown.
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -210,6 +219,7 @@ impl ServeConfig {
             ("--ping-secs", self.ping_secs),
             ("--write-timeout-secs", self.write_timeout_secs),
             ("--http-timeout-secs", self.http_timeout_secs),
+            ("--chat-timeout-secs", self.chat_timeout_secs),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));

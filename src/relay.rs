@@ -16,7 +16,7 @@ use crate::http::HttpSettings;
 use crate::ingress::{BudgetSettings, Ingress};
 use crate::limits::ConnCounter;
 use crate::room::Rooms;
-use crate::state::{ConnLimits, SessionSettings, Shared};
+use crate::state::{ApiSettings, ConnLimits, SessionSettings, Shared};
 use crate::store::StoreError;
 
 /// Failure to start the relay.
@@ -89,6 +89,11 @@ pub async fn run(
             send_window: cfg.send_window,
             ping_interval: Duration::from_secs(cfg.ping_secs),
             write_timeout: Duration::from_secs(cfg.write_timeout_secs),
+        },
+        api: ApiSettings {
+            require_session: cfg.require_session,
+            chat_timeout: Duration::from_secs(cfg.chat_timeout_secs),
+            llm_base_url: cfg.llm_args.llm_base_url.clone(),
         },
         token: token.clone(),
         tracker: tracker.clone(),

@@ -26,6 +26,17 @@ pub(crate) struct SessionSettings {
     pub(crate) write_timeout: Duration,
 }
 
+/// What the sessions and chat API need from the configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct ApiSettings {
+    /// `--require-session`: joins, publishes and LLM turns only in rooms that exist.
+    pub(crate) require_session: bool,
+    /// `--chat-timeout-secs`: how long `POST /api/chat` waits for the reply.
+    pub(crate) chat_timeout: Duration,
+    /// The LLM server's API base (`--llm-base-url`), for `GET /api/health`.
+    pub(crate) llm_base_url: String,
+}
+
 /// Connection limits, per node. (Message budgets live in [`Ingress`].)
 #[derive(Debug, Clone)]
 pub(crate) struct ConnLimits {
@@ -43,6 +54,7 @@ pub(crate) struct Shared {
     pub(crate) conns: ConnCounter,
     pub(crate) conn_limits: ConnLimits,
     pub(crate) session: SessionSettings,
+    pub(crate) api: ApiSettings,
     /// Fires on shutdown.
     pub(crate) token: CancellationToken,
     /// Sessions and background tasks; shutdown waits for them within the grace period.

@@ -49,6 +49,14 @@ impl ApiError {
         Self { status, error }
     }
 
+    /// `404 not_found`: "session <sid> does not exist".
+    pub fn no_session(sid: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            error: ClientError::no_session(sid),
+        }
+    }
+
     pub fn bad_request(
         code: ErrorCode,
         message: impl Into<std::borrow::Cow<'static, str>>,

@@ -4,13 +4,13 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{checked_sid, ApiError};
-use crate::auth::request_token;
+use crate::auth::{request_token, Grant};
 use crate::protocol::{delivery_frame, ErrorCode, StreamId};
 use crate::state::Shared;
 
@@ -31,17 +31,16 @@ pub struct TokenQuery {
 }
 
 /// The same rule as the WebSocket: with `--auth jwt`, a token valid for this room.
-fn authorize(
+pub(super) fn authorize(
     shared: &Shared,
     headers: &HeaderMap,
     query_token: Option<&str>,
     sid: &str,
-) -> Result<(), ApiError> {
+) -> Result<Grant, ApiError> {
     let (token, _) = request_token(query_token, headers);
     shared
         .auth
         .authorize(token.as_deref(), sid)
-        .map(|_| ())
         .map_err(|d| ApiError {
             status: d.status,
             error: d.error,
@@ -108,8 +107,9 @@ pub async fn messages(
     })))
 }
 
-/// Whether the room exists, its length, first/last id, and entries stored per participant and
-/// per event (from the room's counters: O(1) in the stream's length).
+/// Whether the room exists, its length, first/last id, entries stored per participant and per
+/// event (from the room's counters: O(1) in the stream's length), and the session's fields as
+/// `GET /api/sessions/{id}` shows them (one model: [`crate::store::Session`]).
 pub async fn room_info(
     State(shared): State<Arc<Shared>>,
     Path(sid): Path<String>,
@@ -118,14 +118,8 @@ pub async fn room_info(
 ) -> Result<Json<Value>, ApiError> {
     let sid = checked_sid(Some(&sid))?;
     authorize(&shared, &headers, q.token.as_deref(), sid)?;
-    let Some(info) = shared.store.info(sid).await? else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::NotFound,
-            format!("room '{sid}' has no messages"),
-        ));
-    };
-    let stats = shared.store.room_stats(sid).await?;
+    let session = super::sessions::existing(&shared.store, sid).await?;
+    let info = session.stream.as_ref();
     let active_turns: Vec<Value> = shared
         .store
         .active_turns(sid)
@@ -142,16 +136,22 @@ pub async fn room_info(
         })
         .collect();
     let members_here = shared.rooms.get(sid).map_or(0, |r| r.member_count());
-    Ok(Json(json!({
+    let mut body = json!({
         "sid": sid,
         "exists": true,
         "key": shared.store.keys().room(sid),
-        "length": info.length,
-        "first_id": info.first_id.map(|i| i.to_string()),
-        "last_id": info.last_id.map(|i| i.to_string()),
-        "participants": stats.participants,
-        "events": stats.events,
+        "length": info.map_or(0, |i| i.length),
+        "first_id": info.and_then(|i| i.first_id).map(|i| i.to_string()),
+        "last_id": info.and_then(|i| i.last_id).map(|i| i.to_string()),
+        "participants": session.stats.participants,
+        "events": session.stats.events,
         "active_turns": active_turns,
         "connected_here": members_here,
-    })))
+    });
+    if let (Value::Object(body), Value::Object(fields)) =
+        (&mut body, super::sessions::session_json(&session))
+    {
+        body.extend(fields);
+    }
+    Ok(Json(body))
 }

@@ -65,6 +65,9 @@ pub async fn publish(
         .conn(sid, &grant, q.role)
         .map_err(|e| refused_with(ApiError::for_conn(e)))?
         .with_addr(peer.ip());
+    if shared.api.require_session {
+        conn = conn.require_room();
+    }
     let text = std::str::from_utf8(&body).map_err(|_| {
         refused(
             StatusCode::BAD_REQUEST,
@@ -169,6 +172,7 @@ fn final_event(sid: &str, end: CursorEnd) -> Event {
             tracing::warn!(room = %sid, cause = %err, "SSE replay failed");
             ClientError::store_unavailable()
         }
+        CursorEnd::Deleted => ClientError::session_deleted(),
     };
     crate::metrics::error(err.code.as_str());
     Event::default()

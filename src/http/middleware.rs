@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE};
 use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -54,7 +54,9 @@ impl MakeRequestId for NodeRequestIds {
     }
 }
 
-/// Request ids (set, echoed in the response) and one tracing span per request around `app`.
+/// Request ids (set, echoed in the response) and one tracing span per request around `app`,
+/// and the catalogue's JSON for errors that routing and the layers answer by themselves
+/// ([`json_errors`]), on every route, the WebSocket's included.
 pub(crate) fn observed(app: Router, node_id: &str) -> Router {
     let ids = NodeRequestIds {
         node: node_id.into(),
@@ -63,7 +65,8 @@ pub(crate) fn observed(app: Router, node_id: &str) -> Router {
     let trace = TraceLayer::new_for_http()
         .make_span_with(request_span)
         .on_failure(DefaultOnFailure::new().level(Level::WARN));
-    app.layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
+    app.layer(axum::middleware::map_response(json_errors))
+        .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
         .layer(trace)
         .layer(SetRequestIdLayer::new(X_REQUEST_ID, ids))
 }
@@ -127,7 +130,7 @@ fn cors(allowed: &[String]) -> Option<CorsLayer> {
     Some(
         CorsLayer::new()
             .allow_origin(origin)
-            .allow_methods([Method::GET, Method::POST])
+            .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
             .allow_headers([
                 AUTHORIZATION,
                 CONTENT_TYPE,
@@ -136,6 +139,26 @@ fn cors(allowed: &[String]) -> Option<CorsLayer> {
             .expose_headers([X_REQUEST_ID])
             .max_age(Duration::from_secs(600)),
     )
+}
+
+/// `405 method_not_allowed`, keeping routing's `Allow` header and naming its methods.
+fn method_not_allowed(allow: Option<&HeaderValue>) -> Response {
+    let methods = allow.and_then(|a| a.to_str().ok()).unwrap_or("");
+    let message = if methods.is_empty() {
+        "this path does not take that method".to_owned()
+    } else {
+        format!("this path does not take that method; it takes {methods}")
+    };
+    let mut resp = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::MethodNotAllowed,
+        message,
+    )
+    .into_response();
+    if let Some(allow) = allow {
+        resp.headers_mut().insert(ALLOW, allow.clone());
+    }
+    resp
 }
 
 /// Rewrites the bodies of errors the layers answer by themselves (plain text or empty) into
@@ -161,6 +184,7 @@ pub(crate) async fn json_errors(resp: Response) -> Response {
             "the request took too long; try again",
         )
         .into_response(),
+        StatusCode::METHOD_NOT_ALLOWED => method_not_allowed(resp.headers().get(ALLOW)),
         _ => resp,
     }
 }

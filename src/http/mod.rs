@@ -1,16 +1,19 @@
 //! The HTTP API: room history and info, publish and events, health, and the browser page.
 
+mod chat;
 mod error;
+mod health;
 mod history;
 mod live;
 mod middleware;
+mod sessions;
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 
 pub use error::ApiError;
@@ -26,8 +29,20 @@ pub(crate) fn router(settings: &HttpSettings) -> Router<Arc<Shared>> {
             .route(
                 "/v1/sessions/{sid}/messages",
                 get(history::messages).post(live::publish),
-            ),
-        Router::new().route("/v1/sessions/{sid}/events", get(live::events)),
+            )
+            .route("/api/sessions", post(sessions::create))
+            .route(
+                "/api/sessions/{sid}",
+                get(sessions::read)
+                    .patch(sessions::patch)
+                    .delete(sessions::delete),
+            )
+            .route("/api/sessions/{sid}/messages", get(sessions::messages)),
+        // No request timeout: these stream, or wait for the LLM (`--chat-timeout-secs`).
+        Router::new()
+            .route("/v1/sessions/{sid}/events", get(live::events))
+            .route("/api/chat", post(chat::chat))
+            .route("/api/chat/stream", post(chat::chat_stream)),
         settings,
     );
     let pages = middleware::quick(
@@ -36,13 +51,13 @@ pub(crate) fn router(settings: &HttpSettings) -> Router<Arc<Shared>> {
             .route("/app.js", get(app_js))
             .route("/style.css", get(style_css))
             .route("/healthz", get(healthz))
+            .route("/api/health", get(health::health))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics)),
         settings,
     );
-    api.merge(pages)
-        .fallback(not_found)
-        .layer(axum::middleware::map_response(middleware::json_errors))
+    // Unknown paths: JSON 404 here; wrong methods: JSON 405 from `observed`'s error layer.
+    api.merge(pages).fallback(not_found)
 }
 
 /// Checks a room id from a path or query, as every entry point does.

@@ -73,6 +73,10 @@ pub(crate) struct Conn {
     budget: ClientBudget,
     /// Rate-limit refusals in a row.
     strikes: u32,
+    /// Appends only to a room that exists (checked in the append script): set for a
+    /// WebSocket once it joined, so a frame in flight cannot bring a deleted session back, and
+    /// for HTTP requests under `--require-session`.
+    existing_room: bool,
 }
 
 impl Conn {
@@ -92,6 +96,12 @@ impl Conn {
 
     pub(crate) fn with_budget(mut self, budget: ClientBudget) -> Self {
         self.budget = budget;
+        self
+    }
+
+    /// Stores only while the room exists; otherwise the frame is refused with `not_found`.
+    pub(crate) fn require_room(mut self) -> Self {
+        self.existing_room = true;
         self
     }
 }
@@ -208,6 +218,7 @@ impl Ingress {
             addr: None,
             budget: ClientBudget::Unlimited,
             strikes: 0,
+            existing_room: false,
         })
     }
 
@@ -260,6 +271,7 @@ impl Ingress {
                 let sid = conn.ctx.sid.clone();
                 let sender = conn.ctx.sender.clone();
                 let check_cancel = self.cancel_policy == CancelPolicy::Requester;
+                let existing = conn.existing_room;
                 Ok(Box::pin(async move {
                     if let (Some(turn), true) = (envelope.cancels, check_cancel) {
                         let who = Speaker {
@@ -282,12 +294,18 @@ impl Ingress {
                             }
                         }
                     }
-                    match store_envelope(&store, &sid, sender.as_deref(), &envelope).await {
-                        Ok(appended) => Ok(Submitted::Stored {
+                    let stored =
+                        store_envelope(&store, &sid, sender.as_deref(), &envelope, existing).await;
+                    match stored {
+                        Ok(Some(appended)) => Ok(Submitted::Stored {
                             id: appended.id,
                             cid: envelope.cid,
                             duplicate: appended.duplicate,
                         }),
+                        Ok(None) => {
+                            crate::metrics::error(ErrorCode::NotFound.as_str());
+                            Err(Refused::new(ClientError::no_session(&sid), envelope.cid))
+                        }
                         Err(err) => {
                             tracing::warn!(room = %sid, cause = %err, "append failed");
                             crate::metrics::error(ErrorCode::StoreUnavailable.as_str());
@@ -376,22 +394,30 @@ async fn may_cancel(
 }
 
 /// Append (idempotent on the sender's `cid`; the sender is the token's subject, else the role),
-/// then tell the LLM workers about a cancel.
+/// then tell the LLM workers about a cancel. With `existing`, only to a room that exists
+/// (`None`: it does not).
 async fn store_envelope(
     store: &Store,
     sid: &str,
     sender: Option<&str>,
     envelope: &StoreEnvelope,
-) -> Result<Appended, StoreError> {
+    existing: bool,
+) -> Result<Option<Appended>, StoreError> {
     let sender = sender.unwrap_or(envelope.role.as_str());
     let dedup = envelope.cid.as_deref().map(|c| (sender, c));
-    let appended = store
-        .append(sid, &envelope.role, envelope.event, &envelope.body, dedup)
-        .await?;
+    let (role, event, body) = (&envelope.role, envelope.event, &envelope.body);
+    let appended = if existing {
+        match store.append_existing(sid, role, event, body, dedup).await? {
+            Some(appended) => appended,
+            None => return Ok(None),
+        }
+    } else {
+        store.append(sid, role, event, body, dedup).await?
+    };
     if let Some(turn) = envelope.cancels {
         if let Err(err) = store.signal_cancel(sid, turn).await {
             tracing::warn!(room = %sid, cause = %err, "cancel stored but not signalled");
         }
     }
-    Ok(appended)
+    Ok(Some(appended))
 }

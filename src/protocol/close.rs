@@ -25,6 +25,8 @@ pub enum Close {
     SlowConsumer,
     /// Redis could not be reached to join the room or read the history of a resume.
     StoreUnavailable,
+    /// The session was deleted (`DELETE /api/sessions/{id}`); there is nothing to come back to.
+    SessionDeleted,
 }
 
 /// What a client should do after a close.
@@ -40,7 +42,7 @@ pub enum Reconnect {
 
 impl Close {
     /// Every variant, for docs and tests.
-    pub const ALL: [Close; 8] = [
+    pub const ALL: [Close; 9] = [
         Close::Normal,
         Close::Shutdown,
         Close::NoPong,
@@ -49,6 +51,7 @@ impl Close {
         Close::FrameTooBig,
         Close::SlowConsumer,
         Close::StoreUnavailable,
+        Close::SessionDeleted,
     ];
 
     /// The close code on the wire.
@@ -59,6 +62,9 @@ impl Close {
             Close::NoPong | Close::TokenExpired | Close::RateLimitsIgnored => 1008,
             Close::FrameTooBig => 1009,
             Close::SlowConsumer | Close::StoreUnavailable => 1013,
+            // The private-use range (RFC 6455 §7.4.2), read like HTTP's 404: no registered
+            // code says "the resource is gone", and 1000/1001 would invite a reconnect.
+            Close::SessionDeleted => 4404,
         }
     }
 
@@ -74,12 +80,13 @@ impl Close {
             Close::FrameTooBig => "frame too large",
             Close::SlowConsumer => "too slow: reconnect with last_id",
             Close::StoreUnavailable => "store unavailable",
+            Close::SessionDeleted => "session deleted",
         }
     }
 
     pub fn reconnect(self) -> Reconnect {
         match self {
-            Close::Normal | Close::RateLimitsIgnored => Reconnect::No,
+            Close::Normal | Close::RateLimitsIgnored | Close::SessionDeleted => Reconnect::No,
             Close::TokenExpired => Reconnect::WithNewToken,
             Close::Shutdown
             | Close::NoPong
@@ -103,6 +110,7 @@ impl Close {
                 "too many messages for too long; disconnected",
             )),
             Close::StoreUnavailable => Some(ClientError::store_unavailable()),
+            Close::SessionDeleted => Some(ClientError::session_deleted()),
             Close::Normal | Close::Shutdown | Close::NoPong | Close::FrameTooBig => None,
         }
     }
@@ -132,5 +140,7 @@ mod tests {
         assert_eq!(Close::FrameTooBig.code(), 1009);
         assert_eq!(Close::SlowConsumer.code(), 1013);
         assert_eq!(Close::SlowConsumer.reconnect(), Reconnect::WithLastId);
+        assert_eq!(Close::SessionDeleted.code(), 4404);
+        assert_eq!(Close::SessionDeleted.reconnect(), Reconnect::No);
     }
 }

@@ -38,6 +38,22 @@ pub enum ErrorCode {
     ForbiddenCancel,
     RequestTimeout,
     NotFound,
+    /// `POST /api/sessions` with a `session_id` that is taken.
+    SessionExists,
+    /// The session was deleted while the client was in it.
+    SessionDeleted,
+    /// An HTTP method the path does not take (405, with `Allow`).
+    MethodNotAllowed,
+    /// The LLM server cannot be reached or answers 5xx.
+    LlmUnavailable,
+    /// The LLM server took too long (or no LLM participant answered in time).
+    LlmTimeout,
+    /// The LLM server is rate limiting the relay (its 429).
+    LlmRateLimited,
+    /// The LLM server refused the request (4xx other than 429).
+    LlmRejected,
+    /// The LLM server sent a reply that could not be read.
+    LlmBadResponse,
     Internal,
 }
 
@@ -76,6 +92,14 @@ impl ErrorCode {
             ErrorCode::ForbiddenCancel => "forbidden_cancel",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::SessionExists => "session_exists",
+            ErrorCode::SessionDeleted => "session_deleted",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::LlmUnavailable => "llm_unavailable",
+            ErrorCode::LlmTimeout => "llm_timeout",
+            ErrorCode::LlmRateLimited => "llm_rate_limited",
+            ErrorCode::LlmRejected => "llm_rejected",
+            ErrorCode::LlmBadResponse => "llm_bad_response",
             ErrorCode::Internal => "internal",
         }
     }
@@ -91,6 +115,9 @@ impl ErrorCode {
                 | ErrorCode::TooManyConnections
                 | ErrorCode::SlowConsumer
                 | ErrorCode::RequestTimeout
+                | ErrorCode::LlmUnavailable
+                | ErrorCode::LlmTimeout
+                | ErrorCode::LlmRateLimited
                 | ErrorCode::Internal
         )
     }
@@ -123,6 +150,18 @@ impl ClientError {
         Self::new(
             ErrorCode::SlowConsumer,
             "you fell too far behind the room; reconnect with last_id to catch up",
+        )
+    }
+
+    /// A session (room) that does not exist: never created, or deleted.
+    pub fn no_session(sid: &str) -> Self {
+        Self::new(ErrorCode::NotFound, format!("session {sid} does not exist"))
+    }
+
+    pub fn session_deleted() -> Self {
+        Self::new(
+            ErrorCode::SessionDeleted,
+            "this session was deleted; its history is gone",
         )
     }
 

@@ -28,6 +28,7 @@ impl EventKind {
     pub const SERVER_EVENTS: &'static [&'static str] = &[
         "chat.ack",
         "error",
+        "session.created",
         "session.join",
         "session.leave",
         "resume_gap",
@@ -37,6 +38,14 @@ impl EventKind {
         "llm.error",
         "llm.usage",
     ];
+
+    /// Stored events that are part of the conversation (what people and the LLM said), as the
+    /// sessions API lists and counts them; joins, leaves, cancels and notices are not.
+    pub const CONVERSATION: &'static [&'static str] =
+        &["chat.message", "llm.request", "llm.response", "llm.error"];
+
+    /// The first entry of a room created through `POST /api/sessions`.
+    pub const SESSION_CREATED: &'static str = "session.created";
 
     pub fn name(self) -> &'static str {
         match self {

@@ -55,6 +55,9 @@ pub(crate) enum CursorEnd {
     /// The room dropped this member: its queue was full.
     #[error("the member fell too far behind the room")]
     Slow,
+    /// The session was deleted.
+    #[error("the session was deleted")]
+    Deleted,
     /// The history (or the stream's state for the gap check) could not be read.
     #[error("cannot read the room's history")]
     Store(#[source] StoreError),
@@ -201,6 +204,7 @@ impl Cursor {
                         return Ok(out);
                     }
                 }
+                None if self.member.room.is_deleted() => return Err(CursorEnd::Deleted),
                 None => {
                     tracing::warn!(room = %self.sid(), "disconnecting slow client");
                     return Err(CursorEnd::Slow);

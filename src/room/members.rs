@@ -45,6 +45,8 @@ struct RoomState {
     recovering: Option<Recovery>,
     /// Set once the registry removed the room; joins then retry with a fresh room.
     closed: bool,
+    /// The session was deleted: members were dropped for that reason, not for being slow.
+    deleted: bool,
     empty_since: Option<Instant>,
 }
 
@@ -69,6 +71,7 @@ impl Room {
                 last_id: StreamId::ZERO,
                 recovering: None,
                 closed: false,
+                deleted: false,
                 empty_since: Some(Instant::now()),
             }),
             subscribed: tokio::sync::OnceCell::new(),
@@ -102,6 +105,11 @@ impl Room {
         if st.members.is_empty() && st.empty_since.is_none() {
             st.empty_since = Some(Instant::now());
         }
+    }
+
+    /// Whether the session was deleted (its members were closed for that reason).
+    pub fn is_deleted(&self) -> bool {
+        self.lock().deleted
     }
 
     pub fn member_count(&self) -> usize {
@@ -164,6 +172,15 @@ impl Room {
                     return;
                 }
                 self.deliver_entry(&mut st, id, &out);
+            }
+            Live::Deleted => {
+                // Dropping the senders ends every member's cursor once it has read what was
+                // queued before (`CursorEnd::Deleted`); the room takes no one new.
+                let mut st = self.lock();
+                st.deleted = true;
+                st.closed = true;
+                st.members.clear();
+                st.empty_since = Some(Instant::now());
             }
         }
     }

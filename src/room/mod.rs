@@ -11,6 +11,7 @@
 //! replays the buffer, skipping what it already sent ([`Room::recover`]).
 
 mod cursor;
+mod follow;
 mod members;
 
 use std::sync::Arc;
@@ -23,9 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub(crate) use cursor::{Cursor, CursorEnd};
+pub(crate) use follow::{Failure, Reply, TurnFollow, TurnStep};
 pub use members::{ConnId, Outbound, Room};
 
-use crate::store::{Feed, FeedEvent, FeedHandle, Store, StoreError};
+use crate::store::{Feed, FeedEvent, FeedHandle, Live, Store, StoreError};
 
 /// How long an empty room keeps its subscription, so a reconnecting client does not pay for a
 /// fresh SUBSCRIBE and baseline read.
@@ -132,6 +134,10 @@ impl Rooms {
                 ev = feed.next() => ev,
             };
             match event {
+                Some(FeedEvent::Live {
+                    sid,
+                    live: Live::Deleted,
+                }) => self.forget_deleted(sid),
                 Some(FeedEvent::Live { sid, live }) => {
                     if let Some(room) = self.get(&sid) {
                         room.on_live(live);
@@ -151,6 +157,27 @@ impl Rooms {
             }
         }
         self.inner.feed.close().await;
+    }
+
+    /// The session was deleted (on any node): the room closes its members here and leaves the
+    /// registry at once, so a later join (the session created again under the same id) starts
+    /// a fresh room. The subscription goes too, unless such a join took it over meanwhile.
+    fn forget_deleted(&self, sid: String) {
+        let Some((_, room)) = self.inner.map.remove(&sid) else {
+            return;
+        };
+        tracing::info!(room = %sid, members = room.member_count(), "session deleted; closing its members");
+        room.on_live(Live::Deleted);
+        metrics::gauge!(crate::metrics::ROOMS).set(self.inner.map.len() as f64);
+        let rooms = self.clone();
+        self.inner.tracker.spawn(async move {
+            let map = &rooms.inner.map;
+            rooms
+                .inner
+                .feed
+                .unfollow_room_if(&sid, || !map.contains_key(&sid))
+                .await;
+        });
     }
 
     /// Puts every room into recovery now (so no live entry slips past its cursor), then

@@ -165,6 +165,8 @@ impl FeedHandle {
         let (head, rest) = payload.split_once('\n')?;
         let live = if head == TRANSIENT_MARK {
             Live::Transient(rest.to_owned())
+        } else if head == DELETED_MARK {
+            Live::Deleted
         } else if let Some(mark) = decode_turn_mark(head) {
             Live::Turn {
                 mark,
@@ -250,6 +252,16 @@ fn decode_turn_mark(head: &str) -> Option<TurnMark> {
     parts.next().is_none().then_some(mark)
 }
 
+/// First line of the notice that a room was deleted; nothing follows it. Like the other
+/// non-entry marks it starts with `-`, which no stream id does.
+const DELETED_MARK: &str = "-x";
+
+/// The payload of the room-deleted notice, which `session_delete.lua` publishes on the room's
+/// channel in the script that deletes the room.
+pub(super) fn encode_deleted() -> String {
+    format!("{DELETED_MARK}\n")
+}
+
 /// The payload of a cancel notice on the cancel channel.
 pub(super) fn encode_cancel(sid: &str, turn: StreamId) -> String {
     format!("{sid} {turn}")
@@ -279,6 +291,15 @@ mod tests {
         assert_eq!(decode_turn_mark("-"), None);
         assert_eq!(decode_turn_mark("-d 1-0 1"), None);
         assert_eq!(decode_turn_mark("17-2"), None);
+    }
+
+    #[test]
+    fn deleted_notice_is_neither_an_entry_nor_a_turn_frame() {
+        let payload = encode_deleted();
+        let (head, rest) = payload.split_once('\n').unwrap();
+        assert_eq!((head, rest), (DELETED_MARK, ""));
+        assert_eq!(decode_turn_mark(head), None);
+        assert!(head.parse::<StreamId>().is_err());
     }
 
     #[test]

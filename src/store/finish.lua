@@ -12,7 +12,13 @@
 -- ARGV[8]  how long the live state lingers, ms   ARGV[9]  now, ms
 -- ARGV[10] usage callback body, a JSON object without "turn" ('' = no callback)
 --
--- Returns {'stored', id, ordinal} or, when some worker already finished this turn, {'done', id}.
+-- Returns {'stored', id, ordinal} or, when some worker already finished this turn, {'done', id}
+-- ({'done'} without an id when the session was deleted).
+
+-- A deleted session (its stream is gone) gets nothing back: answered like a finished turn.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {'done'}
+end
 local cur = redis.call('GET', KEYS[2])
 if cur and string.sub(cur, 1, 5) == 'done:' then
   redis.call('XACK', KEYS[1], ARGV[5], ARGV[6])

@@ -6,6 +6,7 @@
 //! | `<prefix><sid>` | pub/sub channel | live fan-out of the same entries (`<id>\n<body>`) and of transient frames (`-\n<frame>`) |
 //! | group `llm` on each room stream | consumer group | the LLM participant's read position, created at `0` with the room |
 //!
+//! | `chat:record:{<room key>}` | hash | the session record (`POST /api/sessions`): `created`, `updated` (ms), `metadata` (JSON object), `version` (bumped by every patch) |
 //! | `chat:dedup:{<room key>}:<sender>:<cid>` | string | id stored for a client's cid (idempotent resend) |
 //! | `chat:stats:{<room key>}` | hash | entries ever stored in the room: `p:<participant>` and `e:<event>` → count (`append.lua`, `finish.lua`) |
 //! | `chat:rooms` | stream | registry of rooms for LLM workers (`sid` field) |
@@ -22,6 +23,13 @@
 //! | `chat:llm:rate:{<room key>}:<window>` | string | LLM turns counted per room per window |
 //! | `chat:llm:cancel` | pub/sub channel | cancel notices to workers (`<sid> <turn>`) |
 //! | `chat:llm:dead` | stream | LLM requests that failed too often |
+//!
+//! Every key a room owns carries the room key as its hash tag (`{chat:session:<sid>}`), so
+//! deleting a session (`DELETE /api/sessions/{id}`) removes the fixed names in one script and
+//! finds the rest (dedup keys, per-turn keys, rate windows) with `SCAN MATCH
+//! *{chat:session:<sid>}*` ([`Keys::room_pattern`]); the global keys (`chat:rooms`,
+//! `chat:usage:rooms`, the dead-letter streams) only name the room inside their entries.
+//! A room-deleted notice (`-x`) on the room's channel tells every node to close its members.
 //!
 //! The channel deliberately has the key's name: in Redis Cluster a sharded channel hashes like a
 //! key, so publishing from the append script stays on the room's own shard.
@@ -127,6 +135,18 @@ impl Keys {
         format!("{}stats:{{{}}}", self.root, self.room(sid))
     }
 
+    /// `chat:record:{chat:session:<sid>}`: the session record (created, updated, metadata,
+    /// version). Same hash tag as the room, so the create and delete scripts touch both.
+    pub fn session_record(&self, sid: &str) -> String {
+        format!("{}record:{{{}}}", self.root, self.room(sid))
+    }
+
+    /// `*{chat:session:<sid>}*`: a `SCAN MATCH` pattern for every key the room owns. Room ids
+    /// hold no glob characters (`valid_sid`), so the pattern matches this room only.
+    pub fn room_pattern(&self, sid: &str) -> String {
+        format!("*{{{}}}*", self.room(sid))
+    }
+
     /// `chat:llm:cancel`: channel on which cancels reach the worker generating the turn.
     pub fn cancel_channel(&self) -> String {
         format!("{}llm:cancel", self.root)
@@ -182,5 +202,10 @@ mod tests {
             k.turns_pattern("room001"),
             "chat:llm:turn:{chat:session:room001}:*"
         );
+        assert_eq!(
+            k.session_record("room001"),
+            "chat:record:{chat:session:room001}"
+        );
+        assert_eq!(k.room_pattern("room001"), "*{chat:session:room001}*");
     }
 }

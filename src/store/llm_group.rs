@@ -82,35 +82,13 @@ impl Store {
     /// Every room stream, by `SCAN` on every primary (used once at worker start, for rooms from
     /// before it).
     pub async fn scan_rooms(&self) -> Result<Vec<String>, StoreError> {
-        use fred::types::scan::{ScanType, Scanner};
-        use futures_util::TryStreamExt;
-
         let pattern = format!("{}*", self.keys.prefix());
-        let keys: Vec<fred::types::Key> = if self.client.is_clustered() {
-            let mut pages = std::pin::pin!(self.client.scan_cluster(
-                pattern,
-                Some(1000),
-                Some(ScanType::Stream)
-            ));
-            let mut keys = Vec::new();
-            while let Some(mut page) = pages.try_next().await? {
-                keys.extend(page.take_results().unwrap_or_default());
-                page.next();
-            }
-            keys
-        } else {
-            self.client
-                .scan_buffered(pattern, Some(1000), Some(ScanType::Stream))
-                .try_collect()
-                .await?
-        };
+        let keys = self
+            .scan_keys(&pattern, Some(fred::types::scan::ScanType::Stream))
+            .await?;
         Ok(keys
             .iter()
-            .filter_map(|k| {
-                k.as_str()
-                    .and_then(|k| self.keys.sid_of(k))
-                    .map(str::to_owned)
-            })
+            .filter_map(|k| self.keys.sid_of(k).map(str::to_owned))
             .collect())
     }
 

@@ -16,6 +16,7 @@
 mod feed;
 pub mod keys;
 mod llm_group;
+mod sessions;
 mod stats;
 mod turns;
 mod usage;
@@ -23,6 +24,7 @@ mod usage;
 pub use feed::{Feed, FeedEvent, FeedHandle};
 pub use keys::Keys;
 pub use llm_group::GroupEntry;
+pub use sessions::{Created, Session};
 pub use stats::RoomStats;
 pub use turns::{
     lease_holder, lease_token, turn_state_ttl, Finished, TurnBegin, TurnEnd, TurnLock,
@@ -62,6 +64,8 @@ impl Lua {
 #[derive(Debug, Clone)]
 struct Scripts {
     append: Lua,
+    session_patch: Lua,
+    session_delete: Lua,
     turn_lock: Lua,
     turn_begin: Lua,
     turn_progress: Lua,
@@ -109,6 +113,27 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// Which room an append may write to (see `append.lua`).
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    /// Any room; a new one is created.
+    Any,
+    /// Only a room that exists.
+    Existing,
+    /// Only a new room, whose session record is written with the entry.
+    New { metadata: &'a str },
+}
+
+/// What `append.lua` answered.
+#[derive(Debug)]
+enum AppendReply {
+    Stored(Appended),
+    /// [`Target::Existing`]: there is no such room.
+    Missing,
+    /// [`Target::New`]: the room exists.
+    Exists,
+}
+
 /// A message from a room's live channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Live {
@@ -118,6 +143,8 @@ pub enum Live {
     Transient(String),
     /// An LLM turn's `llm.start` or `llm.delta`, ready to send, with where it belongs in the turn.
     Turn { mark: TurnMark, frame: String },
+    /// The session was deleted (`DELETE /api/sessions/{id}`): its members are closed.
+    Deleted,
 }
 
 /// Where a live LLM frame belongs: which turn, which attempt, and up to which delta. Lets every
@@ -203,6 +230,8 @@ impl Store {
             llm_group: llm_group.into(),
             scripts: Scripts {
                 append: Lua::new(include_str!("append.lua")),
+                session_patch: Lua::new(include_str!("session_patch.lua")),
+                session_delete: Lua::new(include_str!("session_delete.lua")),
                 turn_lock: Lua::new(include_str!("turn_lock.lua")),
                 turn_begin: Lua::new(include_str!("turn_begin.lua")),
                 turn_progress: Lua::new(include_str!("turn_progress.lua")),
@@ -260,6 +289,7 @@ impl Store {
     }
 
     /// Append an envelope to a room and publish it to every node, atomically (see `append.lua`).
+    /// Creates the room when it is new.
     ///
     /// With `dedup = Some((sender, cid))`, a second append of the same pair within the dedup
     /// window stores nothing and returns the original id: clients resend after a lost ack, and
@@ -272,12 +302,62 @@ impl Store {
         body: &str,
         dedup: Option<(&str, &str)>,
     ) -> Result<Appended, StoreError> {
-        let mut keys = vec![self.keys.room(sid), self.keys.stats(sid)];
+        match self
+            .append_to(sid, participant, event, body, dedup, Target::Any)
+            .await?
+        {
+            AppendReply::Stored(appended) => Ok(appended),
+            AppendReply::Missing | AppendReply::Exists => {
+                Err(StoreError::Reply("append refused a room it may create"))
+            }
+        }
+    }
+
+    /// [`Store::append`] to a room that exists (its stream or its session record), checked in
+    /// the same script: `None`, storing nothing, when there is no such room — it was never
+    /// created (`--require-session`), or it was deleted, which an append must not undo.
+    pub async fn append_existing(
+        &self,
+        sid: &str,
+        participant: &str,
+        event: &'static str,
+        body: &str,
+        dedup: Option<(&str, &str)>,
+    ) -> Result<Option<Appended>, StoreError> {
+        match self
+            .append_to(sid, participant, event, body, dedup, Target::Existing)
+            .await?
+        {
+            AppendReply::Stored(appended) => Ok(Some(appended)),
+            AppendReply::Missing => Ok(None),
+            AppendReply::Exists => Err(StoreError::Reply("append refused an existing room")),
+        }
+    }
+
+    async fn append_to(
+        &self,
+        sid: &str,
+        participant: &str,
+        event: &'static str,
+        body: &str,
+        dedup: Option<(&str, &str)>,
+        target: Target<'_>,
+    ) -> Result<AppendReply, StoreError> {
+        let mut keys = vec![
+            self.keys.room(sid),
+            self.keys.stats(sid),
+            self.keys.session_record(sid),
+        ];
         if let Some((sender, cid)) = dedup {
             keys.push(self.keys.dedup(sid, sender, cid));
         }
         let retention = self.retention.to_string();
         let window = self.dedup_window_secs.to_string();
+        let (which, metadata) = match target {
+            Target::Any => ("any", ""),
+            Target::Existing => ("existing", ""),
+            Target::New { metadata } => ("new", metadata),
+        };
         let args = vec![
             retention.as_str(),
             participant,
@@ -285,12 +365,21 @@ impl Store {
             body,
             &self.llm_group,
             &window,
+            which,
+            metadata,
         ];
         let started = std::time::Instant::now();
         let reply = self.eval_script(&self.scripts.append, keys, args).await?;
         metrics::histogram!(crate::metrics::APPEND_SECONDS).record(started.elapsed().as_secs_f64());
-        let Value::Array(parts) = reply else {
-            return Err(StoreError::Reply("append script returned no array"));
+        let parts = match reply {
+            Value::Array(parts) => parts,
+            other => {
+                return match other.as_str().as_deref() {
+                    Some("missing") => Ok(AppendReply::Missing),
+                    Some("exists") => Ok(AppendReply::Exists),
+                    _ => Err(StoreError::Reply("append script returned no array")),
+                }
+            }
         };
         let id = parts
             .first()
@@ -309,11 +398,11 @@ impl Store {
                 tracing::warn!(room = %sid, cause = %err, "could not announce the new room");
             }
         }
-        Ok(Appended {
+        Ok(AppendReply::Stored(Appended {
             id,
             created,
             duplicate,
-        })
+        }))
     }
 
     /// Runs a script by hash. After a Redis restart the script cache is empty: falling back to
@@ -335,6 +424,37 @@ impl Store {
             }
             other => Ok(other?),
         }
+    }
+
+    /// The keys matching `pattern`. A pattern with a hash tag (`*{chat:session:<sid>}*`) is
+    /// scanned on the one node that holds the tag's slot (fred routes it by the tag); without
+    /// one, on every primary of a cluster.
+    pub(crate) async fn scan_keys(
+        &self,
+        pattern: &str,
+        kind: Option<fred::types::scan::ScanType>,
+    ) -> Result<Vec<String>, StoreError> {
+        use fred::types::scan::Scanner;
+        use futures_util::TryStreamExt;
+
+        let keys: Vec<fred::types::Key> = if self.client.is_clustered() && !pattern.contains('{') {
+            let mut pages = std::pin::pin!(self.client.scan_cluster(pattern, Some(1000), kind));
+            let mut keys = Vec::new();
+            while let Some(mut page) = pages.try_next().await? {
+                keys.extend(page.take_results().unwrap_or_default());
+                page.next();
+            }
+            keys
+        } else {
+            self.client
+                .scan_buffered(pattern, Some(1000), kind)
+                .try_collect()
+                .await?
+        };
+        Ok(keys
+            .iter()
+            .filter_map(|k| k.as_str().map(str::to_owned))
+            .collect())
     }
 
     /// Publish a frame to the room's live channel without storing it.

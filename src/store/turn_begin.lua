@@ -7,6 +7,12 @@
 -- ARGV[4]  started, ms   ARGV[5]  model   ARGV[6]  prompt tokens (estimated) of this attempt
 -- ARGV[7]  completion tokens of earlier attempts   ARGV[8]  prompt tokens of earlier attempts
 -- ARGV[9]  state ttl, ms   ARGV[10]  turn id   ARGV[11]  pub/sub payload of the llm.start frame
+
+-- A deleted session (its stream is gone): record nothing; the attempt's first flush then finds
+-- no state and stops.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'attempt', ARGV[1], 'seq', -1, 'text', '',
   'requester', ARGV[2], 'sub', ARGV[3], 'started', ARGV[4], 'model', ARGV[5],

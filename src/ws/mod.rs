@@ -74,6 +74,9 @@ async fn upgrade(
             )
         })?),
     };
+    if shared.api.require_session && !shared.store.session_exists(&sid).await? {
+        return Err(ApiError::no_session(&sid));
+    }
     let conn = shared
         .ingress
         .conn(&sid, &grant, q.role)

@@ -5,6 +5,7 @@
 mod support;
 
 mod bad_input;
+mod chat;
 mod cli;
 mod cluster;
 mod history;
@@ -17,4 +18,5 @@ mod real_llm;
 mod relay_core;
 mod resilience;
 mod security;
+mod sessions;
 mod turns;

@@ -84,12 +84,26 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
         }
     };
     let join = presence_body("session.join", &role, &sid, &conn_label);
-    let joined = match shared
-        .store
-        .append(&sid, &role, "session.join", &join, None)
-        .await
-    {
-        Ok(a) => a.id,
+    let joined = if shared.api.require_session {
+        shared
+            .store
+            .append_existing(&sid, &role, "session.join", &join, None)
+            .await
+    } else {
+        shared
+            .store
+            .append(&sid, &role, "session.join", &join, None)
+            .await
+            .map(Some)
+    };
+    let joined = match joined {
+        Ok(Some(a)) => a.id,
+        Ok(None) => {
+            tracing::info!("the session was deleted before the join was recorded");
+            drop(cursor);
+            send_close(&mut sink, Close::SessionDeleted).await;
+            return;
+        }
         Err(err) => {
             tracing::warn!(cause = %err, "cannot record join: store unavailable");
             drop(cursor);
@@ -118,7 +132,14 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
     };
     let reader = reader::Reader {
         shared: shared.clone(),
-        conn: params.conn,
+        // With --require-session a frame must not recreate the room once it is deleted.
+        // Without it, a room whose stream vanished (Redis restarted without persistence) comes
+        // back with the next message, as rooms always have.
+        conn: if shared.api.require_session {
+            params.conn.require_room()
+        } else {
+            params.conn
+        },
         ctrl: ctrl_tx,
         last_pong,
         started,
@@ -145,10 +166,11 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
     .await;
     tracing::info!(?close, code = close.code(), "left");
 
+    // Only into a room that still exists: a deleted session gets no entry back.
     let leave = presence_body("session.leave", &role, &sid, &conn_label);
     if let Err(err) = shared
         .store
-        .append(&sid, &role, "session.leave", &leave, None)
+        .append_existing(&sid, &role, "session.leave", &leave, None)
         .await
     {
         tracing::warn!(cause = %err, "could not record leave");

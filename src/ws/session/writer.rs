@@ -56,6 +56,7 @@ impl Writer {
                 out = cursor.next() => match out {
                     Ok(out) => Message::Text(out.frame),
                     Err(CursorEnd::Slow) => return Close::SlowConsumer,
+                    Err(CursorEnd::Deleted) => return Close::SessionDeleted,
                     Err(CursorEnd::Store(err)) => {
                         tracing::warn!(cause = %err, "resume failed: cannot read the room's history");
                         return Close::StoreUnavailable;

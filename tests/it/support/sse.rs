@@ -27,7 +27,11 @@ impl SseReader {
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
         }
-        let resp = req.send().await.unwrap();
+        Self::from_response(req.send().await.unwrap())
+    }
+
+    /// The event stream of a response already received (e.g. to a POST); it must be one.
+    pub fn from_response(resp: reqwest::Response) -> SseReader {
         assert_eq!(resp.status(), 200);
         assert!(resp.headers()["content-type"]
             .to_str()
