@@ -185,6 +185,8 @@ pub struct Store {
     keys: Keys,
     retention: u64,
     dedup_window_secs: u64,
+    /// `--room-wake-after`: a room silent this long is announced again by its next entry.
+    wake_after: Duration,
     llm_group: String,
     scripts: Scripts,
 }
@@ -227,6 +229,7 @@ impl Store {
             keys,
             retention,
             dedup_window_secs: 600,
+            wake_after: Duration::from_secs(600),
             llm_group: llm_group.into(),
             scripts: Scripts {
                 append: Lua::new(include_str!("append.lua")),
@@ -242,6 +245,16 @@ impl Store {
                 usage_forget: Lua::new(include_str!("usage_forget.lua")),
             },
         })
+    }
+
+    /// How long a room may be silent before LLM workers stop reading it (`--room-wake-after`).
+    pub fn with_wake_after(mut self, window: Duration) -> Self {
+        self.wake_after = window.max(Duration::from_secs(1));
+        self
+    }
+
+    pub fn wake_after(&self) -> Duration {
+        self.wake_after
     }
 
     /// How long a (sender, cid) pair is remembered for idempotent appends.
