@@ -15,6 +15,8 @@
 //! | `chat:llm:live:{<room key>}:<turn>` | hash | a turn in progress: attempt, text so far and the seq of its last delta, requester; expires shortly after the turn ends |
 //! | `chat:llm:active:{<room key>}` | sorted set | turns in progress in the room, by start time |
 //! | `chat:llm:attempts:{<room key>}` | hash | attempts started per unfinished turn |
+//! | `chat:presence:{<room key>}` | sorted set | connections in the room now (`{"c","r","s"}` JSON), scored by when they expire unless their node refreshes them |
+//! | `chat:presence:v:{<room key>}` | string | version of the room's presence, bumped on every change |
 //! | `chat:llm:turns:{<room key>}` | string | turns finished in the room (each turn's ordinal) |
 //! | `chat:usage:outbox:{<room key>}` | sorted set | usage callbacks to deliver, by due time |
 //! | `chat:usage:record:{<room key>}` | hash | their bodies and attempt counts |
@@ -91,6 +93,16 @@ impl Keys {
     /// a turn's live state, so a new attempt always numbers above every earlier one.
     pub fn turn_attempts(&self, sid: &str) -> String {
         format!("{}llm:attempts:{{{}}}", self.root, self.room(sid))
+    }
+
+    /// `chat:presence:{chat:session:<sid>}`: connections in the room now, by expiry.
+    pub fn presence(&self, sid: &str) -> String {
+        format!("{}presence:{{{}}}", self.root, self.room(sid))
+    }
+
+    /// `chat:presence:v:{chat:session:<sid>}`: the version of the room's presence.
+    pub fn presence_version(&self, sid: &str) -> String {
+        format!("{}presence:v:{{{}}}", self.root, self.room(sid))
     }
 
     /// `chat:llm:active:{chat:session:<sid>}`: the room's turns in progress.

@@ -16,6 +16,7 @@
 mod feed;
 pub mod keys;
 mod llm_group;
+mod presence;
 mod sessions;
 mod stats;
 mod turns;
@@ -24,6 +25,7 @@ mod usage;
 pub use feed::{Feed, FeedEvent, FeedHandle};
 pub use keys::Keys;
 pub use llm_group::GroupEntry;
+pub use presence::{Present, PresenceChange, PresenceSet};
 pub use sessions::{Created, Session};
 pub use stats::RoomStats;
 pub use turns::{
@@ -74,6 +76,7 @@ struct Scripts {
     usage_claim: Lua,
     usage_settle: Lua,
     usage_forget: Lua,
+    presence: Lua,
 }
 
 /// What can go wrong talking to Redis. Callers map it to `store_unavailable` for clients; the
@@ -243,6 +246,7 @@ impl Store {
                 usage_claim: Lua::new(include_str!("usage_claim.lua")),
                 usage_settle: Lua::new(include_str!("usage_settle.lua")),
                 usage_forget: Lua::new(include_str!("usage_forget.lua")),
+                presence: Lua::new(include_str!("presence.lua")),
             },
         })
     }
