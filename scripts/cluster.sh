@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # A local 3-master Redis Cluster on free loopback ports, for tests and demos.
 #
-#   scripts/cluster.sh start [DIR]   start it; prints the seed list for --redis-cluster
-#   scripts/cluster.sh stop [DIR]    stop the servers started in DIR (by PID) and remove DIR
-#   scripts/cluster.sh nodes [DIR]   print the seed list again
+#   scripts/cluster.sh start [DIR]             start it; prints the seed list for --redis-cluster
+#   scripts/cluster.sh stop [DIR]              stop the servers started in DIR (by PID), remove DIR
+#   scripts/cluster.sh nodes [DIR]             print the seed list again
+#   scripts/cluster.sh start-node DIR PORT     start one (stopped) master again: same nodes.conf, AOF
 #
 # DIR defaults to ${TMPDIR:-/tmp}/chat-relay-cluster. Each node keeps its nodes.conf, AOF and log
-# in DIR/<port>/.
+# in DIR/<port>/. CLUSTER_APPENDFSYNC (default everysec) sets appendfsync; the fault run uses always.
 set -euo pipefail
 
 cmd="${1:-}"
@@ -29,6 +30,16 @@ while True:
 PY
 }
 
+appendfsync="${CLUSTER_APPENDFSYNC:-everysec}"
+start_node() { # PORT: one master, daemonized, its files in $dir/PORT
+  local port="$1"
+  mkdir -p "$dir/$port"
+  redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
+    --cluster-config-file "$dir/$port/nodes.conf" --dir "$dir/$port" \
+    --appendonly yes --appendfsync "$appendfsync" --save "" --maxmemory-policy noeviction \
+    --logfile "$dir/$port/redis.log" --daemonize yes --pidfile "$dir/$port/redis.pid"
+}
+
 case "$cmd" in
   start)
     if [ -f "$dir/ports" ]; then
@@ -40,11 +51,7 @@ case "$cmd" in
     : > "$dir/ports"
     for _ in 1 2 3; do
       port=$(free_port)
-      mkdir -p "$dir/$port"
-      redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
-        --cluster-config-file "$dir/$port/nodes.conf" --dir "$dir/$port" \
-        --appendonly yes --appendfsync everysec --save "" --maxmemory-policy noeviction \
-        --logfile "$dir/$port/redis.log" --daemonize yes --pidfile "$dir/$port/redis.pid"
+      start_node "$port"
       echo "127.0.0.1:$port" >> "$dir/ports"
     done
     for hp in $(cat "$dir/ports"); do
@@ -77,8 +84,14 @@ case "$cmd" in
   nodes)
     paste -sd, "$dir/ports"
     ;;
+  start-node)
+    port="${3:?start-node DIR PORT}"
+    grep -qx "127.0.0.1:$port" "$dir/ports" 2>/dev/null || { say "no node :$port in $dir"; exit 2; }
+    start_node "$port"
+    for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    ;;
   *)
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -5,8 +5,9 @@
 #
 # Every part starts its own redis-server (and relay, LLM server, browser) on free ports and stops
 # them by PID, so nothing here needs a running Redis. Parts:
-#   1. cargo fmt --check, cargo clippy -D warnings
-#   2. cargo test: unit tests, integration tests (tests/it), the real local model end to end
+#   1. cargo fmt --check, cargo clippy -D warnings (the whole workspace: relay, tools, testkit)
+#   2. cargo test: unit tests, integration tests (tests/it), the real local model end to end,
+#      and the tools' own tests
 #   3. the Python smoke test and the Postman collection check (scripts/smoke-python.sh)
 #   4. the browser end-to-end test in headless Chromium (scripts/e2e-browser.sh)
 #   5. the short benchmark: no loss, duplicates or reordering under load (scripts/bench.sh --short)
@@ -20,12 +21,12 @@ say() { printf '[test] %s\n' "$*" >&2; }
 
 scripts/setup.sh --test
 
-say "cargo fmt --check"
-cargo fmt --check
-say "cargo clippy --all-targets -- -D warnings"
-cargo clippy --quiet --all-targets -- -D warnings
-say "cargo test"
-cargo test --all-targets 2>&1
+say "cargo fmt --all --check"
+cargo fmt --all --check
+say "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --quiet --workspace --all-targets -- -D warnings
+say "cargo test --workspace"
+cargo test --workspace --all-targets 2>&1
 say "python smoke test + postman collection"
 scripts/smoke-python.sh
 say "browser end-to-end test"

@@ -15,6 +15,15 @@ pub enum Toggle {
     Off,
 }
 
+/// Who may cancel an LLM turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CancelPolicy {
+    /// Only who asked: the same token subject with `--auth jwt`, the same role without.
+    Requester,
+    /// Any member of the room.
+    Any,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -109,6 +118,9 @@ pub struct ServeConfig {
     pub llm: Toggle,
     #[command(flatten)]
     pub llm_args: LlmArgs,
+    /// Who may cancel an LLM turn: `requester` (who asked) or `any` member.
+    #[arg(long, env = "RELAY_LLM_CANCEL", value_enum, default_value_t = CancelPolicy::Requester)]
+    pub llm_cancel: CancelPolicy,
     /// Largest accepted text frame, in bytes; larger frames get `frame_too_large`.
     #[arg(long, env = "RELAY_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
     pub max_frame_bytes: usize,

@@ -71,6 +71,7 @@ pub async fn run(
             abuse_strikes: cfg.abuse_strikes,
         },
     )?;
+    let ingress = ingress.with_cancel_policy(cfg.llm_cancel);
     ingress.spawn_eviction(&tracker, token.clone());
     let shared = Arc::new(Shared {
         store: store.clone(),

@@ -107,10 +107,15 @@ pub fn dispatch(
     let Inbound {
         event,
         cid,
-        extra,
+        mut extra,
         body,
         ..
     } = inbound;
+    if let Some(sub) = &ctx.sender {
+        // Who said it, for rules that need more than the role (only the requester may cancel
+        // an LLM turn). Clients cannot set it: `sub` is a server header field.
+        extra.insert("sub".into(), Value::String(sub.clone()));
+    }
     Ok(match event {
         EventKind::ChatMessage | EventKind::LlmRequest | EventKind::LlmCancel => {
             Action::Store(StoreEnvelope {

@@ -38,10 +38,12 @@ impl ApiError {
     pub(crate) fn for_submit(error: ClientError) -> Self {
         let status = match error.code {
             ErrorCode::FrameTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::RoleMismatch | ErrorCode::ReservedRole => StatusCode::FORBIDDEN,
+            ErrorCode::RoleMismatch | ErrorCode::ReservedRole | ErrorCode::ForbiddenCancel => {
+                StatusCode::FORBIDDEN
+            }
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::RateLimited | ErrorCode::RoomRateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::NotFound => StatusCode::NOT_FOUND,
             _ => StatusCode::BAD_REQUEST,
         };
         Self { status, error }

@@ -120,6 +120,21 @@ pub async fn room_info(
     authorize(&shared, &headers, q.token.as_deref(), sid)?;
     let session = super::sessions::existing(&shared.store, sid).await?;
     let info = session.stream.as_ref();
+    let active_turns: Vec<Value> = shared
+        .store
+        .active_turns(sid)
+        .await?
+        .iter()
+        .map(|t| {
+            json!({
+                "turn_id": t.turn.to_string(),
+                "requester": t.requester,
+                "started": t.started_ms,
+                "attempt": t.attempt,
+                "chars": t.text.chars().count(),
+            })
+        })
+        .collect();
     let members_here = shared.rooms.get(sid).map_or(0, |r| r.member_count());
     let mut body = json!({
         "sid": sid,
@@ -130,6 +145,7 @@ pub async fn room_info(
         "last_id": info.and_then(|i| i.last_id).map(|i| i.to_string()),
         "participants": session.stats.participants,
         "events": session.stats.events,
+        "active_turns": active_turns,
         "connected_here": members_here,
     });
     if let (Value::Object(body), Value::Object(fields)) =

@@ -32,7 +32,7 @@ pub(crate) use budget::ClientBudget;
 use budget::{quota, RoomBudgets};
 
 use crate::auth::Grant;
-use crate::config::ConfigError;
+use crate::config::{CancelPolicy, ConfigError};
 use crate::dispatch::{dispatch, Action, ConnCtx, RolePolicy, StoreEnvelope};
 use crate::protocol::{parse_client_frame, ClientError, ErrorCode, Inbound, Limits, StreamId};
 use crate::store::{Appended, Store, StoreError};
@@ -59,6 +59,7 @@ pub(crate) struct Ingress {
     rooms: RoomBudgets,
     client_quota: Quota,
     abuse_strikes: u32,
+    cancel_policy: CancelPolicy,
 }
 
 /// Who is sending, as an adapter established it for one connection or request.
@@ -162,7 +163,14 @@ impl Ingress {
             rooms: RoomBudgets::new(room_quota),
             client_quota,
             abuse_strikes: budgets.abuse_strikes,
+            cancel_policy: CancelPolicy::Requester,
         })
+    }
+
+    /// Who may cancel an LLM turn (`--llm-cancel`).
+    pub(crate) fn with_cancel_policy(mut self, policy: CancelPolicy) -> Self {
+        self.cancel_policy = policy;
+        self
     }
 
     /// Keeps the room-budget map small: a task on `tracker` that forgets refilled buckets.
@@ -263,7 +271,29 @@ impl Ingress {
                 let sid = conn.ctx.sid.clone();
                 let sender = conn.ctx.sender.clone();
                 let existing = conn.existing_room;
+                let check_cancel = self.cancel_policy == CancelPolicy::Requester;
                 Ok(Box::pin(async move {
+                    if let (Some(turn), true) = (envelope.cancels, check_cancel) {
+                        let who = Speaker {
+                            role: &envelope.role,
+                            sub: sender.as_deref(),
+                        };
+                        match may_cancel(&store, &sid, turn, who).await {
+                            Ok(None) => {}
+                            Ok(Some(error)) => {
+                                crate::metrics::error(error.code.as_str());
+                                return Err(Refused::new(error, envelope.cid));
+                            }
+                            Err(err) => {
+                                tracing::warn!(room = %sid, cause = %err, "cannot check who may cancel");
+                                crate::metrics::error(ErrorCode::StoreUnavailable.as_str());
+                                return Err(Refused::new(
+                                    ClientError::store_unavailable(),
+                                    envelope.cid,
+                                ));
+                            }
+                        }
+                    }
                     let stored =
                         store_envelope(&store, &sid, sender.as_deref(), &envelope, existing).await;
                     match stored {
@@ -315,6 +345,52 @@ impl Ingress {
             abusive,
         }
     }
+}
+
+/// Who sends an envelope: the role it speaks as and, when authenticated, the token subject.
+#[derive(Debug, Clone, Copy)]
+struct Speaker<'a> {
+    role: &'a str,
+    sub: Option<&'a str>,
+}
+
+/// Whether `who` may cancel `turn`: only who asked for it (the same token subject, or without
+/// auth the same role). `Some(error)` refuses.
+async fn may_cancel(
+    store: &Store,
+    sid: &str,
+    turn: StreamId,
+    who: Speaker<'_>,
+) -> Result<Option<ClientError>, StoreError> {
+    let request = store
+        .range_after(sid, Some(turn.prev()), Some(turn), 1)
+        .await?
+        .into_iter()
+        .find(|e| e.id == turn);
+    let Some(request) = request else {
+        return Ok(Some(ClientError::new(
+            ErrorCode::NotFound,
+            format!("there is no LLM turn {turn} in this room"),
+        )));
+    };
+    let asked_by_sub = serde_json::from_str::<serde_json::Value>(&request.body)
+        .ok()
+        .and_then(|b| {
+            b.pointer("/hd/sub")
+                .and_then(|s| s.as_str())
+                .map(str::to_owned)
+        });
+    let allowed = match (who.sub, asked_by_sub.as_deref()) {
+        (Some(sub), Some(asker)) => sub == asker,
+        (Some(_), None) | (None, Some(_)) => false,
+        (None, None) => who.role == request.participant,
+    };
+    Ok((!allowed).then(|| {
+        ClientError::new(
+            ErrorCode::ForbiddenCancel,
+            "only who asked for this reply can cancel it",
+        )
+    }))
 }
 
 /// Append (idempotent on the sender's `cid`; the sender is the token's subject, else the role),

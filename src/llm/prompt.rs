@@ -139,23 +139,24 @@ pub fn stop_sequences(speakers: &[String]) -> Vec<String> {
     stops
 }
 
-/// Enough text to tell whether a reply opens with a speaker prefix.
-pub const PREFIX_WINDOW: usize = 40;
-
 /// How much of the start of `text` is a speaker prefix of the model's own making ("A: ",
-/// "llm: ", "assistant:"), to be dropped. `None` while `text` is too short to tell and `done`
-/// is false.
+/// "llm: ", "assistant:"), to be dropped. `None` while the text so far could still become one
+/// (and `done` is false): only then is the start of a reply held back.
 pub fn speaker_prefix_len(text: &str, speakers: &[String], done: bool) -> Option<usize> {
     let lead = text.len() - text.trim_start().len();
     let rest = &text[lead..];
+    let names = || speakers.iter().map(String::as_str).chain(["assistant"]);
     let Some(colon) = rest.find(':') else {
-        let undecided = !done && rest.len() < PREFIX_WINDOW && !rest.contains('\n');
-        return if undecided { None } else { Some(0) };
+        let name = rest.trim_end();
+        let could_become = !rest.contains('\n')
+            && names().any(|s| {
+                s.get(..name.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(name))
+            });
+        return if could_become && !done { None } else { Some(0) };
     };
-    let name = rest[..colon].trim();
-    let is_speaker = name.eq_ignore_ascii_case("assistant")
-        || speakers.iter().any(|s| s.eq_ignore_ascii_case(name));
-    if !is_speaker {
+    let name = rest[..colon].trim_end();
+    if !names().any(|s| s.eq_ignore_ascii_case(name)) {
         return Some(0);
     }
     let after = &rest[colon + 1..];

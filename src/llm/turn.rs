@@ -19,7 +19,7 @@ use tracing::Instrument;
 use super::prompt::{self, emotion_guidance};
 use super::provider::{Event, LlmError, Usage};
 use super::worker::Ctx;
-use crate::protocol::{new_body, transient_frame, StreamId, LLM_ROLE};
+use crate::protocol::{llm_start_frame, new_body, transient_frame, StreamId, LLM_ROLE};
 use crate::store::{Entry, Finished, StoreError, TurnBegin, TurnEnd, TurnLock, TurnProgress};
 
 /// Deltas are published (and the text so far recorded) at most this often per turn.
@@ -66,7 +66,7 @@ async fn answer(
 ) -> Result<(), StoreError> {
     let store = &ctx.store;
     let lease = ctx.args.claim_idle();
-    let token = format!("{}/{}", ctx.consumer, turn);
+    let token = crate::store::lease_token(&ctx.consumer, turn);
     match store.turn_lock(sid, turn, &token, lease).await? {
         TurnLock::Acquired => {}
         TurnLock::Busy => return Ok(()),
@@ -120,15 +120,9 @@ async fn answer(
     let stops = prompt::stop_sequences(&speakers);
     let prompt_tokens = prompt::estimate_tokens(&messages);
 
-    let attempt = prior.as_ref().map_or(1, |p| p.attempt + 1);
+    let attempt = store.next_attempt(sid, turn).await?;
     let header = turn_header(turn, model);
-    let start = transient_frame(
-        "llm.start",
-        LLM_ROLE,
-        sid,
-        &header,
-        &json!({"text": "", "seq": -1, "attempt": attempt}),
-    );
+    let start = llm_start_frame(sid, turn, model, attempt, -1, "");
     let requester_sub = request_body.pointer("/hd/sub").and_then(Value::as_str);
     store
         .begin_turn(
@@ -185,7 +179,6 @@ async fn answer(
         return Ok(());
     }
     usage.prompt_estimate = prompt_tokens;
-    usage.chunks = out.next_seq;
     if let Outcome::Failed(err) = &outcome {
         tracing::error!(cause = %err, code = err.code(), partial_chars = out.published.chars().count(), "LLM turn failed");
     }
@@ -193,10 +186,8 @@ async fn answer(
     finish(ctx, sid, turn, end).await
 }
 
-/// How long a turn's live state lives without being refreshed (the lease renewals and every
-/// flush refresh it): a dead worker's turn stays visible until another takes it over.
 fn state_ttl(ctx: &Ctx) -> Duration {
-    ctx.args.claim_idle() * 4
+    crate::store::turn_state_ttl(ctx.args.claim_idle())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -255,6 +246,7 @@ async fn generate(
                         first_token = false;
                         metrics::histogram!(crate::metrics::LLM_FIRST_TOKEN_SECONDS).record(asked.elapsed().as_secs_f64());
                     }
+                    usage.chunks += 1;
                     out.push(&delta);
                 }
                 Ok(Some(Event::Finish(r))) => reason = r,
@@ -314,7 +306,15 @@ impl Deltas<'_> {
                 }
             },
         };
-        let text = &self.raw[from..];
+        self.queue(from);
+    }
+
+    /// Queues `raw[from..]` as the next delta; a reply never starts with white space.
+    fn queue(&mut self, from: usize) {
+        let mut text = &self.raw[from..];
+        if self.next_seq == 0 {
+            text = text.trim_start();
+        }
         if !text.is_empty() {
             self.pending.push((self.next_seq as i64, text.to_owned()));
             self.next_seq += 1;
@@ -339,11 +339,7 @@ impl Deltas<'_> {
         if last && self.skip.is_none() {
             let skip = prompt::speaker_prefix_len(&self.raw, &self.speakers, true).unwrap_or(0);
             self.skip = Some(skip);
-            let text = self.raw[skip..].to_owned();
-            if !text.is_empty() {
-                self.pending.push((self.next_seq as i64, text));
-                self.next_seq += 1;
-            }
+            self.queue(skip);
         }
         if self.pending.is_empty() {
             return Ok(true);

@@ -35,6 +35,7 @@ pub enum ErrorCode {
     ForbiddenRoom,
     ForbiddenOrigin,
     SlowConsumer,
+    ForbiddenCancel,
     RequestTimeout,
     NotFound,
     /// `POST /api/sessions` with a `session_id` that is taken.
@@ -88,6 +89,7 @@ impl ErrorCode {
             ErrorCode::ForbiddenRoom => "forbidden_room",
             ErrorCode::ForbiddenOrigin => "forbidden_origin",
             ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::ForbiddenCancel => "forbidden_cancel",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::NotFound => "not_found",
             ErrorCode::SessionExists => "session_exists",

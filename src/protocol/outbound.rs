@@ -136,6 +136,23 @@ pub fn resume_gap_frame(
     .to_string()
 }
 
+/// `llm.start` for an attempt at an LLM turn: the reply so far (`bd.text`, up to delta
+/// `bd.seq`, -1 before the first) and which attempt it is. Clients set the turn's text to it.
+pub fn llm_start_frame(
+    sid: &str,
+    turn: StreamId,
+    model: &str,
+    attempt: u32,
+    seq: i64,
+    text: &str,
+) -> String {
+    let mut header = Map::new();
+    header.insert("turn_id".into(), Value::String(turn.to_string()));
+    header.insert("model".into(), Value::String(model.to_owned()));
+    let bd = serde_json::json!({"text": text, "seq": seq, "attempt": attempt});
+    transient_frame("llm.start", super::LLM_ROLE, sid, &header, &bd)
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

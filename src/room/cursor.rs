@@ -6,10 +6,16 @@
 //! 1. **gap check** (a resume only): a `resume_gap` notice first when the stream cannot give
 //!    everything after the client's `last_id` (trimmed by retention, or lost by Redis);
 //! 2. **replay**: history after the start id, in pages of [`REPLAY_PAGE`] (`XRANGE`);
-//! 3. **prelude**: catch-up frames that are not in the stream, such as an LLM turn in progress
-//!    (issue 12) — after the history the turn answers, before the live deltas that continue it;
+//! 3. **catch-up**: an `llm.start` for every LLM turn in progress, with the reply so far as
+//!    Redis holds it — after the history the turn answers, before the live deltas that
+//!    continue it;
 //! 4. **live**: the member's queue, filled by the room since the cursor joined (so nothing
-//!    between replay and live is lost), skipping ids already sent.
+//!    between replay and live is lost), skipping ids already sent, and LLM frames a member
+//!    already has: per turn, an `llm.start` only when it moves the text forward (a new attempt,
+//!    or further than what was sent) and a delta only when it is the next one. The deltas
+//!    included in a turn's state were published together with that state, so after the
+//!    catch-up the next delta a member gets is always the one after its text: no gap, no
+//!    duplicate.
 //!
 //! The member queue is bounded; when it is full the room drops the member and the cursor ends
 //! with [`CursorEnd::Slow`]: the client resumes with `last_id`, because the stream, not the
@@ -19,7 +25,7 @@
 //! is kept in the cursor and resumed by the next call, never thrown away and sent again (a
 //! client sending fast while it resumes would otherwise restart the page read at every ack).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,8 +33,8 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::{ConnId, Outbound, Room, Rooms};
-use crate::protocol::{delivery_frame, resume_gap_frame, StreamId};
-use crate::store::{Entry, Store, StoreError, StreamInfo};
+use crate::protocol::{delivery_frame, llm_start_frame, resume_gap_frame, StreamId};
+use crate::store::{Entry, Store, StoreError, StreamInfo, TurnMark, TurnState};
 
 /// History page size for a replay: one `XRANGE` each.
 const REPLAY_PAGE: u64 = 500;
@@ -37,8 +43,11 @@ const REPLAY_PAGE: u64 = 500;
 type Read<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
 
 /// Catch-up frames to send between the replay and the live feed, computed when first needed.
-/// Frames with an id count as sent (live copies are skipped); frames without one are sent as is.
-pub(crate) type Prelude = Read<Vec<Outbound>>;
+type Prelude = Read<Vec<Outbound>>;
+
+/// Turns whose position a cursor remembers; the oldest are forgotten beyond this (their final
+/// entries long delivered).
+const TURNS_TRACKED: usize = 64;
 
 /// Why a cursor stops.
 #[derive(Debug, thiserror::Error)]
@@ -69,9 +78,12 @@ pub(crate) struct Cursor {
     fetch: Option<Read<Vec<Entry>>>,
     /// The current history page, not yet sent.
     page: VecDeque<Entry>,
+    /// The catch-up still to read (it runs once, after the replay).
     prelude: Option<Prelude>,
-    /// Prelude frames not yet sent.
+    /// Catch-up frames not yet sent.
     caught_up: VecDeque<Outbound>,
+    /// Per LLM turn, the attempt and the seq of the last delta sent.
+    turns: BTreeMap<StreamId, (u32, i64)>,
 }
 
 /// Membership of one room; leaving happens on drop, however the cursor's owner ends.
@@ -100,6 +112,7 @@ impl Cursor {
     ) -> Result<Cursor, StoreError> {
         let (tx, rx) = mpsc::channel(queue);
         let room = rooms.join(sid, conn, tx).await?;
+        let prelude = catch_up(store.clone(), sid.to_owned());
         Ok(Cursor {
             store: store.clone(),
             member: Member {
@@ -113,8 +126,9 @@ impl Cursor {
             replaying: false,
             fetch: None,
             page: VecDeque::new(),
-            prelude: None,
+            prelude: Some(prelude),
             caught_up: VecDeque::new(),
+            turns: BTreeMap::new(),
         })
     }
 
@@ -134,16 +148,6 @@ impl Cursor {
             async move { gap_notice(&store, &sid, last).await },
         ));
         self.replay_after(last)
-    }
-
-    /// Frames to send once the replay is done, before the live feed (see [`Prelude`]).
-    #[allow(
-        dead_code,
-        reason = "the hook for issue 12 (an LLM turn in progress); no caller yet"
-    )]
-    pub(crate) fn with_prelude(mut self, prelude: Prelude) -> Self {
-        self.prelude = Some(prelude);
-        self
     }
 
     pub(crate) fn sid(&self) -> &str {
@@ -246,7 +250,8 @@ impl Cursor {
         None
     }
 
-    /// `out` unless it is a stored entry already sent; advances the cursor.
+    /// `out` unless the member already has it (a stored entry already sent, an LLM frame that
+    /// does not move its turn forward); advances the cursor.
     fn unsent(&mut self, out: Outbound) -> Option<Outbound> {
         if let Some(id) = out.id {
             if id <= self.last_sent {
@@ -254,7 +259,56 @@ impl Cursor {
             }
             self.last_sent = id;
         }
+        if let Some(mark) = out.turn {
+            if !self.moves_turn(mark) {
+                return None;
+            }
+        }
         Some(out)
+    }
+
+    fn moves_turn(&mut self, mark: TurnMark) -> bool {
+        let known = self.turns.get(&mark.turn).copied();
+        let forward = match (mark.start, known) {
+            (true, None) => true,
+            (true, Some((attempt, seq))) => {
+                mark.attempt > attempt || (mark.attempt == attempt && mark.seq > seq)
+            }
+            // A delta of a turn this member never saw start: the turn ended before the
+            // catch-up read it (its final entry follows) — nothing to continue.
+            (false, None) => false,
+            (false, Some((attempt, seq))) => mark.attempt == attempt && mark.seq == seq + 1,
+        };
+        if forward {
+            self.turns.insert(mark.turn, (mark.attempt, mark.seq));
+            if self.turns.len() > TURNS_TRACKED {
+                self.turns.pop_first();
+            }
+        }
+        forward
+    }
+}
+
+/// An `llm.start` for every turn in progress in the room, with its text so far.
+fn catch_up(store: Store, sid: String) -> Prelude {
+    Box::pin(async move {
+        let turns = store.active_turns(&sid).await?;
+        Ok(turns.iter().map(|t| turn_start(&sid, t)).collect())
+    })
+}
+
+/// The `llm.start` that brings a member to where a turn is.
+pub(crate) fn turn_start(sid: &str, t: &TurnState) -> Outbound {
+    let frame = llm_start_frame(sid, t.turn, &t.model, t.attempt, t.seq, &t.text);
+    Outbound {
+        id: None,
+        turn: Some(TurnMark {
+            turn: t.turn,
+            attempt: t.attempt,
+            seq: t.seq,
+            start: true,
+        }),
+        frame: frame.into(),
     }
 }
 

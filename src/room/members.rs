@@ -228,6 +228,20 @@ impl Room {
     /// meanwhile, then go live. Loops while the buffer overflowed, since those entries are in
     /// the stream too.
     pub(super) async fn recover(&self, store: &Store) -> Result<(), StoreError> {
+        self.catch_up_entries(store).await?;
+        // LLM deltas are not in the stream: members may have missed some. A fresh llm.start
+        // per turn in progress re-bases whoever is behind (cursors drop it for the others).
+        let turns = store.active_turns(&self.sid).await?;
+        if !turns.is_empty() {
+            let mut st = self.lock();
+            for t in &turns {
+                self.fan_out(&mut st, &super::cursor::turn_start(&self.sid, t));
+            }
+        }
+        Ok(())
+    }
+
+    async fn catch_up_entries(&self, store: &Store) -> Result<(), StoreError> {
         loop {
             let after = self.lock().last_id;
             let page = store

@@ -5,7 +5,7 @@
 -- KEYS[1]  the room stream (also its channel)     KEYS[2]  the turn key
 -- KEYS[3]  the turn's live state   KEYS[4]  the room's turns in progress
 -- KEYS[5]  the room's turn counter   KEYS[6]  the room's usage outbox   KEYS[7]  its records
--- KEYS[8]  the room's counters (see append.lua)
+-- KEYS[8]  the room's counters (see append.lua)   KEYS[9]  the room's attempts per turn
 -- ARGV[1]  MAXLEN ~ retention (0 = unbounded)
 -- ARGV[2]  participant   ARGV[3]  event   ARGV[4]  body
 -- ARGV[5]  consumer group   ARGV[6]  the request entry id (to XACK)   ARGV[7]  done-marker ttl, s
@@ -40,6 +40,7 @@ redis.call('PUBLISH', KEYS[1], id .. '\n' .. ARGV[4])
 redis.call('SET', KEYS[2], 'done:' .. id, 'EX', ARGV[7])
 redis.call('XACK', KEYS[1], ARGV[5], ARGV[6])
 redis.call('ZREM', KEYS[4], ARGV[6])
+redis.call('HDEL', KEYS[9], ARGV[6])
 redis.call('PEXPIRE', KEYS[3], ARGV[8])
 local ordinal = redis.call('INCR', KEYS[5])
 if ARGV[10] ~= '' then

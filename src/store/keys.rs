@@ -14,6 +14,7 @@
 //! | `chat:llm:cancel:{<room key>}:<turn>` | string | a cancelled turn |
 //! | `chat:llm:live:{<room key>}:<turn>` | hash | a turn in progress: attempt, text so far and the seq of its last delta, requester; expires shortly after the turn ends |
 //! | `chat:llm:active:{<room key>}` | sorted set | turns in progress in the room, by start time |
+//! | `chat:llm:attempts:{<room key>}` | hash | attempts started per unfinished turn |
 //! | `chat:llm:turns:{<room key>}` | string | turns finished in the room (each turn's ordinal) |
 //! | `chat:usage:outbox:{<room key>}` | sorted set | usage callbacks to deliver, by due time |
 //! | `chat:usage:record:{<room key>}` | hash | their bodies and attempt counts |
@@ -70,6 +71,12 @@ impl Keys {
         format!("{}llm:turn:{{{}}}:{turn}", self.root, self.room(sid))
     }
 
+    /// `SCAN MATCH` pattern for every turn key of a room: what the fault run watches to find a
+    /// worker in the middle of a turn (read-only use, by the tools).
+    pub fn turns_pattern(&self, sid: &str) -> String {
+        format!("{}llm:turn:{{{}}}:*", self.root, self.room(sid))
+    }
+
     /// `chat:llm:cancel:{chat:session:<sid>}:<turn>`: set when someone cancels a turn.
     pub fn cancel_flag(&self, sid: &str, turn: StreamId) -> String {
         format!("{}llm:cancel:{{{}}}:{turn}", self.root, self.room(sid))
@@ -78,6 +85,12 @@ impl Keys {
     /// `chat:llm:live:{chat:session:<sid>}:<turn>`: the state of a turn in progress.
     pub fn turn_state(&self, sid: &str, turn: StreamId) -> String {
         format!("{}llm:live:{{{}}}:{turn}", self.root, self.room(sid))
+    }
+
+    /// `chat:llm:attempts:{chat:session:<sid>}`: attempts started per unfinished turn. Outlives
+    /// a turn's live state, so a new attempt always numbers above every earlier one.
+    pub fn turn_attempts(&self, sid: &str) -> String {
+        format!("{}llm:attempts:{{{}}}", self.root, self.room(sid))
     }
 
     /// `chat:llm:active:{chat:session:<sid>}`: the room's turns in progress.
@@ -190,5 +203,9 @@ mod tests {
             "chat:record:{chat:session:room001}"
         );
         assert_eq!(k.room_pattern("room001"), "*{chat:session:room001}*");
+        assert_eq!(
+            k.turns_pattern("room001"),
+            "chat:llm:turn:{chat:session:room001}:*"
+        );
     }
 }

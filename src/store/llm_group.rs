@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use fred::prelude::{ClientLike, StreamsInterface};
+use fred::prelude::{ClientLike, HashesInterface, StreamsInterface};
 use fred::types::{ClusterHash, CustomCommand, Value};
 
 use super::{parse_item, value_str, BlockingConn, Entry, Store, StoreError};
@@ -286,6 +286,10 @@ impl Store {
                     ("body", body),
                 ],
             )
+            .await?;
+        let _: Value = self
+            .client
+            .hdel(self.keys.turn_attempts(&entry.sid), entry.id.to_string())
             .await?;
         self.ack(&entry.sid, entry.id).await
     }

@@ -26,7 +26,10 @@ pub use keys::Keys;
 pub use llm_group::GroupEntry;
 pub use sessions::{Created, Session};
 pub use stats::RoomStats;
-pub use turns::{Finished, TurnBegin, TurnEnd, TurnLock, TurnProgress, TurnState};
+pub use turns::{
+    lease_holder, lease_token, turn_state_ttl, Finished, TurnBegin, TurnEnd, TurnLock,
+    TurnProgress, TurnState,
+};
 pub use usage::PendingCallback;
 
 use std::time::Duration;

@@ -2,7 +2,7 @@
 --
 -- KEYS[1]  the turn key (hash-tagged with the room key, so it lives on the room's shard)
 -- KEYS[2]  the turn's live state, kept alive as long as the lease
--- ARGV[1]  the worker's token   ARGV[2]  lease in ms
+-- ARGV[1]  the worker's token   ARGV[2]  lease in ms   ARGV[3]  live state ttl in ms
 --
 -- Returns {'acquired'}, {'busy'} (another live worker holds it) or {'done', <reply id>}.
 local cur = redis.call('GET', KEYS[1])
@@ -15,8 +15,8 @@ if string.sub(cur, 1, 5) == 'done:' then
 end
 if cur == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  -- The state outlives the lease a little, so a turn taken over still shows its last text.
-  redis.call('PEXPIRE', KEYS[2], 2 * tonumber(ARGV[2]))
+  -- The state outlives the lease, so a turn taken over still shows its last text.
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
   return {'acquired'}
 end
 return {'busy'}

@@ -24,6 +24,22 @@ pub enum TurnLock {
     Done(Option<StreamId>),
 }
 
+/// The value a worker's lease puts in a turn key: `<consumer>/<turn>` (until the finish script
+/// replaces it with `done:<reply id>`).
+pub fn lease_token(consumer: &str, turn: StreamId) -> String {
+    format!("{consumer}/{turn}")
+}
+
+/// Who holds a turn's lease, read from the turn key's value: the consumer and the turn; `None`
+/// for a done-marker or anything else. The fault run uses it to kill a worker mid-turn.
+pub fn lease_holder(value: &str) -> Option<(&str, StreamId)> {
+    if value.starts_with("done:") {
+        return None;
+    }
+    let (consumer, turn) = value.rsplit_once('/')?;
+    Some((consumer, turn.parse().ok()?))
+}
+
 /// What [`Store::finish_turn`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finished {
@@ -93,6 +109,13 @@ pub struct TurnEnd<'a> {
 
 /// How long the done-marker of a turn is kept: longer than any redelivery can take.
 const DONE_TTL_SECS: u64 = 24 * 3600;
+/// How long a turn's live state lives without a refresh (the lease renewals and every batch of
+/// deltas refresh it): past any Redis restart, and until another worker takes a dead worker's
+/// turn over, which reads what the dead attempt spent.
+pub fn turn_state_ttl(lease: Duration) -> Duration {
+    (lease * 4).max(Duration::from_secs(600))
+}
+
 /// How long a finished turn's live state stays readable (a member catching up at that moment
 /// reads it, then finds the final entry in the stream).
 const STATE_LINGER_MS: u64 = 10_000;
@@ -107,9 +130,14 @@ impl Store {
         lease: Duration,
     ) -> Result<TurnLock, StoreError> {
         let keys = vec![self.keys.turn(sid, turn), self.keys.turn_state(sid, turn)];
+        let ttl = (turn_state_ttl(lease).as_millis() as u64).to_string();
         let lease = (lease.as_millis() as u64).to_string();
         let reply: Value = self
-            .eval_script(&self.scripts.turn_lock, keys, vec![token, lease.as_str()])
+            .eval_script(
+                &self.scripts.turn_lock,
+                keys,
+                vec![token, lease.as_str(), ttl.as_str()],
+            )
             .await?;
         let Value::Array(parts) = reply else {
             return Err(StoreError::Reply("turn lock reply is not an array"));
@@ -125,6 +153,16 @@ impl Store {
             )),
             _ => Err(StoreError::Reply("turn lock reply unknown")),
         }
+    }
+
+    /// Numbers a new attempt at `turn`: one above every attempt started before, even when their
+    /// live state is gone. Call it holding the turn's lease.
+    pub async fn next_attempt(&self, sid: &str, turn: StreamId) -> Result<u32, StoreError> {
+        let n: i64 = self
+            .client
+            .hincrby(self.keys.turn_attempts(sid), turn.to_string(), 1)
+            .await?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
     /// Records the start of an attempt and publishes its `llm.start`, atomically.
@@ -255,6 +293,7 @@ impl Store {
             self.keys.usage_outbox(sid),
             self.keys.usage_records(sid),
             self.keys.stats(sid),
+            self.keys.turn_attempts(sid),
         ];
         if end.usage_callback.is_some() {
             // Before the script: the index lives on another shard under Redis Cluster, and a
@@ -372,4 +411,18 @@ fn turn_state(turn: StreamId, fields: Value) -> TurnState {
         }
     }
     state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_round_trip() {
+        let turn = StreamId::new(1_700_000_000_000, 3);
+        let token = lease_token("w1", turn);
+        assert_eq!(lease_holder(&token), Some(("w1", turn)));
+        assert_eq!(lease_holder("done:1700000000001-0"), None);
+        assert_eq!(lease_holder("garbage"), None);
+    }
 }

@@ -179,8 +179,15 @@ async fn cancel_stops_the_turn_promptly_and_records_the_partial_text() {
             seen += 1;
         }
     }
+    // Only who asked may cancel: B is refused and the turn goes on.
     b.send_json(
         &json!({"hd": {"event": "llm.cancel", "role": "B", "cid": "x"}, "bd": {"turn_id": turn}}),
+    )
+    .await;
+    let refused = b.take_reply("x").await;
+    assert_eq!(refused["hd"]["code"], "forbidden_cancel", "{refused}");
+    a.send_json(
+        &json!({"hd": {"event": "llm.cancel", "role": "A", "cid": "x"}, "bd": {"turn_id": turn}}),
     )
     .await;
     let cancelled_at = Instant::now();
@@ -296,10 +303,10 @@ async fn usage_callback_is_retried_until_accepted() {
     let turn = a.expect_ack(&cid).await;
     watch_turn(&mut a).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while callback.received.lock().unwrap().len() < 3 && Instant::now() < deadline {
+    while callback.received().len() < 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let got = callback.received.lock().unwrap().clone();
+    let got = callback.received();
     assert_eq!(got.len(), 3, "two failures, then accepted");
     let r = &got[2];
     assert_eq!(r["session_id"], sid.as_str());

@@ -19,3 +19,4 @@ mod relay_core;
 mod resilience;
 mod security;
 mod sessions;
+mod turns;

@@ -126,7 +126,7 @@ async fn real_model_streams_to_both_members_and_can_be_cancelled() {
             deltas += 1;
         }
     }
-    b.send_json(&json!({"hd": {"event": "llm.cancel", "role": "B", "cid": "stop"}, "bd": {"turn_id": turn}})).await;
+    a.send_json(&json!({"hd": {"event": "llm.cancel", "role": "A", "cid": "stop"}, "bd": {"turn_id": turn}})).await;
     let end = loop {
         let v = b.next_json().await;
         if v["hd"]["event"] == "llm.response" && v["hd"]["turn_id"] == turn.as_str() {

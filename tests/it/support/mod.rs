@@ -1,15 +1,14 @@
 #![allow(dead_code)]
 
-pub mod fake_llm;
 pub mod redis;
 pub mod relay;
 pub mod sse;
 pub mod ws;
 
 pub use self::redis::RedisServer;
-pub use fake_llm::{Callback, FakeLlm, Mode};
 pub use relay::{Relay, RelayProcess, WorkerProcess};
 pub use sse::SseReader;
+pub use testkit::{Callback, FakeLlm, Mode};
 pub use ws::WsClient;
 
 use std::sync::atomic::{AtomicU64, Ordering};
