@@ -130,10 +130,19 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
         started,
         expires: params.expires_at_ms.map(deadline_from_epoch_ms),
     };
+    // Under --require-session a frame never recreates the room once it is gone (deleted, or
+    // lost by Redis). Without it a room comes back with its next message, as it always did, so
+    // a Redis restart without persistence does not lock members out: a session deleted while
+    // they are connected closes them at once (`Live::Deleted`), leaving only frames already
+    // in flight to race the delete.
+    let conn = if shared.api.require_session {
+        params.conn.require_room()
+    } else {
+        params.conn
+    };
     let reader = reader::Reader {
         shared: shared.clone(),
-        // From now on the room exists; a frame must not recreate it once it is deleted.
-        conn: params.conn.require_room(),
+        conn,
         ctrl: ctrl_tx,
         last_pong,
         started,
