@@ -64,6 +64,13 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
+# The room folder pages through room001's history: give it some.
+for text in "hello from A" "hello from B" "paging works"; do
+  curl -fsS -o /dev/null -X POST "http://127.0.0.1:$relay_port/v1/sessions/room001/messages" \
+    -H 'content-type: application/json' \
+    -d "{\"hd\":{\"event\":\"chat.message\",\"role\":\"A\"},\"bd\":{\"text\":\"$text\"}}"
+done
+
 say "newman run test-clients/postman/chat-relay.postman_collection.json"
 if ! "$newman" run test-clients/postman/chat-relay.postman_collection.json \
   --env-var "host=127.0.0.1:$relay_port" --timeout-request 60000 --color off; then
