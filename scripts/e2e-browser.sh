@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Browser end-to-end test of the room page: two headless Chromium pages chat, ask the real local
-# LLM, and reload (test-clients/web/e2e/room.test.mjs).
+# LLM, and reload; then one page reloads in the middle of a slow (fake) LLM reply and must show
+# the text so far at once and grow to the exact final text (test-clients/web/e2e/room.test.mjs).
 #
 #   scripts/e2e-browser.sh
 #
@@ -13,6 +14,7 @@
 #   CHROMIUM_PATH   browser binary (default: /usr/bin/chromium)
 #   E2E_KEEP_LOGS   1: keep the work dir with the relay/redis logs even when the test passes
 #   RELAY_BIN       use this chat-relay binary instead of `cargo build` + target/debug/chat-relay
+#   FAKE_LLM_BIN    use this fake-llm binary instead of `cargo build -p chat-relay-tools`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -83,12 +85,21 @@ else
   RELAY_BIN="$ROOT/target/debug/chat-relay"
   [ -x "$RELAY_BIN" ] || die "no $RELAY_BIN after cargo build"
 fi
+# A slow, predictable fake LLM for the reload-mid-reply step (the real model is too quick to
+# reload in the middle of its reply reliably).
+if [ -z "${FAKE_LLM_BIN:-}" ]; then
+  cargo build --quiet -p chat-relay-tools --bin fake-llm
+  FAKE_LLM_BIN="$ROOT/target/debug/fake-llm"
+fi
+[ -x "$FAKE_LLM_BIN" ] || die "no fake-llm at $FAKE_LLM_BIN"
 
 # ------------------------------------------------------------------------------- services
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/chat-relay-e2e.XXXXXX")"
 redis_pid=""
 relay_pid=""
+slow_relay_pid=""
+fake_pid=""
 llm_port=""
 
 # shellcheck disable=SC2317 # stop_pid and cleanup run from the EXIT trap
@@ -110,6 +121,8 @@ cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   [ -n "$relay_pid" ] && stop_pid "$relay_pid" relay
+  [ -n "$slow_relay_pid" ] && stop_pid "$slow_relay_pid" "slow relay"
+  [ -n "$fake_pid" ] && stop_pid "$fake_pid" fake-llm
   [ -n "$redis_pid" ] && stop_pid "$redis_pid" redis-server
   [ -n "$llm_port" ] && { scripts/llm-local.sh stop "$llm_port" || true; }
   if [ "$rc" -ne 0 ] || [ "${E2E_KEEP_LOGS:-0}" = 1 ]; then
@@ -128,10 +141,10 @@ show_log() { # FILE: last lines, for a service that failed to start
   tail -n 30 "$1" >&2 || true
 }
 
-# Three distinct free ports, all bound at once so the kernel cannot hand out the same one twice.
-read -r redis_port llm_port_free relay_port < <(python3 - <<'PY'
+# Distinct free ports, all bound at once so the kernel cannot hand out the same one twice.
+read -r redis_port llm_port_free relay_port fake_port slow_relay_port < <(python3 - <<'PY'
 import socket
-socks = [socket.socket() for _ in range(3)]
+socks = [socket.socket() for _ in range(5)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -169,12 +182,27 @@ for ((i = 0; ; i++)); do
 done
 say "relay ready at $relay_url"
 
+say "slow fake LLM on 127.0.0.1:$fake_port, and a relay using it on 127.0.0.1:$slow_relay_port"
+"$FAKE_LLM_BIN" --port "$fake_port" --tokens 80 --delay-ms 120 </dev/null >"$WORK/fake-llm.log" 2>&1 &
+fake_pid=$!
+# Its own key prefix: the other relay's LLM worker must not answer its rooms.
+"$RELAY_BIN" serve --listen "127.0.0.1:$slow_relay_port" --redis-url "redis://127.0.0.1:$redis_port" \
+  --key-prefix "slow:session:" --llm-base-url "http://127.0.0.1:$fake_port/v1" </dev/null >"$WORK/slow-relay.log" 2>&1 &
+slow_relay_pid=$!
+slow_relay_url="http://127.0.0.1:$slow_relay_port"
+for ((i = 0; ; i++)); do
+  if curl -fsS -o /dev/null --max-time 2 "$slow_relay_url/readyz" 2>/dev/null; then break; fi
+  kill -0 "$slow_relay_pid" 2>/dev/null || { show_log "$WORK/slow-relay.log"; die "the slow relay exited"; }
+  [ "$i" -lt 300 ] || { show_log "$WORK/slow-relay.log"; die "no 200 from $slow_relay_url/readyz in 30 s"; }
+  sleep 0.1
+done
+
 # ------------------------------------------------------------------------------- test
 
 rm -f "$ARTIFACTS_DIR"/{a,b,b-after-reload}.{png,html}
 say "node --test room.test.mjs (RELAY_URL=$relay_url)"
 set +e
-(cd "$E2E_DIR" && RELAY_URL="$relay_url" ARTIFACTS_DIR="$ARTIFACTS_DIR" node --test room.test.mjs)
+(cd "$E2E_DIR" && RELAY_URL="$relay_url" SLOW_RELAY_URL="$slow_relay_url" ARTIFACTS_DIR="$ARTIFACTS_DIR" node --test room.test.mjs)
 test_rc=$?
 set -e
 

@@ -199,13 +199,13 @@ mod tests {
         assert_eq!(k.sid_of("other:room001"), None);
         assert_eq!(k.stats("room001"), "chat:stats:{chat:session:room001}");
         assert_eq!(
+            k.turns_pattern("room001"),
+            "chat:llm:turn:{chat:session:room001}:*"
+        );
+        assert_eq!(
             k.session_record("room001"),
             "chat:record:{chat:session:room001}"
         );
         assert_eq!(k.room_pattern("room001"), "*{chat:session:room001}*");
-        assert_eq!(
-            k.turns_pattern("room001"),
-            "chat:llm:turn:{chat:session:room001}:*"
-        );
     }
 }

@@ -130,19 +130,16 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
         started,
         expires: params.expires_at_ms.map(deadline_from_epoch_ms),
     };
-    // Under --require-session a frame never recreates the room once it is gone (deleted, or
-    // lost by Redis). Without it a room comes back with its next message, as it always did, so
-    // a Redis restart without persistence does not lock members out: a session deleted while
-    // they are connected closes them at once (`Live::Deleted`), leaving only frames already
-    // in flight to race the delete.
-    let conn = if shared.api.require_session {
-        params.conn.require_room()
-    } else {
-        params.conn
-    };
     let reader = reader::Reader {
         shared: shared.clone(),
-        conn,
+        // With --require-session a frame must not recreate the room once it is deleted.
+        // Without it, a room whose stream vanished (Redis restarted without persistence) comes
+        // back with the next message, as rooms always have.
+        conn: if shared.api.require_session {
+            params.conn.require_room()
+        } else {
+            params.conn
+        },
         ctrl: ctrl_tx,
         last_pong,
         started,

@@ -16,6 +16,8 @@ import path from 'node:path';
 import { chromium } from 'playwright-core';
 
 const RELAY_URL = (process.env.RELAY_URL || '').replace(/\/+$/, '');
+// A relay whose LLM is a slow fake (80 tokens, 120 ms apart): long enough to reload mid-reply.
+const SLOW_RELAY_URL = (process.env.SLOW_RELAY_URL || '').replace(/\/+$/, '');
 const ARTIFACTS_DIR = path.resolve(process.env.ARTIFACTS_DIR || 'e2e-artifacts');
 const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
@@ -49,8 +51,8 @@ let beforeReload = null; // B's view just before the reload
 
 // ------------------------------------------------------------------------------------ helpers
 
-function roomUrl(role) {
-  return `${RELAY_URL}/?${new URLSearchParams({ sid: SID, role, autojoin: '1' })}`;
+function roomUrl(role, base = RELAY_URL, sid = SID) {
+  return `${base}/?${new URLSearchParams({ sid, role, autojoin: '1' })}`;
 }
 
 async function openPage(role) {
@@ -177,7 +179,7 @@ function recordStreaming(role) {
 
 async function saveArtifacts(suffix = '') {
   mkdirSync(ARTIFACTS_DIR, { recursive: true });
-  const names = { A: 'a', B: reloaded ? 'b-after-reload' : 'b' };
+  const names = { A: 'a', B: reloaded ? 'b-after-reload' : 'b', C: 'c-reloaded-mid-reply' };
   for (const [role, page] of Object.entries(pages)) {
     if (!page || page.isClosed()) continue;
     const base = path.join(ARTIFACTS_DIR, `${names[role]}${suffix}`);
@@ -351,5 +353,49 @@ describe(`room page, two browsers, room ${SID}`, () => {
     assertSortedUnique('A', await snapshot(pages.A));
     assert.deepEqual(logs.filter((l) => l.includes('page error')), [], 'uncaught errors in the pages');
     await saveArtifacts(); // a.png, b-after-reload.png
+  });
+
+  step('C reloads in the middle of an LLM reply: the text so far at once, then the exact final text', async (t) => {
+    assert.ok(SLOW_RELAY_URL, 'SLOW_RELAY_URL is not set (scripts/e2e-browser.sh sets it)');
+    const sid = `${SID}-slow`;
+    const page = await openPage('C');
+    await page.goto(roomUrl('A', SLOW_RELAY_URL, sid));
+    await waitLive('C');
+    await send('C', '@llm tell us a long story');
+    const before = await waitUntil('C', 'a streaming bubble with some text', () => {
+      const b = document.querySelector('#messages [data-turn]');
+      const text = b?.querySelector('.text')?.textContent ?? '';
+      return b && b.dataset.state === 'streaming' && text.length >= 20 ? { turn: b.dataset.turn, text } : false;
+    }, null, LLM_START_TIMEOUT);
+
+    await page.reload();
+    await waitLive('C');
+    await recordStreaming('C');
+    // The text so far shows at once (from the catch-up llm.start), while the reply still streams.
+    const after = await waitUntil('C', 'the bubble with the text so far, still streaming', (prev) => {
+      const b = [...document.querySelectorAll('#messages [data-turn]')].find((x) => x.dataset.turn === prev.turn);
+      const text = b?.querySelector('.text')?.textContent ?? '';
+      return b && b.dataset.state === 'streaming' && text.length >= prev.text.length ? { text } : false;
+    }, before, MESSAGE_TIMEOUT);
+    assert.ok(after.text.startsWith(before.text), `the rebuilt text continues the text before the reload\n  before: ${JSON.stringify(before.text)}\n  after:  ${JSON.stringify(after.text)}`);
+
+    const done = await waitUntil('C', 'the reply to finish', (turn) => {
+      const b = [...document.querySelectorAll('#messages [data-turn]')].find((x) => x.dataset.turn === turn);
+      return b && b.dataset.state === 'done' ? { text: b.querySelector('.text')?.textContent ?? '' } : false;
+    }, before.turn, LLM_TIMEOUT);
+    const rec = await page.evaluate((turn) => window.__e2eStreaming?.turns[turn] ?? null, before.turn);
+    t.diagnostic(`bubble lengths after the reload: ${JSON.stringify(rec?.lengths)}`);
+    assert.ok(rec && rec.lengths.length >= 2, 'the bubble kept growing after the reload');
+    assert.ok(rec.lengths.every((n, i) => i === 0 || n >= rec.lengths[i - 1]), `the text only ever grew: ${JSON.stringify(rec.lengths)}`);
+    assert.ok(done.text.startsWith(rec.streamedText), 'what streamed after the reload is the start of the final text');
+
+    const history = await (await fetch(`${SLOW_RELAY_URL}/v1/sessions/${sid}/messages?limit=100`)).json();
+    const stored = history.messages.find((m) => m.hd.event === 'llm.response' && m.hd.turn_id === before.turn);
+    assert.ok(stored, 'the reply is stored');
+    assert.equal(done.text, stored.bd.text, 'the bubble ends with exactly the stored reply');
+    assert.equal(rec.streamedText, stored.bd.text, 'the streamed text grew to exactly the stored reply');
+    const bubbles = await page.evaluate((turn) => document.querySelectorAll(`#messages [data-turn="${turn}"]`).length, before.turn);
+    assert.equal(bubbles, 1, 'one bubble for the turn');
+    await saveArtifacts();
   });
 });
