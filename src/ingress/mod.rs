@@ -269,10 +269,6 @@ impl Ingress {
                 let store = self.store.clone();
                 let sid = conn.ctx.sid.clone();
                 let sender = conn.ctx.sender.clone();
-<<<<<<< HEAD
-                let existing = conn.existing_room;
-=======
->>>>>>> main
                 let check_cancel = self.cancel_policy == CancelPolicy::Requester;
                 let existing = conn.existing_room;
                 Ok(Box::pin(async move {
