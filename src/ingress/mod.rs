@@ -73,9 +73,8 @@ pub(crate) struct Conn {
     budget: ClientBudget,
     /// Rate-limit refusals in a row.
     strikes: u32,
-    /// Appends only to a room that exists (checked in the append script): set for a
-    /// WebSocket once it joined, so a frame in flight cannot bring a deleted session back, and
-    /// for HTTP requests under `--require-session`.
+    /// Appends only to a room that exists (checked in the append script): for every adapter
+    /// under `--require-session`, and for the chat API, which speaks to sessions only.
     existing_room: bool,
 }
 

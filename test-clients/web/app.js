@@ -325,6 +325,13 @@
         place(node);
         return;
       }
+      case 'session.created': {
+        // The first entry of a session created with POST /api/sessions.
+        const node = systemEl('session created', ts);
+        setStoredAttrs(node, frame);
+        place(node);
+        return;
+      }
       case 'llm.cancel': {
         const node = systemEl(`${hd.role} stopped an LLM reply`, ts);
         setStoredAttrs(node, frame);
