@@ -13,7 +13,7 @@ use crate::auth::Authenticator;
 use crate::ingress::Ingress;
 use crate::limits::ConnCounter;
 use crate::protocol::Limits;
-use crate::room::{ConnId, Rooms};
+use crate::room::{ConnId, Presence, Rooms};
 use crate::store::Store;
 
 /// Per-connection settings every session reads.
@@ -48,6 +48,8 @@ pub(crate) struct ConnLimits {
 pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) rooms: Rooms,
+    /// Who is in each room now, across nodes.
+    pub(crate) presence: std::sync::Arc<Presence>,
     /// The one way in: every adapter submits through it.
     pub(crate) ingress: Ingress,
     pub(crate) auth: Authenticator,

@@ -152,6 +152,7 @@ pub async fn room_info(
         "participants": session.stats.participants,
         "events": session.stats.events,
         "active_turns": active_turns,
+        "presence": shared.presence.snapshot(sid).await?,
         "connected_here": members_here,
     });
     if let (Value::Object(body), Value::Object(fields)) =
@@ -159,5 +160,20 @@ pub async fn room_info(
     {
         body.extend(fields);
     }
+    Ok(Json(body))
+}
+
+/// `GET /v1/sessions/{sid}/presence`: who is connected now, on any node — one member per role
+/// and token subject, with its connections (tabs).
+pub async fn presence(
+    State(shared): State<Arc<Shared>>,
+    Path(sid): Path<String>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let sid = checked_sid(Some(&sid))?;
+    authorize(&shared, &headers, q.token.as_deref(), sid)?;
+    let mut body = shared.presence.snapshot(sid).await?;
+    body["sid"] = Value::String(sid.to_owned());
     Ok(Json(body))
 }

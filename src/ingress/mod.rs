@@ -83,6 +83,11 @@ impl Conn {
         &self.ctx.sid
     }
 
+    /// The token subject, when authenticated.
+    pub(crate) fn sender(&self) -> Option<&str> {
+        self.ctx.sender.as_deref()
+    }
+
     /// The role used when a frame names none (`?role=`, the token's role, or `user`).
     pub(crate) fn default_role(&self) -> &str {
         &self.ctx.default_role

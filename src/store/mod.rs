@@ -25,7 +25,7 @@ mod usage;
 pub use feed::{Feed, FeedEvent, FeedHandle};
 pub use keys::Keys;
 pub use llm_group::GroupEntry;
-pub use presence::{Present, PresenceChange, PresenceSet};
+pub use presence::{PresenceChange, PresenceSet, Present};
 pub use sessions::{Created, Session};
 pub use stats::RoomStats;
 pub use turns::{

@@ -67,19 +67,14 @@ impl Store {
             PresenceChange::Leave(ps) => ("leave", ps.iter().map(member).collect()),
             PresenceChange::Read => ("read", Vec::new()),
         };
-        let keys = vec![
-            self.keys.presence(sid),
-            self.keys.presence_version(sid),
-        ];
+        let keys = vec![self.keys.presence(sid), self.keys.presence_version(sid)];
         let mut args = vec![
             now.to_string(),
             (ttl.as_millis() as u64 * 2).to_string(),
             op.to_owned(),
         ];
         args.extend(rest);
-        let reply: Value = self
-            .eval_script(&self.scripts.presence, keys, args)
-            .await?;
+        let reply: Value = self.eval_script(&self.scripts.presence, keys, args).await?;
         let Value::Array(items) = reply else {
             return Err(StoreError::Reply("presence reply is not an array"));
         };
