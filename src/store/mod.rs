@@ -3,7 +3,7 @@
 //! # Redis Streams in brief
 //! Each room is one stream (`chat:session:<sid>`); `XADD` gives every entry an id `<ms>-<seq>`
 //! that only grows, which is the room's single order. Appends go through `append.lua`, which also
-//! `PUBLISH`es the entry on the room's channel so every relay node can deliver it live without
+//! `SPUBLISH`es the entry on the room's (sharded) channel so every relay node can deliver it live without
 //! polling, and creates the LLM consumer group when the room is new. History reads (`XRANGE`)
 //! serve resume, recovery after a lost subscription, and the HTTP API.
 //!
@@ -477,7 +477,17 @@ impl Store {
     /// Publish a frame to the room's live channel without storing it.
     pub async fn publish_transient(&self, sid: &str, frame: &str) -> Result<(), StoreError> {
         let payload = format!("{TRANSIENT_MARK}\n{frame}");
-        let _: Value = self.client.publish(self.keys.channel(sid), payload).await?;
+        let _: Value = self.client.spublish(self.keys.channel(sid), payload).await?;
+        Ok(())
+    }
+
+    /// On Redis Cluster, wakes the LLM workers (they cannot block on rooms of several slots) for
+    /// an entry that asks for an answer. Nothing to do on a single Redis, where they block on
+    /// every room they read.
+    pub async fn wake_llm(&self, sid: &str) -> Result<(), StoreError> {
+        if self.is_clustered() {
+            let _: Value = self.client.publish(self.keys.llm_wake_channel(), sid).await?;
+        }
         Ok(())
     }
 
