@@ -3,6 +3,9 @@
 -- KEYS[1]  the room stream; its name is also the room's pub/sub channel
 -- KEYS[2]  the room's counters (a hash: p:<participant> and e:<event> -> entries stored)
 -- KEYS[3]  (optional) the dedup key of (sender, cid), hash-tagged with the room key
+-- KEYS[4]  (with KEYS[3]) the same pair's key as named before it was made injective: read, never
+--          written, so a resend of a message stored just before the upgrade is still a duplicate.
+--          Drop it once the dedup window has passed since every node writes KEYS[3] only.
 -- ARGV[1]  MAXLEN ~ retention (0 = unbounded)
 -- ARGV[2]  participant (role)      ARGV[3]  event      ARGV[4]  body (the envelope JSON)
 -- ARGV[5]  consumer group to create with a new room ('' = none)
@@ -16,6 +19,9 @@
 -- when (sender, cid) was already stored and id is the original entry's.
 if KEYS[3] then
   local prev = redis.call('GET', KEYS[3])
+  if not prev and KEYS[4] then
+    prev = redis.call('GET', KEYS[4])
+  end
   if prev then
     return {prev, 0, 1}
   end

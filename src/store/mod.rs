@@ -272,6 +272,7 @@ impl Store {
         let mut keys = vec![self.keys.room(sid), self.keys.stats(sid)];
         if let Some((sender, cid)) = dedup {
             keys.push(self.keys.dedup(sid, sender, cid));
+            keys.push(self.keys.legacy_dedup(sid, sender, cid));
         }
         let retention = self.retention.to_string();
         let window = self.dedup_window_secs.to_string();

@@ -7,6 +7,7 @@ mod support;
 mod bad_input;
 mod cli;
 mod cluster;
+mod dedup;
 mod history;
 mod http_live;
 mod http_stack;
