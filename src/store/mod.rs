@@ -351,6 +351,8 @@ impl Store {
         count: u64,
     ) -> Result<Vec<Entry>, StoreError> {
         let start = match after {
+            // Nothing follows the greatest id; Redis would refuse `(` on it as an error.
+            Some(StreamId::MAX) => return Ok(Vec::new()),
             Some(id) => format!("({id}"),
             None => "-".to_owned(),
         };
@@ -370,6 +372,8 @@ impl Store {
         count: u64,
     ) -> Result<Vec<Entry>, StoreError> {
         let end = match before {
+            // Nothing precedes `0-0`; Redis would refuse `(` on it as an error.
+            Some(StreamId::ZERO) => return Ok(Vec::new()),
             Some(id) => format!("({id}"),
             None => "+".to_owned(),
         };

@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod dedup;
 mod history;
+mod honest;
 mod http_live;
 mod http_stack;
 mod llm;
