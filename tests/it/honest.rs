@@ -112,3 +112,234 @@ async fn invisible_only_messages_are_empty() {
     a.expect_ack(&cid).await;
     assert_eq!(a.collect_messages(1).await[0]["bd"]["text"], family);
 }
+
+/// A WebSocket spoken byte by byte, for frames no client library would send.
+struct RawWs {
+    tcp: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawWs {
+    /// Upgrades, then reads up to this connection's own `session.join`.
+    async fn join(relay: &Relay, query: &str) -> RawWs {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+        let head = format!(
+            "GET /v1/session/chat?{query} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            relay.addr
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let end = loop {
+            let mut chunk = [0u8; 4096];
+            let n = tcp.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed during the handshake");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        assert!(
+            buf.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&buf)
+        );
+        let mut ws = RawWs {
+            tcp,
+            buf: buf.split_off(end),
+        };
+        loop {
+            match ws.frame().await {
+                Some((1, text)) if String::from_utf8_lossy(&text).contains("session.join") => {
+                    return ws
+                }
+                Some(_) => {}
+                None => panic!("closed before session.join"),
+            }
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        // The relay may already have closed (after an earlier frame in a flood).
+        let _ = self.tcp.write_all(bytes).await;
+    }
+
+    /// The next server frame (opcode, payload); `None` when the connection ends.
+    async fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if self.buf.len() >= 2 {
+                let (op, len7) = (self.buf[0] & 0x0f, (self.buf[1] & 0x7f) as usize);
+                let (len, at) = match len7 {
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
+                    127 if self.buf.len() >= 10 => (
+                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    126 | 127 => (usize::MAX, 0),
+                    n => (n, 2),
+                };
+                if len != usize::MAX && self.buf.len() >= at + len {
+                    let payload = self.buf[at..at + len].to_vec();
+                    self.buf.drain(..at + len);
+                    return Some((op, payload));
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            let n = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                self.tcp.read(&mut chunk),
+            )
+            .await
+            .expect("a frame within 10 s")
+            .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The close code and reason the relay sends, skipping other frames.
+    async fn close_frame(&mut self) -> Option<(u16, String)> {
+        loop {
+            match self.frame().await? {
+                (8, p) if p.len() >= 2 => {
+                    return Some((
+                        u16::from_be_bytes([p[0], p[1]]),
+                        String::from_utf8_lossy(&p[2..]).into_owned(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A client frame: FIN and opcode byte, payload, masked (unless `masked` is false).
+fn client_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut f = vec![first];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => f.push(mask_bit | n as u8),
+        n => {
+            f.push(mask_bit | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    if masked {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        f.extend_from_slice(payload);
+    }
+    f
+}
+
+/// Invalid UTF-8 closes with 1007; framing violations with 1002 (a ping over 125 bytes too, not
+/// `frame_too_large`); all from the close catalogue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_violations_close_with_1007_or_1002() {
+    use chat_relay::protocol::Close;
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), &[]).await;
+    let sid = unique_sid("violations");
+    let cases: Vec<(&str, Vec<u8>, Close)> = vec![
+        (
+            "invalid UTF-8 text",
+            client_frame(0x81, &[0xff, 0xfe, 0xfd], true),
+            Close::InvalidUtf8,
+        ),
+        (
+            "unmasked frame",
+            client_frame(0x81, b"hi", false),
+            Close::ProtocolViolation,
+        ),
+        (
+            "reserved bit",
+            client_frame(0xC1, b"hi", true),
+            Close::ProtocolViolation,
+        ),
+        (
+            "reserved data opcode",
+            client_frame(0x83, b"", true),
+            Close::ProtocolViolation,
+        ),
+        (
+            "reserved control opcode",
+            client_frame(0x8B, b"", true),
+            Close::ProtocolViolation,
+        ),
+        (
+            "continuation of nothing",
+            client_frame(0x80, b"x", true),
+            Close::ProtocolViolation,
+        ),
+        (
+            "fragmented ping",
+            client_frame(0x09, b"", true),
+            Close::ProtocolViolation,
+        ),
+        (
+            "ping over 125 bytes",
+            client_frame(0x89, &[b'p'; 126], true),
+            Close::ProtocolViolation,
+        ),
+    ];
+    for (what, frame, close) in cases {
+        let mut ws = RawWs::join(&relay, &format!("sid={sid}&role=A")).await;
+        ws.send(&frame).await;
+        let got = ws.close_frame().await;
+        assert_eq!(
+            got,
+            Some((close.code(), close.reason().to_owned())),
+            "{what}"
+        );
+    }
+}
+
+/// Pings are paid from the connection's budget: a ping flood ends in the `rate limits ignored`
+/// close like a message flood, and a calm client's pings are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_floods_are_closed() {
+    use chat_relay::protocol::Close;
+    let redis = RedisServer::start();
+    let relay = Relay::start(
+        &redis.url(),
+        &[
+            "--msgs-per-sec",
+            "2",
+            "--msgs-burst",
+            "5",
+            "--abuse-strikes",
+            "30",
+        ],
+    )
+    .await;
+    let sid = unique_sid("pings");
+    let mut calm = RawWs::join(&relay, &format!("sid={sid}&role=B")).await;
+    calm.send(&client_frame(0x89, b"are you there", true)).await;
+    loop {
+        let (op, payload) = calm.frame().await.expect("a pong");
+        if op == 0xA {
+            assert_eq!(payload, b"are you there");
+            break;
+        }
+    }
+    let mut flood = RawWs::join(&relay, &format!("sid={sid}&role=A")).await;
+    let burst: Vec<u8> = (0..2000)
+        .flat_map(|_| client_frame(0x89, b"", true))
+        .collect();
+    flood.send(&burst).await;
+    assert_eq!(
+        flood.close_frame().await,
+        Some((
+            Close::RateLimitsIgnored.code(),
+            Close::RateLimitsIgnored.reason().to_owned()
+        ))
+    );
+}
