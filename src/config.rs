@@ -86,9 +86,27 @@ pub struct ServeConfig {
     /// Connections one room may have on this node.
     #[arg(long, env = "RELAY_MAX_CONNS_PER_ROOM", default_value_t = 1000)]
     pub max_conns_per_room: usize,
-    /// Connections one client address may have on this node.
+    /// WebSockets one client address may have on this node (event streams count apart, with
+    /// the same limit).
     #[arg(long, env = "RELAY_MAX_CONNS_PER_IP", default_value_t = 256)]
     pub max_conns_per_ip: usize,
+    /// Open TCP connections one client address may have on this node, whatever they carry;
+    /// over it a connection gets `429 too_many_connections` before its request is read.
+    /// Trusted proxies (--trusted-proxies) are exempt.
+    #[arg(long, env = "RELAY_MAX_TCP_CONNS_PER_IP", default_value_t = 1024)]
+    pub max_tcp_conns_per_ip: usize,
+    /// Seconds a client has to send a whole request head, counted from when the relay waits
+    /// for one (a new connection, or the end of the previous response): the slowloris guard.
+    #[arg(long, env = "RELAY_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection that has not upgraded to a WebSocket may go without a byte either
+    /// way before it is closed.
+    #[arg(long, env = "RELAY_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+    /// Reverse proxies (addresses or CIDR networks, comma-separated) whose `Forwarded` or
+    /// `X-Forwarded-For` header names the client. Empty: the TCP peer is the client.
+    #[arg(long, env = "RELAY_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
     /// Frames per second one connection may send (token bucket; see --msgs-burst).
     #[arg(long, env = "RELAY_MSGS_PER_SEC", default_value_t = 20.0)]
     pub msgs_per_sec: f64,
@@ -157,6 +175,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("--key-prefix must not contain '{{' or '}}' (Redis Cluster hash tags)")]
     BadPrefix,
+    #[error(transparent)]
+    BadProxy(#[from] crate::net::BadProxy),
 }
 
 impl ServeConfig {
@@ -179,6 +199,7 @@ impl ServeConfig {
             ("--max-json-depth", self.max_json_depth),
             ("--outbound-queue", self.outbound_queue),
             ("--send-window", self.send_window),
+            ("--max-tcp-conns-per-ip", self.max_tcp_conns_per_ip),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
@@ -198,6 +219,8 @@ impl ServeConfig {
             ("--ping-secs", self.ping_secs),
             ("--write-timeout-secs", self.write_timeout_secs),
             ("--http-timeout-secs", self.http_timeout_secs),
+            ("--header-read-timeout-secs", self.header_read_timeout_secs),
+            ("--idle-timeout-secs", self.idle_timeout_secs),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
@@ -206,10 +229,28 @@ impl ServeConfig {
         if self.redis.key_prefix.contains(['{', '}']) {
             return Err(ConfigError::BadPrefix);
         }
+        self.trusted_proxies()?;
+        if self.max_tcp_conns_per_ip < self.max_conns_per_ip {
+            tracing::warn!("--max-tcp-conns-per-ip is below --max-conns-per-ip: an address runs out of TCP connections before it reaches its WebSocket limit");
+        }
         if self.redis.retention > 0 && self.redis.retention < 1000 {
             tracing::warn!(retention = self.redis.retention, "short retention: clients resuming after a brief outage may find their last id trimmed");
         }
         Ok(())
+    }
+
+    pub(crate) fn trusted_proxies(&self) -> Result<crate::net::TrustedProxies, ConfigError> {
+        Ok(crate::net::TrustedProxies::parse(&self.trusted_proxies)?)
+    }
+
+    pub(crate) fn net(&self) -> Result<crate::net::NetSettings, ConfigError> {
+        Ok(crate::net::NetSettings {
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            write_timeout: Duration::from_secs(self.write_timeout_secs),
+            max_tcp_conns_per_ip: self.max_tcp_conns_per_ip,
+            trusted_proxies: self.trusted_proxies()?,
+        })
     }
 
     pub fn limits(&self) -> Limits {

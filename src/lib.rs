@@ -28,6 +28,7 @@ mod ingress;
 pub mod limits;
 pub mod llm;
 pub mod metrics;
+mod net;
 pub mod protocol;
 pub mod relay;
 mod retry;
@@ -38,6 +39,7 @@ pub mod telemetry;
 pub mod ws;
 
 pub use config::ServeConfig;
+pub use net::BadProxy;
 pub use relay::run;
 
 /// Resolves when SIGINT or SIGTERM arrives.

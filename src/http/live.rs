@@ -7,16 +7,15 @@
 //! [`Ingress`]: crate::ingress::Ingress
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -24,6 +23,7 @@ use serde_json::{json, Value};
 use super::{checked_sid, ApiError};
 use crate::auth::request_token;
 use crate::ingress::Submitted;
+use crate::net::ClientAddr;
 use crate::protocol::{error_frame, ClientError, ErrorCode, StreamId};
 use crate::room::{Cursor, CursorEnd};
 use crate::state::Shared;
@@ -48,7 +48,7 @@ fn refused_with(err: ApiError) -> ApiError {
 /// One envelope in, `201 {"id": "<stream id>"}` out; refusals are 4xx with `{code, message}`.
 pub async fn publish(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(client): Extension<ClientAddr>,
     Path(sid): Path<String>,
     Query(q): Query<LiveQuery>,
     headers: HeaderMap,
@@ -64,7 +64,7 @@ pub async fn publish(
         .ingress
         .conn(sid, &grant, q.role)
         .map_err(|e| refused_with(ApiError::for_conn(e)))?
-        .with_addr(peer.ip());
+        .with_addr(client.0);
     let text = std::str::from_utf8(&body).map_err(|_| {
         refused(
             StatusCode::BAD_REQUEST,

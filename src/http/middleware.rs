@@ -22,6 +22,7 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::{Level, Span};
 
 use super::ApiError;
+use crate::net::ClientAddr;
 use crate::protocol::ErrorCode;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -68,14 +69,19 @@ pub(crate) fn observed(app: Router, node_id: &str) -> Router {
         .layer(SetRequestIdLayer::new(X_REQUEST_ID, ids))
 }
 
-/// The span of one request. The path only: the query may carry a token, which is never logged.
+/// The span of one request, with the client's address (see [`ClientAddr`]). The path only: the
+/// query may carry a token, which is never logged.
 fn request_span(req: &Request<Body>) -> Span {
     let id = req
         .headers()
         .get(X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path())
+    let client = req
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|c| tracing::field::display(*c));
+    tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path(), client)
 }
 
 /// The room API's layers. `quick` routes get the timeout; `streaming` ones (SSE) do not.

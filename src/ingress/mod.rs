@@ -84,6 +84,11 @@ impl Conn {
         &self.ctx.default_role
     }
 
+    /// The client's address ([`crate::net::ClientAddr`]), when the adapter gave it.
+    pub(crate) fn addr(&self) -> Option<IpAddr> {
+        self.addr
+    }
+
     pub(crate) fn with_addr(mut self, addr: IpAddr) -> Self {
         self.addr = Some(addr);
         self

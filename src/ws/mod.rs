@@ -6,20 +6,22 @@
 
 mod session;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::Router;
 use serde::Deserialize;
 
 use crate::auth::{request_token, Denied};
 use crate::http::{checked_sid, ApiError};
+use crate::limits::{Full, MemberKind};
+use crate::net::ClientAddr;
 use crate::protocol::{ErrorCode, StreamId};
 use crate::state::Shared;
 
@@ -37,6 +39,21 @@ struct ChatQuery {
     token: Option<String>,
 }
 
+/// The refusal for a member limit that is full.
+pub(crate) fn full(full: Full) -> ApiError {
+    let (code, message) = match full {
+        Full::Room => (
+            ErrorCode::RoomFull,
+            "this room has too many connections; try again later",
+        ),
+        Full::Address => (
+            ErrorCode::TooManyConnections,
+            "too many connections from your address",
+        ),
+    };
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message)
+}
+
 fn denied(d: Denied) -> ApiError {
     tracing::debug!(code = d.error.code.as_str(), "handshake refused");
     ApiError {
@@ -47,7 +64,7 @@ fn denied(d: Denied) -> ApiError {
 
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(client): Extension<ClientAddr>,
     headers: HeaderMap,
     Query(q): Query<ChatQuery>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -78,27 +95,12 @@ async fn upgrade(
         .ingress
         .conn(&sid, &grant, q.role)
         .map_err(ApiError::for_conn)?
-        .with_addr(peer.ip())
+        .with_addr(client.0)
         .with_budget(shared.ingress.connection_budget());
-    let limits = &shared.conn_limits;
-    if shared
-        .rooms
-        .get(&sid)
-        .is_some_and(|r| r.member_count() >= limits.max_conns_per_room)
-    {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::RoomFull,
-            "this room has too many connections; try again later",
-        ));
-    }
-    let Some(slot) = shared.conns.acquire(peer.ip(), limits.max_conns_per_ip) else {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::TooManyConnections,
-            "too many connections from your address",
-        ));
-    };
+    let slot = shared
+        .members
+        .acquire(MemberKind::WebSocket, &sid, client.limit_key())
+        .map_err(full)?;
     let ws = ws.map_err(|rej| {
         ApiError::new(
             rej.status(),

@@ -19,3 +19,4 @@ mod real_llm;
 mod relay_core;
 mod resilience;
 mod security;
+mod transport;

@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::dispatch::presence_body;
 use crate::ingress::Conn;
-use crate::limits::ConnSlot;
+use crate::limits::MemberSlot;
 use crate::protocol::{error_frame, Close, StreamId};
 use crate::room::{ConnId, Cursor};
 use crate::state::Shared;
@@ -36,7 +36,7 @@ pub(crate) struct SessionParams {
     /// When the connection's token expires (ms since the epoch).
     pub(crate) expires_at_ms: Option<u64>,
     /// This connection's place in the per-address count; freed when the session ends.
-    pub(crate) slot: ConnSlot,
+    pub(crate) slot: MemberSlot,
 }
 
 /// Acks and errors waiting for the writer; when full, the reader stops reading this client.
@@ -54,7 +54,9 @@ enum Ctrl {
 }
 
 pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) {
-    let span = tracing::info_span!("session", room = %params.conn.sid(), conn = params.conn_id);
+    let client = params.conn.addr().map(tracing::field::display);
+    let span =
+        tracing::info_span!("session", room = %params.conn.sid(), conn = params.conn_id, client);
     session(socket, shared, params).instrument(span).await;
 }
 
