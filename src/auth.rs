@@ -118,6 +118,16 @@ pub struct Grant {
     pub expires_at_ms: Option<u64>,
 }
 
+impl Grant {
+    /// When a connection (WebSocket or event stream) on this grant must end: the token's expiry
+    /// as a tokio deadline. `None` for grants without a token.
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        let at_ms = self.expires_at_ms?;
+        let left = at_ms.saturating_sub(now_ms());
+        Some(tokio::time::Instant::now() + Duration::from_millis(left))
+    }
+}
+
 /// A refusal at the door: HTTP status plus a client error.
 #[derive(Debug, Clone)]
 pub struct Denied {

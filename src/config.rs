@@ -119,6 +119,20 @@ pub struct ServeConfig {
     /// Burst size of the per-room bucket.
     #[arg(long, env = "RELAY_ROOM_MSGS_BURST", default_value_t = 400.0)]
     pub room_msgs_burst: f64,
+    /// Rooms one client (token subject, else address) may create per second on this node,
+    /// after a burst (--room-creations-burst); may be fractional. Over it: `room_creation_limited`.
+    #[arg(long, env = "RELAY_ROOM_CREATIONS_PER_SEC", default_value_t = 1.0)]
+    pub room_creations_per_sec: f64,
+    /// Burst size of the per-client room-creation bucket.
+    #[arg(long, env = "RELAY_ROOM_CREATIONS_BURST", default_value_t = 100.0)]
+    pub room_creations_burst: f64,
+    /// WebSocket handshakes and event streams one client address may open per second on this
+    /// node, after a burst (--handshakes-burst). Over it: `429 too_many_handshakes`.
+    #[arg(long, env = "RELAY_HANDSHAKES_PER_SEC", default_value_t = 10.0)]
+    pub handshakes_per_sec: f64,
+    /// Burst size of the per-address handshake bucket.
+    #[arg(long, env = "RELAY_HANDSHAKES_BURST", default_value_t = 100.0)]
+    pub handshakes_burst: f64,
     /// Consecutive rate-limited frames after which a connection is closed (1008).
     #[arg(long, env = "RELAY_ABUSE_STRIKES", default_value_t = 100)]
     pub abuse_strikes: u32,
@@ -173,6 +187,8 @@ pub enum ConfigError {
     NoRoles,
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("{0}: the rate must be above 0 and the burst at least 1")]
+    Positive(&'static str),
     #[error("--key-prefix must not contain '{{' or '}}' (Redis Cluster hash tags)")]
     BadPrefix,
     #[error(transparent)]
@@ -213,6 +229,22 @@ impl ServeConfig {
         ] {
             if v.is_nan() || v < 1.0 {
                 return Err(ConfigError::Zero(name));
+            }
+        }
+        for (name, rate, burst) in [
+            (
+                "--room-creations-per-sec and --room-creations-burst",
+                self.room_creations_per_sec,
+                self.room_creations_burst,
+            ),
+            (
+                "--handshakes-per-sec and --handshakes-burst",
+                self.handshakes_per_sec,
+                self.handshakes_burst,
+            ),
+        ] {
+            if !(rate.is_finite() && rate > 0.0 && burst.is_finite() && burst >= 1.0) {
+                return Err(ConfigError::Positive(name));
             }
         }
         for (name, v) in [

@@ -65,6 +65,10 @@ pub async fn run(
             msgs_burst: cfg.msgs_burst,
             room_msgs_per_sec: cfg.room_msgs_per_sec,
             room_msgs_burst: cfg.room_msgs_burst,
+            room_creations_per_sec: cfg.room_creations_per_sec,
+            room_creations_burst: cfg.room_creations_burst,
+            handshakes_per_sec: cfg.handshakes_per_sec,
+            handshakes_burst: cfg.handshakes_burst,
             abuse_strikes: cfg.abuse_strikes,
         },
     )?;

@@ -1,12 +1,24 @@
-//! Message budgets: token buckets from `governor` (GCRA), per client and per room.
+//! Budgets: token buckets from `governor` (GCRA), all per node.
 //!
-//! Room budgets are keyed by room id, not by local membership, so an HTTP publish to a room with
-//! no member on this node is limited like a WebSocket frame. Both are per node, as before.
+//! - **per client**: a WebSocket connection owns its bucket; HTTP requests (and adapters without
+//!   a connection) share one bucket per client — its token subject, else its address — across
+//!   all its requests on this node;
+//! - **per room**, keyed by room id (not by local membership) and split into [`Lane`]s that each
+//!   get the whole room budget, so HTTP publishers cannot starve a room's WebSocket members (or
+//!   the other way round), and connect/close churn cannot starve either;
+//! - **room creations per client**, charged when an append would create a room's stream;
+//! - **handshakes per address** (WebSocket upgrades and event streams).
+//!
+//! Keyed maps forget buckets that have refilled (indistinguishable from new ones) and are capped
+//! ([`Buckets`]), so a flood of distinct keys costs bounded memory.
 
 use std::fmt;
+use std::hash::Hash;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
@@ -24,51 +36,116 @@ pub(crate) fn quota(per_sec: f64, burst: f64) -> Option<Quota> {
     Some(Quota::with_period(period)?.allow_burst(burst))
 }
 
-/// Stored messages per room. Cheap to clone (one map shared by all clones).
-#[derive(Clone)]
-pub(crate) struct RoomBudgets {
-    limiter: Arc<DefaultKeyedRateLimiter<Arc<str>>>,
+/// Buckets by key, at most `max_keys` of them. Cheap to clone (one map shared by all clones).
+pub(crate) struct Buckets<K: Hash + Eq + Clone> {
+    limiter: Arc<DefaultKeyedRateLimiter<K>>,
+    max_keys: usize,
+    /// When the map was last swept on overflow (ms since `epoch`), so a flood of new keys
+    /// sweeps at most once a second.
+    swept_ms: Arc<AtomicU64>,
+    epoch: Instant,
 }
 
-impl RoomBudgets {
-    pub(crate) fn new(quota: Quota) -> Self {
+impl<K: Hash + Eq + Clone> Clone for Buckets<K> {
+    fn clone(&self) -> Self {
+        Self {
+            limiter: self.limiter.clone(),
+            max_keys: self.max_keys,
+            swept_ms: self.swept_ms.clone(),
+            epoch: self.epoch,
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> Buckets<K> {
+    pub(crate) fn new(quota: Quota, max_keys: usize) -> Self {
         Self {
             limiter: Arc::new(RateLimiter::keyed(quota)),
+            max_keys,
+            swept_ms: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
         }
     }
 
-    /// Takes one message from the room's budget; `false` when the room is over it.
-    pub(crate) fn try_take(&self, room: &Arc<str>) -> bool {
-        self.limiter.check_key(room).is_ok()
+    /// Takes one from `key`'s bucket; `false` when it is empty. With the map full, a new key is
+    /// refused (after one sweep a second): memory stays bounded, and the refusal is a
+    /// retryable rate limit.
+    pub(crate) fn try_take(&self, key: &K) -> bool {
+        if self.limiter.len() >= self.max_keys {
+            let now = self.epoch.elapsed().as_millis() as u64;
+            let last = self.swept_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= 1000
+                && self
+                    .swept_ms
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.evict_idle();
+            }
+            if self.limiter.len() >= self.max_keys {
+                tracing::debug!(
+                    tracked = self.max_keys,
+                    "budget map full; refusing a new key"
+                );
+                return false;
+            }
+        }
+        self.limiter.check_key(key).is_ok()
     }
 
-    /// Forgets rooms whose bucket has refilled: such a bucket is indistinguishable from a new
-    /// one, so this changes no decision, and the map holds only rooms that wrote within the
-    /// last `burst / rate` seconds however many rooms exist.
+    /// Forgets keys whose bucket has refilled: such a bucket is indistinguishable from a new
+    /// one, so this changes no decision, and the map holds only keys that spent within the last
+    /// `burst / rate` seconds.
     pub(crate) fn evict_idle(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
     }
 
-    /// Rooms with a bucket that has not refilled yet.
+    /// Keys with a bucket that has not refilled yet.
     pub(crate) fn tracked(&self) -> usize {
         self.limiter.len()
     }
 }
 
-impl fmt::Debug for RoomBudgets {
+impl<K: Hash + Eq + Clone> fmt::Debug for Buckets<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RoomBudgets")
+        f.debug_struct("Buckets")
             .field("tracked", &self.tracked())
+            .field("max_keys", &self.max_keys)
             .finish()
     }
 }
 
-/// Frames per client. A WebSocket connection owns its bucket; an HTTP request has none yet
-/// (issue 11 adds a bucket keyed by token subject or client address: one more variant here,
-/// checked in [`ClientBudget::try_take`], and every adapter gets it).
+/// Which share of a room's budget a stored entry is paid from. Each lane gets the whole
+/// `--room-msgs-*` budget, so a room stores at most three times it per node, and no kind of
+/// traffic can lock another out: an HTTP client spending the room's budget leaves its
+/// WebSocket members theirs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Lane {
+    /// Frames from connections that own their budget (WebSockets, dialect sockets).
+    Sockets,
+    /// HTTP requests and other connectionless adapters.
+    Requests,
+    /// `session.join` / `session.leave` entries: connect/close churn.
+    Presence,
+}
+
+/// Who a shared per-client bucket belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum ClientKey {
+    /// The token's subject (`--auth jwt`).
+    Subject(Arc<str>),
+    /// The client address's limit key (without auth).
+    Addr(IpAddr),
+    /// Neither was given: all such requests share one bucket.
+    Unknown,
+}
+
+/// Frames per client.
 pub(crate) enum ClientBudget {
-    Unlimited,
+    /// The client's bucket on this node, shared by all its requests (see [`ClientKey`]).
+    Shared,
+    /// A bucket of the connection's own (a WebSocket).
     Own(DefaultDirectRateLimiter),
 }
 
@@ -77,10 +154,19 @@ impl ClientBudget {
         ClientBudget::Own(RateLimiter::direct(quota))
     }
 
-    pub(crate) fn try_take(&self) -> bool {
+    /// Takes one frame from the budget; `clients` and `key` name the shared bucket.
+    pub(crate) fn try_take(&self, clients: &Buckets<ClientKey>, key: &ClientKey) -> bool {
         match self {
-            ClientBudget::Unlimited => true,
+            ClientBudget::Shared => clients.try_take(key),
             ClientBudget::Own(bucket) => bucket.check().is_ok(),
+        }
+    }
+
+    /// The room-budget lane frames under this budget are paid from.
+    pub(crate) fn lane(&self) -> Lane {
+        match self {
+            ClientBudget::Shared => Lane::Requests,
+            ClientBudget::Own(_) => Lane::Sockets,
         }
     }
 }
@@ -88,7 +174,7 @@ impl ClientBudget {
 impl fmt::Debug for ClientBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            ClientBudget::Unlimited => "Unlimited",
+            ClientBudget::Shared => "Shared",
             ClientBudget::Own(_) => "Own",
         })
     }
@@ -149,8 +235,8 @@ mod tests {
     }
 
     #[test]
-    fn idle_rooms_are_forgotten() {
-        let budgets = RoomBudgets::new(quota(1000.0, 1.0).unwrap());
+    fn idle_keys_are_forgotten() {
+        let budgets = Buckets::new(quota(1000.0, 1.0).unwrap(), 10);
         let a: Arc<str> = "a".into();
         assert!(budgets.try_take(&a));
         assert!(!budgets.try_take(&a));
@@ -158,5 +244,35 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         budgets.evict_idle();
         assert_eq!(budgets.tracked(), 0, "refilled, so forgotten");
+    }
+
+    #[test]
+    fn a_full_map_refuses_new_keys_until_they_refill() {
+        let budgets = Buckets::new(quota(1.0, 5.0).unwrap(), 3);
+        for k in 0..3 {
+            assert!(budgets.try_take(&k));
+        }
+        assert!(!budgets.try_take(&3), "a fourth key does not fit");
+        assert!(budgets.try_take(&0), "known keys still work");
+        assert_eq!(budgets.tracked(), 3);
+    }
+
+    #[test]
+    fn shared_budgets_are_per_client() {
+        let clients = Buckets::new(quota(1.0, 2.0).unwrap(), 100);
+        let (alice, bob) = (
+            ClientKey::Subject("alice".into()),
+            ClientKey::Subject("bob".into()),
+        );
+        let (r1, r2) = (ClientBudget::Shared, ClientBudget::Shared);
+        assert!(r1.try_take(&clients, &alice));
+        assert!(r2.try_take(&clients, &alice), "two requests, one bucket");
+        assert!(!r1.try_take(&clients, &alice));
+        assert!(r1.try_take(&clients, &bob));
+        assert_eq!(r1.lane(), Lane::Requests);
+        assert_eq!(
+            ClientBudget::own(quota(1.0, 1.0).unwrap()).lane(),
+            Lane::Sockets
+        );
     }
 }

@@ -31,6 +31,8 @@ pub enum Close {
     SlowConsumer,
     /// Redis could not be reached to join the room or read the history of a resume.
     StoreUnavailable,
+    /// Joining would have created the room, and the client is out of its room-creation budget.
+    RoomCreationLimited,
 }
 
 /// What a client should do after a close.
@@ -46,7 +48,7 @@ pub enum Reconnect {
 
 impl Close {
     /// Every variant, for docs and tests.
-    pub const ALL: [Close; 10] = [
+    pub const ALL: [Close; 11] = [
         Close::Normal,
         Close::Shutdown,
         Close::NoPong,
@@ -57,6 +59,7 @@ impl Close {
         Close::ProtocolViolation,
         Close::SlowConsumer,
         Close::StoreUnavailable,
+        Close::RoomCreationLimited,
     ];
 
     /// The close code on the wire.
@@ -68,7 +71,7 @@ impl Close {
             Close::ProtocolViolation => 1002,
             Close::InvalidUtf8 => 1007,
             Close::FrameTooBig => 1009,
-            Close::SlowConsumer | Close::StoreUnavailable => 1013,
+            Close::SlowConsumer | Close::StoreUnavailable | Close::RoomCreationLimited => 1013,
         }
     }
 
@@ -86,6 +89,7 @@ impl Close {
             Close::ProtocolViolation => "protocol violation",
             Close::SlowConsumer => "too slow: reconnect with last_id",
             Close::StoreUnavailable => "store unavailable",
+            Close::RoomCreationLimited => "too many new rooms",
         }
     }
 
@@ -101,7 +105,8 @@ impl Close {
             | Close::NoPong
             | Close::FrameTooBig
             | Close::SlowConsumer
-            | Close::StoreUnavailable => Reconnect::WithLastId,
+            | Close::StoreUnavailable
+            | Close::RoomCreationLimited => Reconnect::WithLastId,
         }
     }
 
@@ -110,15 +115,13 @@ impl Close {
     pub fn notice(self) -> Option<ClientError> {
         match self {
             Close::SlowConsumer => Some(ClientError::slow_consumer()),
-            Close::TokenExpired => Some(ClientError::new(
-                ErrorCode::TokenExpired,
-                "your token has expired; reconnect with a new one",
-            )),
+            Close::TokenExpired => Some(ClientError::token_expired()),
             Close::RateLimitsIgnored => Some(ClientError::new(
                 ErrorCode::RateLimited,
                 "too many messages for too long; disconnected",
             )),
             Close::StoreUnavailable => Some(ClientError::store_unavailable()),
+            Close::RoomCreationLimited => Some(ClientError::room_creation_limited()),
             Close::Normal
             | Close::Shutdown
             | Close::NoPong

@@ -28,7 +28,9 @@ pub enum ErrorCode {
     RateLimited,
     RoomRateLimited,
     RoomFull,
+    RoomCreationLimited,
     TooManyConnections,
+    TooManyHandshakes,
     Unauthorized,
     TokenExpired,
     TokenInvalid,
@@ -65,7 +67,9 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::RoomRateLimited => "room_rate_limited",
             ErrorCode::RoomFull => "room_full",
+            ErrorCode::RoomCreationLimited => "room_creation_limited",
             ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::TooManyHandshakes => "too_many_handshakes",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::TokenInvalid => "token_invalid",
@@ -86,7 +90,9 @@ impl ErrorCode {
                 | ErrorCode::RateLimited
                 | ErrorCode::RoomRateLimited
                 | ErrorCode::RoomFull
+                | ErrorCode::RoomCreationLimited
                 | ErrorCode::TooManyConnections
+                | ErrorCode::TooManyHandshakes
                 | ErrorCode::SlowConsumer
                 | ErrorCode::RequestTimeout
                 | ErrorCode::Internal
@@ -114,6 +120,20 @@ impl ClientError {
         Self::new(
             ErrorCode::RoomRateLimited,
             "this room is receiving too many messages; try again in a moment",
+        )
+    }
+
+    pub fn room_creation_limited() -> Self {
+        Self::new(
+            ErrorCode::RoomCreationLimited,
+            "you created too many new rooms; try again later or use an existing room",
+        )
+    }
+
+    pub fn token_expired() -> Self {
+        Self::new(
+            ErrorCode::TokenExpired,
+            "your token has expired; reconnect with a new one",
         )
     }
 

@@ -10,13 +10,16 @@
 -- ARGV[2]  participant (role)      ARGV[3]  event      ARGV[4]  body (the envelope JSON)
 -- ARGV[5]  consumer group to create with a new room ('' = none)
 -- ARGV[6]  dedup window in seconds (with KEYS[3])
+-- ARGV[7]  '1' to append only to a room that exists: nothing is stored when the stream does not
+--          (the caller charges the client's room-creation budget, then appends again with '0')
 --
 -- Why a script: the PUBLISH must leave Redis in stream order. Two relays appending to one room
 -- concurrently could otherwise publish in the opposite order of their XADDs, and every node
 -- delivers live entries in publish order. The dedup check must be atomic with the XADD, or a
 -- resend racing the original could store twice.
 -- Returns {id, created, duplicate}: created = 1 when this call created the stream, duplicate = 1
--- when (sender, cid) was already stored and id is the original entry's.
+-- when (sender, cid) was already stored and id is the original entry's; {'', 0, 0, 1} when
+-- ARGV[7] is '1' and the room does not exist.
 if KEYS[3] then
   local prev = redis.call('GET', KEYS[3])
   if not prev and KEYS[4] then
@@ -27,6 +30,9 @@ if KEYS[3] then
   end
 end
 local created = redis.call('EXISTS', KEYS[1]) == 0
+if created and ARGV[7] == '1' then
+  return {'', 0, 0, 1}
+end
 local id
 if tonumber(ARGV[1]) > 0 then
   id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',

@@ -269,6 +269,34 @@ impl Store {
         body: &str,
         dedup: Option<(&str, &str)>,
     ) -> Result<Appended, StoreError> {
+        self.append_script(sid, participant, event, body, dedup, false)
+            .await?
+            .ok_or(StoreError::Reply("append script refused to create a room"))
+    }
+
+    /// [`Store::append`] to a room that exists; `None` (nothing stored) when the append would
+    /// create the room's stream. Lets a caller charge room creations only when they happen.
+    pub async fn append_to_existing(
+        &self,
+        sid: &str,
+        participant: &str,
+        event: &'static str,
+        body: &str,
+        dedup: Option<(&str, &str)>,
+    ) -> Result<Option<Appended>, StoreError> {
+        self.append_script(sid, participant, event, body, dedup, true)
+            .await
+    }
+
+    async fn append_script(
+        &self,
+        sid: &str,
+        participant: &str,
+        event: &'static str,
+        body: &str,
+        dedup: Option<(&str, &str)>,
+        existing_only: bool,
+    ) -> Result<Option<Appended>, StoreError> {
         let mut keys = vec![self.keys.room(sid), self.keys.stats(sid)];
         if let Some((sender, cid)) = dedup {
             keys.push(self.keys.dedup(sid, sender, cid));
@@ -283,6 +311,7 @@ impl Store {
             body,
             &self.llm_group,
             &window,
+            if existing_only { "1" } else { "0" },
         ];
         let started = std::time::Instant::now();
         let reply = self.eval_script(&self.scripts.append, keys, args).await?;
@@ -290,6 +319,9 @@ impl Store {
         let Value::Array(parts) = reply else {
             return Err(StoreError::Reply("append script returned no array"));
         };
+        if matches!(parts.get(3), Some(Value::Integer(1))) {
+            return Ok(None);
+        }
         let id = parts
             .first()
             .and_then(value_str)
@@ -307,11 +339,11 @@ impl Store {
                 tracing::warn!(room = %sid, cause = %err, "could not announce the new room");
             }
         }
-        Ok(Appended {
+        Ok(Some(Appended {
             id,
             created,
             duplicate,
-        })
+        }))
     }
 
     /// Runs a script by hash. After a Redis restart the script cache is empty: falling back to

@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use crate::auth::{request_token, Denied};
 use crate::http::{checked_sid, ApiError};
-use crate::limits::{Full, MemberKind};
+use crate::limits::MemberKind;
 use crate::net::ClientAddr;
 use crate::protocol::{ErrorCode, StreamId};
 use crate::state::Shared;
@@ -39,21 +39,6 @@ struct ChatQuery {
     token: Option<String>,
 }
 
-/// The refusal for a member limit that is full.
-pub(crate) fn full(full: Full) -> ApiError {
-    let (code, message) = match full {
-        Full::Room => (
-            ErrorCode::RoomFull,
-            "this room has too many connections; try again later",
-        ),
-        Full::Address => (
-            ErrorCode::TooManyConnections,
-            "too many connections from your address",
-        ),
-    };
-    ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message)
-}
-
 fn denied(d: Denied) -> ApiError {
     tracing::debug!(code = d.error.code.as_str(), "handshake refused");
     ApiError {
@@ -69,6 +54,9 @@ async fn upgrade(
     Query(q): Query<ChatQuery>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    if !shared.ingress.admit_handshake(client.limit_key()) {
+        return Err(ApiError::too_many_handshakes());
+    }
     let sid = checked_sid(q.sid.as_deref())?.to_owned();
     if !shared.auth.origin_allowed(&headers) {
         return Err(ApiError::new(
@@ -100,7 +88,12 @@ async fn upgrade(
     let slot = shared
         .members
         .acquire(MemberKind::WebSocket, &sid, client.limit_key())
-        .map_err(full)?;
+        .map_err(ApiError::full)?;
+    // Its `session.join` is paid from the room's presence budget, whatever follows.
+    shared
+        .ingress
+        .admit_join(&sid)
+        .map_err(|e| ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.code, e.message))?;
     let ws = ws.map_err(|rej| {
         ApiError::new(
             rej.status(),
@@ -117,7 +110,7 @@ async fn upgrade(
         last_id,
         conn,
         conn_id: shared.next_conn_id(),
-        expires_at_ms: grant.expires_at_ms,
+        expires: grant.deadline(),
         slot,
     };
     let hard_cap = (shared.session.limits.max_frame_bytes * 4).max(16 * 1024);

@@ -12,6 +12,7 @@ mod history;
 mod honest;
 mod http_live;
 mod http_stack;
+mod limits;
 mod llm;
 mod multi_node;
 mod props;

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::dispatch::presence_body;
-use crate::ingress::Conn;
+use crate::ingress::{AppendRefused, Conn};
 use crate::limits::MemberSlot;
 use crate::protocol::{error_frame, Close, StreamId};
 use crate::room::{ConnId, Cursor};
@@ -33,8 +33,8 @@ pub(crate) struct SessionParams {
     /// Who sends on this connection (room, roles, token subject, budget).
     pub(crate) conn: Conn,
     pub(crate) conn_id: ConnId,
-    /// When the connection's token expires (ms since the epoch).
-    pub(crate) expires_at_ms: Option<u64>,
+    /// When the connection's token expires.
+    pub(crate) expires: Option<tokio::time::Instant>,
     /// This connection's place in the per-address count; freed when the session ends.
     pub(crate) slot: MemberSlot,
 }
@@ -87,15 +87,21 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
     };
     let join = presence_body("session.join", &role, &sid, &conn_label);
     let joined = match shared
-        .store
-        .append(&sid, &role, "session.join", &join, None)
+        .ingress
+        .record_presence(&params.conn, "session.join", &join)
         .await
     {
-        Ok(a) => a.id,
-        Err(err) => {
-            tracing::warn!(cause = %err, "cannot record join: store unavailable");
+        Ok(id) => id,
+        Err(refused) => {
+            let close = match refused {
+                AppendRefused::NewRoomLimited => Close::RoomCreationLimited,
+                AppendRefused::Store(err) => {
+                    tracing::warn!(cause = %err, "cannot record join: store unavailable");
+                    Close::StoreUnavailable
+                }
+            };
             drop(cursor);
-            send_close(&mut sink, Close::StoreUnavailable).await;
+            send_close(&mut sink, close).await;
             return;
         }
     };
@@ -116,7 +122,7 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
         shared: shared.clone(),
         last_pong: last_pong.clone(),
         started,
-        expires: params.expires_at_ms.map(deadline_from_epoch_ms),
+        expires: params.expires,
     };
     let reader = reader::Reader {
         shared: shared.clone(),
@@ -132,7 +138,7 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
         stop.cancel();
         close
     };
-    let (close, mut stream) = tokio::join!(write, read);
+    let (close, (mut stream, conn)) = tokio::join!(write, read);
 
     send_close(&mut sink, close).await;
     // Read (and drop) what the client still sends until its close frame, briefly: closing a
@@ -149,8 +155,8 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
 
     let leave = presence_body("session.leave", &role, &sid, &conn_label);
     if let Err(err) = shared
-        .store
-        .append(&sid, &role, "session.leave", &leave, None)
+        .ingress
+        .record_presence(&conn, "session.leave", &leave)
         .await
     {
         tracing::warn!(cause = %err, "could not record leave");
@@ -178,10 +184,4 @@ async fn send_close(sink: &mut SplitSink<WebSocket, Message>, close: Close) {
         reason: Utf8Bytes::from_static(close.reason()),
     }));
     let _ = tokio::time::timeout(CLOSING_TIMEOUT, sink.send(frame)).await;
-}
-
-/// A tokio deadline for a wall-clock time in ms since the epoch.
-fn deadline_from_epoch_ms(at_ms: u64) -> tokio::time::Instant {
-    let left = at_ms.saturating_sub(crate::protocol::now_ms());
-    tokio::time::Instant::now() + Duration::from_millis(left)
 }

@@ -29,13 +29,14 @@ pub(super) struct Reader {
 }
 
 impl Reader {
-    /// Reads until the client leaves or the session stops; returns the stream so the session can
-    /// wait for the client's close frame after sending its own.
+    /// Reads until the client leaves or the session stops; returns the stream, so the session can
+    /// wait for the client's close frame after sending its own, and the connection's sending
+    /// context, for its `session.leave`.
     pub(super) async fn run(
         mut self,
         mut stream: SplitStream<WebSocket>,
         stop: CancellationToken,
-    ) -> SplitStream<WebSocket> {
+    ) -> (SplitStream<WebSocket>, Conn) {
         let window = self.shared.session.send_window;
         let mut inflight: FuturesOrdered<Submission> = FuturesOrdered::new();
         loop {
@@ -118,7 +119,7 @@ impl Reader {
                 let _ = self.ctrl.send(Ctrl::Frame(frame)).await;
             }
         }
-        stream
+        (stream, self.conn)
     }
 }
 
