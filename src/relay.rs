@@ -100,7 +100,7 @@ pub async fn run(
     let app = crate::http::router(&http)
         .merge(crate::ws::router())
         .with_state(shared.clone());
-    let app = crate::http::observed(app, &shared.node_id);
+    let app = crate::http::observed(crate::http::guarded(app, &shared.auth), &shared.node_id);
     let addr = listener.local_addr().ok();
     tracing::info!(addr = ?addr, redis = %cfg.redis.redis_url, node = %shared.node_id, "relay listening");
     crate::net::serve(listener, app, cfg.net()?, token.clone(), tracker.clone()).await;

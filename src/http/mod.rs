@@ -14,7 +14,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 pub use error::ApiError;
-pub(crate) use middleware::{observed, HttpSettings};
+pub(crate) use middleware::{guarded, observed, HttpSettings};
 
 use crate::protocol::{valid_sid, ErrorCode};
 use crate::state::Shared;
@@ -31,18 +31,18 @@ pub(crate) fn router(settings: &HttpSettings) -> Router<Arc<Shared>> {
         settings,
     );
     let pages = middleware::quick(
-        Router::new()
-            .route("/", get(index))
-            .route("/app.js", get(app_js))
-            .route("/style.css", get(style_css))
-            .route("/healthz", get(healthz))
-            .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics)),
+        middleware::page(
+            Router::new()
+                .route("/", get(index))
+                .route("/app.js", get(app_js))
+                .route("/style.css", get(style_css)),
+        )
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics)),
         settings,
     );
-    api.merge(pages)
-        .fallback(not_found)
-        .layer(axum::middleware::map_response(middleware::json_errors))
+    api.merge(pages).fallback(not_found)
 }
 
 /// Checks a room id from a path or query, as every entry point does.

@@ -39,6 +39,11 @@ pub enum ErrorCode {
     SlowConsumer,
     RequestTimeout,
     NotFound,
+    MethodNotAllowed,
+    UnsupportedMediaType,
+    UriTooLong,
+    HeadersTooLarge,
+    InvalidRequest,
     Internal,
 }
 
@@ -78,6 +83,11 @@ impl ErrorCode {
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::UriTooLong => "uri_too_long",
+            ErrorCode::HeadersTooLarge => "headers_too_large",
+            ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::Internal => "internal",
         }
     }

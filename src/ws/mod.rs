@@ -1,5 +1,6 @@
 //! `GET /v1/session/chat?sid=ROOM[&last_id=ID][&role=A][&token=JWT]`: checks the request
-//! (room id, origin, token, role, connection limits), then upgrades.
+//! (handshake budget, room id, token, role, connection limits, the room's presence budget), then
+//! upgrades. (The origin is checked for every request, before routing: `http::guarded`.)
 //!
 //! Everything that can be refused is refused here, before the upgrade, with an HTTP status and a
 //! JSON body: a WebSocket client sees those as a failed handshake it can read.
@@ -58,13 +59,6 @@ async fn upgrade(
         return Err(ApiError::too_many_handshakes());
     }
     let sid = checked_sid(q.sid.as_deref())?.to_owned();
-    if !shared.auth.origin_allowed(&headers) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            ErrorCode::ForbiddenOrigin,
-            "this page's origin may not connect to the relay (see --allowed-origins)",
-        ));
-    }
     let (token, token_as_protocol) = request_token(q.token.as_deref(), &headers);
     let grant = shared
         .auth

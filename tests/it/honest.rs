@@ -343,3 +343,103 @@ async fn ping_floods_are_closed() {
         ))
     );
 }
+
+/// A raw HTTP/1.1 exchange: writes `head` (and nothing more), reads the answer until the relay
+/// closes or 5 s pass; (status, headers, body).
+async fn raw_http(relay: &Relay, head: &[u8]) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    tcp.write_all(head).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            // One complete answer is enough.
+            let text = String::from_utf8_lossy(&got);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head.lines().find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                });
+                if len.is_some_and(|n| body.len() >= n) {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+fn coded(body: &str) -> (String, bool) {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body:?}"));
+    (
+        v["code"].as_str().unwrap_or("").to_owned(),
+        v["message"].as_str().is_some_and(|m| !m.is_empty()),
+    )
+}
+
+/// Every refusal anywhere on the HTTP surface is `{"code","message"}` JSON: duplicate query
+/// parameters, bodies over the limit (refused without reading them), overlong targets and
+/// headers, wrong methods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_http_refusal_is_coded_json() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), &["--max-frame-bytes", "1024"]).await;
+    let sid = unique_sid("refusals");
+    let get = |target: String, extra: String| {
+        format!("GET {target} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n").into_bytes()
+    };
+    let long_header = format!("X-Big: {}\r\n", "h".repeat(40 * 1024));
+    let many_headers: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("duplicate query parameter", get(format!("/v1/sessions/{sid}/messages?limit=1&limit=2"), String::new()), 400, "invalid_request"),
+        ("duplicate handshake parameter", get(format!("/v1/session/chat?sid={sid}&sid=other"), String::new()), 400, "invalid_request"),
+        ("target over 16 KiB", get(format!("/v1/sessions/{sid}/messages?after={}", "1".repeat(20 * 1024)), String::new()), 414, "uri_too_long"),
+        ("headers over 32 KiB", get("/healthz".into(), long_header), 431, "headers_too_large"),
+        ("more than 100 header lines", get("/healthz".into(), many_headers), 431, "headers_too_large"),
+        ("wrong method", b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(), 405, "method_not_allowed"),
+        ("wrong method on the WebSocket route", b"DELETE /v1/session/chat HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), 405, "method_not_allowed"),
+        // Headers only: the relay must answer without waiting for (or buffering) 10 MB.
+        ("body over the frame limit", format!("POST /v1/sessions/{sid}/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n").into_bytes(), 413, "frame_too_large"),
+        ("unknown path", get("/nope".into(), String::new()), 404, "not_found"),
+    ];
+    for (what, request, status, code) in cases {
+        let (got, head, body) = raw_http(&relay, &request).await;
+        assert_eq!(got, status, "{what}: {head}");
+        assert!(
+            head.contains("content-type: application/json"),
+            "{what}: {head}"
+        );
+        let (got_code, has_message) = coded(&body);
+        assert_eq!(got_code, code, "{what}: {body}");
+        assert!(has_message, "{what}: {body}");
+        if status == 405 {
+            assert!(
+                head.contains("\r\nallow: "),
+                "{what} names the allowed methods: {head}"
+            );
+        }
+    }
+    let (_, _, body) = raw_http(
+        &relay,
+        &get(
+            format!("/v1/sessions/{sid}/messages?limit=1&limit=2"),
+            String::new(),
+        ),
+    )
+    .await;
+    assert!(body.contains("duplicate"), "says what was wrong: {body}");
+}

@@ -7,6 +7,7 @@ mod support;
 mod bad_input;
 mod cli;
 mod cluster;
+mod cross_site;
 mod dedup;
 mod history;
 mod honest;
