@@ -301,7 +301,7 @@ impl Authenticator {
 
     /// The origin rule for browser requests (WebSocket handshakes and HTTP calls alike): a page
     /// may use the relay only from an origin in `--allowed-origins` (`*`: any) or a loopback
-    /// origin (`localhost`, `127.0.0.1`, `[::1]`). Requests without `Origin` do not come from a
+    /// origin (`localhost`, `127.0.0.0/8`, `[::1]`). Requests without `Origin` do not come from a
     /// page and are allowed. The `Host` header is never compared: a DNS-rebinding page at
     /// `evil.example` sends `Host: evil.example` too, so a relay that serves its page on a
     /// public name must list that origin.
@@ -330,7 +330,12 @@ impl Authenticator {
             Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
             _ => host_part,
         };
-        matches!(host_name, "localhost" | "127.0.0.1" | "[::1]")
+        host_name == "localhost"
+            || host_name
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
     }
 }
 
@@ -498,6 +503,8 @@ mod tests {
         };
         assert!(h("http://localhost:5173", "relay:3000"));
         assert!(h("http://127.0.0.1:3000", "relay:3000"));
+        assert!(h("http://127.0.0.2:3000", "relay:3000"));
+        assert!(h("http://[::1]:3000", "relay:3000"));
         assert!(h("https://chat.example.com", "relay:3000"));
         assert!(
             !h("http://relay.internal:3000", "relay.internal:3000"),

@@ -17,7 +17,9 @@
 //!
 //! Dependencies point one way: `protocol` ← `store` ← `room` ← `ingress` ← `ws`/`http` ←
 //! `relay` (which builds `state::Shared`, the handle `ws` and `http` read). Only `store` talks
-//! to Redis.
+//! to Redis. Under all of it, `net` accepts connections (hyper's HTTP/1 server with the
+//! timeouts and caps `axum::serve` lacks) and names each request's client address, which every
+//! per-address limit (`limits`, `ingress` budgets) uses.
 
 pub mod auth;
 pub mod client;
