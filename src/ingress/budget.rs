@@ -10,17 +10,22 @@
 //! - **handshakes per address** (WebSocket upgrades and event streams).
 //!
 //! Keyed maps forget buckets that have refilled (indistinguishable from new ones) and are capped
-//! ([`Buckets`]), so a flood of distinct keys costs bounded memory.
+//! ([`Capped`]), so a flood of distinct keys costs bounded memory.
 
 use std::fmt;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::state::{InMemoryState, NotKeyed, StateStore};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 /// A bucket's quota: `per_sec` messages per second, which may be fractional (`0.5` = one every
 /// two seconds), after a burst of `burst` (whole messages). `None` when the values cannot make a
@@ -36,60 +41,37 @@ pub(crate) fn quota(per_sec: f64, burst: f64) -> Option<Quota> {
     Some(Quota::with_period(period)?.allow_burst(burst))
 }
 
-/// Buckets by key, at most `max_keys` of them. Cheap to clone (one map shared by all clones).
+/// The instants of governor's default clock.
+type Instant = <DefaultClock as Clock>::Instant;
+
+/// Buckets by key. Cheap to clone (one map shared by all clones).
 pub(crate) struct Buckets<K: Hash + Eq + Clone> {
-    limiter: Arc<DefaultKeyedRateLimiter<K>>,
-    max_keys: usize,
-    /// When the map was last swept on overflow (ms since `epoch`), so a flood of new keys
-    /// sweeps at most once a second.
-    swept_ms: Arc<AtomicU64>,
-    epoch: Instant,
+    limiter: Arc<RateLimiter<K, Capped<K>, DefaultClock, NoOpMiddleware<Instant>>>,
 }
 
 impl<K: Hash + Eq + Clone> Clone for Buckets<K> {
     fn clone(&self) -> Self {
         Self {
             limiter: self.limiter.clone(),
-            max_keys: self.max_keys,
-            swept_ms: self.swept_ms.clone(),
-            epoch: self.epoch,
         }
     }
 }
 
 impl<K: Hash + Eq + Clone> Buckets<K> {
+    /// Buckets of `quota`; at most `max_keys` keys get one of their own (see [`Capped`]).
     pub(crate) fn new(quota: Quota, max_keys: usize) -> Self {
-        Self {
-            limiter: Arc::new(RateLimiter::keyed(quota)),
+        let store = Capped {
+            keys: DashMap::default(),
+            overflow: InMemoryState::default(),
             max_keys,
-            swept_ms: Arc::new(AtomicU64::new(0)),
-            epoch: Instant::now(),
+        };
+        Self {
+            limiter: Arc::new(RateLimiter::new(quota, store, DefaultClock::default())),
         }
     }
 
-    /// Takes one from `key`'s bucket; `false` when it is empty. With the map full, a new key is
-    /// refused (after one sweep a second): memory stays bounded, and the refusal is a
-    /// retryable rate limit.
+    /// Takes one from `key`'s bucket; `false` when it is empty.
     pub(crate) fn try_take(&self, key: &K) -> bool {
-        if self.limiter.len() >= self.max_keys {
-            let now = self.epoch.elapsed().as_millis() as u64;
-            let last = self.swept_ms.load(Ordering::Relaxed);
-            if now.saturating_sub(last) >= 1000
-                && self
-                    .swept_ms
-                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                self.evict_idle();
-            }
-            if self.limiter.len() >= self.max_keys {
-                tracing::debug!(
-                    tracked = self.max_keys,
-                    "budget map full; refusing a new key"
-                );
-                return false;
-            }
-        }
         self.limiter.check_key(key).is_ok()
     }
 
@@ -101,7 +83,7 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         self.limiter.shrink_to_fit();
     }
 
-    /// Keys with a bucket that has not refilled yet.
+    /// Keys with a bucket of their own that has not refilled yet.
     pub(crate) fn tracked(&self) -> usize {
         self.limiter.len()
     }
@@ -111,8 +93,50 @@ impl<K: Hash + Eq + Clone> fmt::Debug for Buckets<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Buckets")
             .field("tracked", &self.tracked())
-            .field("max_keys", &self.max_keys)
             .finish()
+    }
+}
+
+/// governor's `DashMap` state store with a cap: once `max_keys` keys have a bucket, a new key
+/// shares one overflow bucket with every other new key until eviction makes room. Known keys
+/// keep their own buckets, and a flood of distinct keys costs bounded memory (and gets one
+/// bucket's worth of frames between all of them).
+struct Capped<K: Hash + Eq> {
+    keys: DashMap<K, InMemoryState>,
+    overflow: InMemoryState,
+    max_keys: usize,
+}
+
+impl<K: Hash + Eq + Clone> StateStore for Capped<K> {
+    type Key = K;
+
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        if self.keys.contains_key(key) || self.keys.len() < self.max_keys {
+            self.keys.measure_and_replace(key, f)
+        } else {
+            self.overflow.measure_and_replace(&NotKeyed::NonKey, f)
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for Capped<K> {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.keys.retain_recent(drop_below);
+    }
+
+    fn shrink_to_fit(&self) {
+        self.keys.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 }
 
@@ -247,14 +271,20 @@ mod tests {
     }
 
     #[test]
-    fn a_full_map_refuses_new_keys_until_they_refill() {
-        let budgets = Buckets::new(quota(1.0, 5.0).unwrap(), 3);
+    fn a_full_map_puts_new_keys_in_one_overflow_bucket() {
+        let budgets = Buckets::new(quota(1.0, 2.0).unwrap(), 3);
         for k in 0..3 {
             assert!(budgets.try_take(&k));
         }
-        assert!(!budgets.try_take(&3), "a fourth key does not fit");
-        assert!(budgets.try_take(&0), "known keys still work");
-        assert_eq!(budgets.tracked(), 3);
+        assert!(
+            budgets.try_take(&3),
+            "a fourth key shares the overflow bucket"
+        );
+        assert!(budgets.try_take(&4));
+        assert!(!budgets.try_take(&5), "which two new keys have spent");
+        assert!(budgets.try_take(&0), "known keys keep their own buckets");
+        assert!(!budgets.try_take(&0));
+        assert_eq!(budgets.tracked(), 3, "the map did not grow");
     }
 
     #[test]

@@ -47,9 +47,9 @@ use crate::store::{Appended, Store, StoreError};
 
 /// How often buckets that refilled are forgotten.
 const EVICT_EVERY: Duration = Duration::from_secs(10);
-/// Clients (and addresses) with a bucket that has not refilled, at most, per map.
+/// Clients (and addresses) with a bucket of their own, at most, per map; more share one.
 const MAX_TRACKED_CLIENTS: usize = 100_000;
-/// Rooms (times lanes) with a bucket that has not refilled, at most.
+/// Rooms (times lanes) with a bucket of their own, at most; more share one.
 const MAX_TRACKED_ROOMS: usize = 1_000_000;
 
 /// Budgets as configured (`--msgs-*`, `--room-msgs-*`, `--room-creations-*`,
