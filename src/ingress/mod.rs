@@ -272,6 +272,11 @@ impl Ingress {
 
     /// A connection's (or request's) sending context. `asked` is the role the client asked for
     /// (`?role=`); a token's role binds the connection and must not contradict it.
+    ///
+    /// Its budget is the client's shared bucket (requests): keyed by the token's subject, else by
+    /// the address given with [`Conn::with_addr`] — give it, or every anonymous request without
+    /// one shares a single bucket. A connection that owns its budget sets
+    /// [`Ingress::connection_budget`] with [`Conn::with_budget`].
     pub(crate) fn conn(
         &self,
         sid: &str,
