@@ -185,11 +185,11 @@ impl Ingress {
             ConfigError::Zero("--room-msgs-per-sec and --room-msgs-burst"),
         )?;
         let creation_quota = quota(budgets.room_creations_per_sec, budgets.room_creations_burst)
-            .ok_or(ConfigError::Zero(
+            .ok_or(ConfigError::Positive(
                 "--room-creations-per-sec and --room-creations-burst",
             ))?;
         let handshake_quota = quota(budgets.handshakes_per_sec, budgets.handshakes_burst).ok_or(
-            ConfigError::Zero("--handshakes-per-sec and --handshakes-burst"),
+            ConfigError::Positive("--handshakes-per-sec and --handshakes-burst"),
         )?;
         Ok(Self {
             store,
@@ -241,28 +241,29 @@ impl Ingress {
         }
     }
 
-    /// Stores a `session.join` or `session.leave` entry for `conn`. A join that creates the room
-    /// is charged to the client's room-creation budget; a leave is charged to the presence lane
-    /// but never refused (it ends a join that was admitted).
+    /// Stores `conn`'s `session.join` or `session.leave` entry (`body` from
+    /// [`crate::dispatch::presence_body`]). A join that creates the room is charged to the
+    /// client's room-creation budget (it was charged to the presence lane by
+    /// [`Ingress::admit_join`]); a leave is charged to the presence lane but never refused: it
+    /// ends a join that was admitted.
     pub(crate) async fn record_presence(
         &self,
         conn: &Conn,
-        event: &'static str,
+        presence: Presence,
         body: &str,
     ) -> Result<StreamId, AppendRefused> {
-        if event != "session.join" {
+        if presence == Presence::Leave {
             let _ = self
                 .rooms
                 .try_take(&(Lane::Presence, conn.room_key.clone()));
         }
-        let role = conn.default_role();
         let appended = append_charged(
             &self.store,
             &self.creations,
             &conn.client,
             &conn.ctx.sid,
-            role,
-            event,
+            conn.default_role(),
+            presence.event(),
             body,
             None,
         )
@@ -416,6 +417,22 @@ impl Ingress {
             error,
             cid,
             abusive,
+        }
+    }
+}
+
+/// A presence entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Presence {
+    Join,
+    Leave,
+}
+
+impl Presence {
+    pub(crate) fn event(self) -> &'static str {
+        match self {
+            Presence::Join => "session.join",
+            Presence::Leave => "session.leave",
         }
     }
 }

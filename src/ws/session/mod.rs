@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::dispatch::presence_body;
-use crate::ingress::{AppendRefused, Conn};
+use crate::ingress::{AppendRefused, Conn, Presence};
 use crate::limits::MemberSlot;
 use crate::protocol::{error_frame, Close, StreamId};
 use crate::room::{ConnId, Cursor};
@@ -85,10 +85,10 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
             return;
         }
     };
-    let join = presence_body("session.join", &role, &sid, &conn_label);
+    let join = presence_body(Presence::Join.event(), &role, &sid, &conn_label);
     let joined = match shared
         .ingress
-        .record_presence(&params.conn, "session.join", &join)
+        .record_presence(&params.conn, Presence::Join, &join)
         .await
     {
         Ok(id) => id,
@@ -153,10 +153,10 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
     .await;
     tracing::info!(?close, code = close.code(), "left");
 
-    let leave = presence_body("session.leave", &role, &sid, &conn_label);
+    let leave = presence_body(Presence::Leave.event(), &role, &sid, &conn_label);
     if let Err(err) = shared
         .ingress
-        .record_presence(&conn, "session.leave", &leave)
+        .record_presence(&conn, Presence::Leave, &leave)
         .await
     {
         tracing::warn!(cause = %err, "could not record leave");
