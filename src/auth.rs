@@ -219,8 +219,30 @@ impl Authenticator {
 
     /// Checks a token for a room. With `--auth none` every request gets an empty grant.
     pub fn authorize(&self, token: Option<&str>, sid: &str) -> Result<Grant, Denied> {
-        let Some(key) = &self.key else {
+        let Some(claims) = self.verified(token)? else {
             return Ok(Grant::default());
+        };
+        if !claims.sid.allows(sid) {
+            return Err(Denied::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::ForbiddenRoom,
+                "the token does not grant this room",
+            ));
+        }
+        Ok(grant(claims))
+    }
+
+    /// Checks a token before any room is named: a connection whose frames each name their
+    /// session (the evaluation dialect's `/chat`) is let in here, and each frame's room is
+    /// checked with [`Authenticator::authorize`].
+    pub fn authenticate(&self, token: Option<&str>) -> Result<Grant, Denied> {
+        Ok(self.verified(token)?.map(grant).unwrap_or_default())
+    }
+
+    /// The token's claims, checked (`None` with `--auth none`).
+    fn verified(&self, token: Option<&str>) -> Result<Option<Claims>, Denied> {
+        let Some(key) = &self.key else {
+            return Ok(None);
         };
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(Denied::new(
@@ -259,13 +281,6 @@ impl Authenticator {
                 "the token was issued in the future",
             ));
         }
-        if !claims.sid.allows(sid) {
-            return Err(Denied::new(
-                StatusCode::FORBIDDEN,
-                ErrorCode::ForbiddenRoom,
-                "the token does not grant this room",
-            ));
-        }
         if claims.role == LLM_ROLE {
             return Err(Denied::new(
                 StatusCode::FORBIDDEN,
@@ -280,11 +295,7 @@ impl Authenticator {
                 "the token's role is not a valid role name",
             ));
         }
-        Ok(Grant {
-            sub: Some(claims.sub),
-            role: Some(claims.role),
-            expires_at_ms: Some(claims.exp.saturating_mul(1000)),
-        })
+        Ok(Some(claims))
     }
 
     /// Cross-site WebSocket hijacking guard: a page may only connect from an allowed origin.
@@ -317,6 +328,14 @@ impl Authenticator {
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .is_some_and(|h| h.eq_ignore_ascii_case(host_part))
+    }
+}
+
+fn grant(claims: Claims) -> Grant {
+    Grant {
+        sub: Some(claims.sub),
+        role: Some(claims.role),
+        expires_at_ms: Some(claims.exp.saturating_mul(1000)),
     }
 }
 

@@ -13,7 +13,7 @@
 -- ARGV[10] usage callback body, a JSON object without "turn" ('' = no callback)
 --
 -- Returns {'stored', id, ordinal} or, when some worker already finished this turn, {'done', id}
--- ({'done'} without an id when the session was deleted).
+-- ({'done'} without an id when the session was deleted, or deleted and created again).
 
 -- A deleted session (its stream is gone) gets nothing back: answered like a finished turn.
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -23,6 +23,13 @@ local cur = redis.call('GET', KEYS[2])
 if cur and string.sub(cur, 1, 5) == 'done:' then
   redis.call('XACK', KEYS[1], ARGV[5], ARGV[6])
   return {'done', string.sub(cur, 6)}
+end
+-- The request must still be pending in this stream's group. If it is not, the session was
+-- deleted while the turn ran and a new one exists under the same id (created through the API,
+-- or by a first message): its stream never held this request, so the reply is not its to keep.
+local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[5], ARGV[6], ARGV[6], 1)
+if not ok or #pending == 0 then
+  return {'done'}
 end
 local id
 if tonumber(ARGV[1]) > 0 then
