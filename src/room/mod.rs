@@ -13,6 +13,7 @@
 mod cursor;
 mod follow;
 mod members;
+mod turn_reader;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use tokio_util::task::TaskTracker;
 pub(crate) use cursor::{Cursor, CursorEnd};
 pub(crate) use follow::{Failure, Reply, TurnFollow, TurnStep};
 pub use members::{ConnId, Outbound, Room};
+pub(crate) use turn_reader::TurnReader;
 
 use crate::store::{Feed, FeedEvent, FeedHandle, Live, Store, StoreError};
 

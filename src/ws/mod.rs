@@ -2,11 +2,12 @@
 //! (room id, origin, token, role, connection limits), then upgrades.
 //!
 //! Everything that can be refused is refused here, before the upgrade, with an HTTP status and a
-//! JSON body: a WebSocket client sees those as a failed handshake it can read.
+//! JSON body: a WebSocket client sees those as a failed handshake it can read. The dialect
+//! sockets (`crate::dialect`) pass the same door: [`open_door`], [`take_slot`], [`accept`].
 
 mod session;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -18,8 +19,9 @@ use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 
-use crate::auth::{request_token, Denied};
+use crate::auth::{request_token, Denied, Grant};
 use crate::http::{checked_sid, ApiError};
+use crate::limits::ConnSlot;
 use crate::protocol::{ErrorCode, StreamId};
 use crate::state::Shared;
 
@@ -53,18 +55,7 @@ async fn upgrade(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let sid = checked_sid(q.sid.as_deref())?.to_owned();
-    if !shared.auth.origin_allowed(&headers) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            ErrorCode::ForbiddenOrigin,
-            "this page's origin may not connect to the relay (see --allowed-origins)",
-        ));
-    }
-    let (token, token_as_protocol) = request_token(q.token.as_deref(), &headers);
-    let grant = shared
-        .auth
-        .authorize(token.as_deref(), &sid)
-        .map_err(denied)?;
+    let door = open_door(&shared, &headers, q.token.as_deref(), Some(&sid))?;
     let last_id = match q.last_id.as_deref() {
         None | Some("") => None,
         Some(raw) => Some(raw.parse::<StreamId>().map_err(|_| {
@@ -79,14 +70,77 @@ async fn upgrade(
     }
     let conn = shared
         .ingress
-        .conn(&sid, &grant, q.role)
+        .conn(&sid, &door.grant, q.role)
         .map_err(ApiError::for_conn)?
         .with_addr(peer.ip())
         .with_budget(shared.ingress.connection_budget());
+    let slot = take_slot(&shared, Some(&sid), peer.ip())?;
+    let ws = accept(&shared, &door, ws)?;
+    let params = SessionParams {
+        last_id,
+        conn,
+        conn_id: shared.next_conn_id(),
+        expires_at_ms: door.grant.expires_at_ms,
+        slot,
+    };
+    let tracker = shared.tracker.clone();
+    let response = ws.on_upgrade(move |socket| async move {
+        // Tracked so shutdown waits for sessions to close their sockets and finish appends.
+        tracker.spawn(session::run(socket, shared, params));
+    });
+    Ok(response.into_response())
+}
+
+/// What a WebSocket handshake established: who connects, and with which token.
+#[derive(Debug)]
+pub(crate) struct Door {
+    pub(crate) grant: Grant,
+    /// The token as sent, for the rooms a connection names later (the evaluation dialect's
+    /// frames each name their session).
+    pub(crate) token: Option<String>,
+    /// The token came in the protocol list: the `bearer` protocol is answered.
+    token_as_protocol: bool,
+}
+
+/// The first checks of every WebSocket endpoint (the room socket and the dialect sockets): the
+/// page's origin, then the token — for room `sid`, or, for a connection not bound to one room,
+/// only that it is valid.
+pub(crate) fn open_door(
+    shared: &Shared,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+    sid: Option<&str>,
+) -> Result<Door, ApiError> {
+    if !shared.auth.origin_allowed(headers) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::ForbiddenOrigin,
+            "this page's origin may not connect to the relay (see --allowed-origins)",
+        ));
+    }
+    let (token, token_as_protocol) = request_token(query_token, headers);
+    let grant = match sid {
+        Some(sid) => shared.auth.authorize(token.as_deref(), sid),
+        None => shared.auth.authenticate(token.as_deref()),
+    }
+    .map_err(denied)?;
+    Ok(Door {
+        grant,
+        token,
+        token_as_protocol,
+    })
+}
+
+/// This connection's place among the node's connections: in room `sid` (when it is bound to
+/// one) and from its client address; freed when the slot is dropped.
+pub(crate) fn take_slot(
+    shared: &Shared,
+    sid: Option<&str>,
+    ip: IpAddr,
+) -> Result<ConnSlot, ApiError> {
     let limits = &shared.conn_limits;
-    if shared
-        .rooms
-        .get(&sid)
+    if sid
+        .and_then(|sid| shared.rooms.get(sid))
         .is_some_and(|r| r.member_count() >= limits.max_conns_per_room)
     {
         return Err(ApiError::new(
@@ -95,13 +149,24 @@ async fn upgrade(
             "this room has too many connections; try again later",
         ));
     }
-    let Some(slot) = shared.conns.acquire(peer.ip(), limits.max_conns_per_ip) else {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::TooManyConnections,
-            "too many connections from your address",
-        ));
-    };
+    shared
+        .conns
+        .acquire(ip, limits.max_conns_per_ip)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManyConnections,
+                "too many connections from your address",
+            )
+        })
+}
+
+/// The upgrade, with the socket limits every relay WebSocket has.
+pub(crate) fn accept(
+    shared: &Shared,
+    door: &Door,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<WebSocketUpgrade, ApiError> {
     let ws = ws.map_err(|rej| {
         ApiError::new(
             rej.status(),
@@ -109,21 +174,13 @@ async fn upgrade(
             "this endpoint speaks WebSocket: send an Upgrade: websocket request",
         )
     })?;
-    let ws = if token_as_protocol {
+    let ws = if door.token_as_protocol {
         ws.protocols(["bearer"])
     } else {
         ws
     };
-    let params = SessionParams {
-        last_id,
-        conn,
-        conn_id: shared.next_conn_id(),
-        expires_at_ms: grant.expires_at_ms,
-        slot,
-    };
     let hard_cap = (shared.session.limits.max_frame_bytes * 4).max(16 * 1024);
-    let tracker = shared.tracker.clone();
-    let response = ws
+    Ok(ws
         // tungstenite's hard cap sits above our own frame limit, so a frame a little too large
         // gets a readable `frame_too_large` error and only a huge one closes the socket (1009).
         .max_message_size(hard_cap)
@@ -131,10 +188,11 @@ async fn upgrade(
         // Small initial buffers: an idle connection should cost little more than its socket.
         .read_buffer_size(4 * 1024)
         .write_buffer_size(8 * 1024)
-        .max_write_buffer_size(4 * 1024 * 1024)
-        .on_upgrade(move |socket| async move {
-            // Tracked so shutdown waits for sessions to close their sockets and finish appends.
-            tracker.spawn(session::run(socket, shared, params));
-        });
-    Ok(response.into_response())
+        .max_write_buffer_size(4 * 1024 * 1024))
+}
+
+/// Whether a read failed on a frame above the hard size cap (see [`accept`]).
+pub(crate) fn frame_too_big(err: &axum::Error) -> bool {
+    let text = err.to_string();
+    text.contains("too long") || text.contains("too big") || text.contains("Space limit")
 }

@@ -82,7 +82,7 @@ impl Reader {
                         Some(Ok(Message::Close(_))) | None => break,
                         Some(Err(err)) => {
                             tracing::debug!(cause = %err, "read error");
-                            if is_too_big(&err) {
+                            if crate::ws::frame_too_big(&err) {
                                 let e = ClientError::new(
                                     ErrorCode::FrameTooLarge,
                                     format!("frame too large (max {} bytes)", self.shared.session.limits.max_frame_bytes),
@@ -117,9 +117,4 @@ fn reply(result: Result<Submitted, Refused>) -> Option<String> {
         Ok(Submitted::Transient { .. }) => None,
         Err(refused) => Some(error_frame(&refused.error, refused.cid.as_deref())),
     }
-}
-
-fn is_too_big(err: &axum::Error) -> bool {
-    let text = err.to_string();
-    text.contains("too long") || text.contains("too big") || text.contains("Space limit")
 }
