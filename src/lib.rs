@@ -22,6 +22,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod dialect;
 pub mod dispatch;
 pub mod http;
 mod ingress;

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
+use crate::dialect::DialectArgs;
 use crate::ingress::{Ingress, Refused, Submission, Submitted};
 use crate::limits::ConnCounter;
 use crate::protocol::{ClientError, ErrorCode, Limits, StreamId};
@@ -55,6 +56,8 @@ pub(crate) struct Shared {
     pub(crate) conn_limits: ConnLimits,
     pub(crate) session: SessionSettings,
     pub(crate) api: ApiSettings,
+    /// The voice and evaluation dialects' settings.
+    pub(crate) dialects: DialectArgs,
     /// Fires on shutdown.
     pub(crate) token: CancellationToken,
     /// Sessions and background tasks; shutdown waits for them within the grace period.

@@ -14,7 +14,6 @@
 //! belongs to the room, not to this request: a client that goes away changes nothing — the
 //! request is stored (its append runs as a task of its own) and answered, and the reply stored.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,7 +34,7 @@ use super::sessions::{json_object, rfc3339};
 use super::{checked_sid, ApiError};
 use crate::ingress::Submitted;
 use crate::protocol::{ClientError, ErrorCode, StreamId};
-use crate::room::{CursorEnd, Failure, Reply, TurnReader, TurnStep};
+use crate::room::{usage_counts, CursorEnd, Failure, Reply, TurnReader, TurnStep};
 use crate::state::Shared;
 
 #[derive(Debug, Deserialize)]
@@ -101,7 +100,7 @@ pub async fn chat_stream(
     let timeout = timed_out(&shared);
     let state = Streaming {
         asked,
-        pending: VecDeque::from([event("start", &ids)]),
+        start: Some(event("start", &ids)),
         ended: false,
         timeout,
     };
@@ -117,50 +116,49 @@ pub async fn chat_stream(
 /// One SSE response in progress.
 struct Streaming {
     asked: Asked,
-    pending: VecDeque<Event>,
-    /// `done` or `error` is queued: nothing follows it.
+    /// The `start` event, until it is sent.
+    start: Option<Event>,
+    /// `done` or `error` was sent: nothing follows it.
     ended: bool,
     timeout: Ended,
 }
 
 impl Streaming {
     async fn next(&mut self) -> Option<Event> {
-        loop {
-            if let Some(ev) = self.pending.pop_front() {
-                return Some(ev);
-            }
-            if self.ended {
-                return None;
-            }
-            let step = tokio::time::timeout_at(self.asked.deadline, self.asked.reader.next()).await;
-            let step = match step {
-                Err(_) => return Some(self.end(&self.timeout.clone())),
-                Ok(Err(end)) => return Some(self.end(&cursor_ended(&self.asked.sid, end))),
-                Ok(Ok(None)) => return None,
-                Ok(Ok(Some(step))) => step,
-            };
-            return Some(match step {
-                TurnStep::Text(content) => event("delta", &json!({"content": content})),
-                TurnStep::Restart { attempt } => event(
-                    "start",
-                    &json!({
-                        "message_id": self.asked.turn.to_string(),
-                        "turn_id": self.asked.turn.to_string(),
-                        "session_id": self.asked.sid,
-                        "restart": true,
-                        "attempt": attempt,
-                    }),
-                ),
-                TurnStep::Done(reply) => {
-                    self.ended = true;
-                    event("done", &done_json(&reply, self.asked.turn))
-                }
-                TurnStep::Failed(failure) => {
-                    self.ended = true;
-                    error_event(&Ended::from(&failure), Some(&failure))
-                }
-            });
+        if let Some(start) = self.start.take() {
+            return Some(start);
         }
+        if self.ended {
+            return None;
+        }
+        let step = tokio::time::timeout_at(self.asked.deadline, self.asked.reader.next()).await;
+        let step = match step {
+            Err(_) => return Some(self.end(&self.timeout.clone())),
+            Ok(Err(end)) => return Some(self.end(&cursor_ended(&self.asked.sid, end))),
+            Ok(Ok(None)) => return None,
+            Ok(Ok(Some(step))) => step,
+        };
+        Some(match step {
+            TurnStep::Text(content) => event("delta", &json!({"content": content})),
+            TurnStep::Restart { attempt } => event(
+                "start",
+                &json!({
+                    "message_id": self.asked.turn.to_string(),
+                    "turn_id": self.asked.turn.to_string(),
+                    "session_id": self.asked.sid,
+                    "restart": true,
+                    "attempt": attempt,
+                }),
+            ),
+            TurnStep::Done(reply) => {
+                self.ended = true;
+                event("done", &done_json(&reply, self.asked.turn))
+            }
+            TurnStep::Failed(failure) => {
+                self.ended = true;
+                error_event(&Ended::from(&failure), Some(&failure))
+            }
+        })
     }
 
     fn end(&mut self, why: &Ended) -> Event {
@@ -273,13 +271,12 @@ impl Ended {
 impl From<&Failure> for Ended {
     /// A stored `llm.error`: its code in the catalogue, with its human message.
     fn from(f: &Failure) -> Self {
-        let (status, code) = match f.code.as_str() {
-            "llm_timeout" => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::LlmTimeout),
-            "llm_rate_limited" => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::LlmRateLimited),
-            "llm_rejected" => (StatusCode::BAD_GATEWAY, ErrorCode::LlmRejected),
-            "llm_bad_response" => (StatusCode::BAD_GATEWAY, ErrorCode::LlmBadResponse),
-            "rate_limited" => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
-            _ => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::LlmUnavailable),
+        let code = f.error_code();
+        let status = match code {
+            ErrorCode::LlmTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::LlmRejected | ErrorCode::LlmBadResponse => StatusCode::BAD_GATEWAY,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
         };
         Ended {
             status,
@@ -326,23 +323,10 @@ fn done_json(reply: &Reply, turn: StreamId) -> Value {
     json!({
         "message_id": reply.id.to_string(),
         "content": reply.text,
-        "usage": usage_json(&reply.usage),
+        "usage": usage_counts(&reply.usage),
         "reason": reply.reason,
         "turn_id": turn.to_string(),
     })
-}
-
-/// `bd.usage` with the three counts always present (0 when the turn stored none).
-fn usage_json(usage: &Value) -> Value {
-    let mut out = json!({
-        "prompt_tokens": usage["prompt_tokens"].as_u64().unwrap_or(0),
-        "completion_tokens": usage["completion_tokens"].as_u64().unwrap_or(0),
-        "total_tokens": usage["total_tokens"].as_u64().unwrap_or(0),
-    });
-    if let Some(estimated) = usage.get("estimated") {
-        out["estimated"] = estimated.clone();
-    }
-    out
 }
 
 fn event(name: &str, data: &Value) -> Event {
@@ -357,7 +341,7 @@ fn error_event(why: &Ended, failure: Option<&Failure>) -> Event {
     if let Some(f) = failure {
         data["message_id"] = json!(f.id.to_string());
         if let Some(usage) = &f.usage {
-            data["usage"] = usage_json(usage);
+            data["usage"] = usage_counts(usage);
         }
     }
     event("error", &data)

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub(crate) use cursor::{Cursor, CursorEnd};
-pub(crate) use follow::{Failure, Reply, TurnFollow, TurnStep};
+pub(crate) use follow::{usage_counts, Failure, Reply, TurnFollow, TurnStep};
 pub use members::{ConnId, Outbound, Room};
 pub(crate) use turn_reader::TurnReader;
 
