@@ -185,7 +185,7 @@ async fn refusals_are_short_sentences_store_nothing_and_keep_the_socket() {
     ];
     for (frame, expected) in &cases {
         ws.send_text(frame.clone()).await;
-        assert_eq!(&ws.next_json().await, expected, "for {:.80}", frame);
+        assert_eq!(&ws.next_json().await, expected, "for {frame:.80}");
     }
     ws.send_binary(vec![1, 2, 3]).await;
     assert_eq!(
