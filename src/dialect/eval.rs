@@ -41,7 +41,7 @@ use crate::http::ApiError;
 use crate::ingress::{Conn, Refused, Submitted};
 use crate::limits::ConnSlot;
 use crate::protocol::{
-    check_frame, parse_client_frame, valid_sid, ClientError, Close, ErrorCode, StreamId,
+    check_frame, parse_client_frame, valid_sid, ClientError, Close, ErrorCode, Inbound, StreamId,
 };
 use crate::room::{usage_counts, CursorEnd, TurnStep};
 use crate::state::Shared;
@@ -369,16 +369,7 @@ impl Eval {
                 "too many replies streaming on this connection; wait for one to finish",
             )));
         }
-        let shared = self.shared.clone();
-        let conn = self.room(&sid).map_err(tell)?;
-        let submission = shared
-            .ingress
-            .submit(conn, inbound)
-            .map_err(|r| Fail::from_refused(&turn_id, r))?;
-        let stored = shared
-            .submit_detached(submission)
-            .await
-            .map_err(|r| Fail::from_refused(&turn_id, r))?;
+        let stored = self.submit(&sid, inbound, &turn_id).await?;
         let Submitted::Stored { id, duplicate, .. } = stored else {
             return Err(tell(invalid(
                 ErrorCode::Internal,
@@ -446,19 +437,29 @@ impl Eval {
         let mut inbound = parse_client_frame(&envelope.to_string(), &self.shared.session.limits)
             .map_err(|r| tell(r.error))?;
         inbound.extra = eval_header();
-        let shared = self.shared.clone();
-        let conn = self.room(&asked.sid).map_err(tell)?;
-        let submission = shared
-            .ingress
-            .submit(conn, inbound)
-            .map_err(|r| Fail::from_refused(&turn_id, r))?;
-        shared
-            .submit_detached(submission)
-            .await
-            .map_err(|r| Fail::from_refused(&turn_id, r))?;
+        self.submit(&asked.sid, inbound, &turn_id).await?;
         tracing::info!(room = %asked.sid, turn = %asked.turn, "eval cancel");
         self.follow(asked, out);
         Ok(())
+    }
+
+    /// Through the one way in, as who sends in session `sid`.
+    async fn submit(
+        &mut self,
+        sid: &str,
+        inbound: Inbound,
+        turn_id: &Value,
+    ) -> Result<Submitted, Fail> {
+        let shared = self.shared.clone();
+        let conn = self.room(sid).map_err(|e| Fail::Tell(turn_id.clone(), e))?;
+        let submission = shared
+            .ingress
+            .submit(conn, inbound)
+            .map_err(|r| Fail::from_refused(turn_id, r))?;
+        shared
+            .submit_detached(submission)
+            .await
+            .map_err(|r| Fail::from_refused(turn_id, r))
     }
 
     /// Who sends in session `sid`: the token checked for it once, then kept.

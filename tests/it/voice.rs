@@ -12,7 +12,7 @@ use chat_relay::store::{Keys, RedisSettings, Store, VoiceRate};
 
 use crate::chat::{relay_with, stored};
 use crate::dialects::{voice_ask, voice_reply, voice_request, voice_url};
-use crate::sessions::{call, create_session};
+use crate::sessions::{call, create_session, keys_naming};
 use crate::support::redis::xrange;
 use crate::support::{unique_sid, FakeLlm, Mode, RedisServer, Relay, WsClient};
 
@@ -415,26 +415,6 @@ async fn an_llm_that_is_down_ends_the_reply_with_a_sentence() {
     ws.close().await;
 }
 
-/// Every key whose name holds the room id.
-async fn keys_naming(redis: &RedisServer, sid: &str) -> Vec<String> {
-    use fred::prelude::*;
-    let client = redis.client().await;
-    let (_, keys): (String, Vec<String>) = client
-        .custom(
-            fred::types::CustomCommand::new_static("SCAN", fred::types::ClusterHash::Random, false),
-            vec![
-                "0".to_owned(),
-                "MATCH".into(),
-                format!("*{sid}*"),
-                "COUNT".into(),
-                "100000".into(),
-            ],
-        )
-        .await
-        .unwrap();
-    keys
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_deleted_during_a_reply_gets_nothing_more() {
     let redis = RedisServer::start();
@@ -457,7 +437,8 @@ async fn a_session_deleted_during_a_reply_gets_nothing_more() {
     );
     // Past the rest of the model's answer: nothing was written to the deleted session.
     tokio::time::sleep(Duration::from_millis(16 * 50 + 500)).await;
-    assert_eq!(keys_naming(&redis, &sid).await, Vec::<String>::new());
+    let client = redis.client().await;
+    assert_eq!(keys_naming(&client, &sid).await, Vec::<String>::new());
     // The socket stays; the session is gone.
     ws.send_json(&voice_request("hello?")).await;
     assert_eq!(
