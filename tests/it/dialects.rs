@@ -274,3 +274,68 @@ async fn both_dialects_pass_the_room_sockets_door() {
     assert_eq!(stored[0].2["hd"]["sub"], "user-A", "the token's subject");
     eval.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_token_closes_both_dialects_with_their_own_error() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(FakeLlm::tokens(&["ok"], Duration::from_millis(1))).await;
+    let relay = relay_with(&redis, &fake, &jwt_flags()).await;
+    let sid = unique_sid("expiry");
+    let short = token(&sid, "A", 2);
+    let mut voice = WsClient::connect(&voice_url(&relay, &sid, &format!("?token={short}"))).await;
+    let mut eval = WsClient::connect(&eval_url(&relay, &format!("?token={short}"))).await;
+    assert_eq!(
+        voice.next_json().await,
+        json!({"type": "ai_stream_error", "data": {"error": "your sign-in has expired", "code": "token_expired"}})
+    );
+    voice
+        .expect_catalogued_close(chat_relay::protocol::Close::TokenExpired)
+        .await;
+    assert_eq!(
+        eval.next_json().await,
+        json!({"type": "error", "turn_id": null, "code": "token_expired", "message": "your token has expired; reconnect with a new one"})
+    );
+    eval.expect_catalogued_close(chat_relay::protocol::Close::TokenExpired)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emotion_prompts_file_replaces_the_guidance() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(FakeLlm::tokens(&["ok"], Duration::from_millis(1))).await;
+    let file = redis.dir().join("emotions.json");
+    std::fs::write(
+        &file,
+        r#"{"sad": "Someone is sad: listen first, then comfort them in one sentence."}"#,
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let relay = relay_with(&redis, &fake, &["--llm-emotion-prompts", path]).await;
+    let sid = unique_sid("emotions");
+    create_session(&relay, json!({"session_id": sid})).await;
+    let mut voice = WsClient::connect(&voice_url(&relay, &sid, "")).await;
+    for emotion in ["sad", "happy"] {
+        voice
+            .send_json(&json!({"type": "request_ai_response", "data": {"message": "hi", "emotion": emotion}}))
+            .await;
+        assert_eq!(voice.next_json().await["type"], "ai_stream_begin");
+        let (_, end) = voice_reply(&mut voice).await;
+        assert_eq!(end["type"], "ai_stream_complete");
+    }
+    let systems: Vec<String> = fake
+        .requests()
+        .iter()
+        .map(|r| r["messages"][0]["content"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        systems[0].ends_with("Someone is sad: listen first, then comfort them in one sentence."),
+        "{}",
+        systems[0]
+    );
+    assert!(
+        systems[1].contains("happy") && !systems[1].contains("Someone is sad"),
+        "the built-in line of an emotion the file does not name: {}",
+        systems[1]
+    );
+    voice.close().await;
+}
