@@ -8,7 +8,8 @@
 #   1. cargo fmt --check, cargo clippy -D warnings (the whole workspace: relay, tools, testkit)
 #   2. cargo test: unit tests, integration tests (tests/it), the real local model end to end,
 #      and the tools' own tests
-#   3. the Python smoke test and the Postman collection check (scripts/smoke-python.sh)
+#   3. the Python smoke test and the Postman collection check (scripts/smoke-python.sh), then
+#      the Postman collection run with newman against a relay and the fake LLM (scripts/postman.sh)
 #   4. the browser end-to-end test in headless Chromium (scripts/e2e-browser.sh)
 #   5. the short benchmark: no loss, duplicates or reordering under load (scripts/bench.sh --short)
 #   6. the short fault run: kill a relay node, restart Redis (AOF), kill an LLM worker mid-turn;
@@ -29,6 +30,8 @@ say "cargo test --workspace"
 cargo test --workspace --all-targets 2>&1
 say "python smoke test + postman collection"
 scripts/smoke-python.sh
+say "postman collection run with newman (sessions & chat API included)"
+scripts/postman.sh
 say "browser end-to-end test"
 scripts/e2e-browser.sh
 say "short benchmark (fails only on loss, duplicates, reordering or errors)"

@@ -75,6 +75,10 @@ pub struct RedisArgs {
     /// How long a sender's `hd.cid` is remembered: a resend within it returns the original id.
     #[arg(long, env = "RELAY_DEDUP_WINDOW_SECS", default_value_t = 600)]
     pub dedup_window_secs: u64,
+    /// A room silent this long leaves the LLM workers' reading set; its next entry announces it
+    /// again (`30s`, `10m`, `1h`). Relays and workers must agree.
+    #[arg(long, env = "RELAY_ROOM_WAKE_AFTER", default_value = "10m", value_parser = crate::auth::parse_ttl)]
+    pub room_wake_after: Duration,
 }
 
 impl RedisArgs {
@@ -284,6 +288,9 @@ impl RedisArgs {
             self.retention,
             self.llm_group.clone(),
         )
-        .map(|s| s.with_dedup_window(std::time::Duration::from_secs(self.dedup_window_secs)))
+        .map(|s| {
+            s.with_dedup_window(std::time::Duration::from_secs(self.dedup_window_secs))
+                .with_wake_after(self.room_wake_after)
+        })
     }
 }

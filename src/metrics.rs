@@ -34,6 +34,8 @@ pub const LLM_FIRST_TOKEN_SECONDS: &str = "chat_relay_llm_first_token_seconds";
 /// A whole LLM turn at the provider, seconds.
 pub const LLM_TURN_SECONDS: &str = "chat_relay_llm_turn_seconds";
 
+/// Rooms an LLM worker reads (gauge).
+pub const LLM_ROOMS: &str = "chat_relay_llm_rooms";
 /// Usage callbacks waiting in the outbox (gauge, as last seen by this worker).
 pub const USAGE_PENDING: &str = "chat_relay_usage_callbacks_pending";
 /// Usage callback attempts, by `outcome` (`delivered`, `retry`, `dead`).
@@ -94,6 +96,10 @@ fn describe() {
         LLM_FIRST_TOKEN_SECONDS,
         Unit::Seconds,
         "Provider time to first token"
+    );
+    describe_gauge!(
+        LLM_ROOMS,
+        "Rooms an LLM worker reads (traffic within the wake window)"
     );
     describe_gauge!(USAGE_PENDING, "Usage callbacks waiting in the outbox");
     describe_counter!(USAGE_CALLBACKS, "Usage callback attempts, by outcome");

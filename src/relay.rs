@@ -15,7 +15,7 @@ use crate::dispatch::RolePolicy;
 use crate::http::HttpSettings;
 use crate::ingress::{BudgetSettings, Ingress};
 use crate::limits::ConnCounter;
-use crate::room::Rooms;
+use crate::room::{Presence, Rooms};
 use crate::state::{ApiSettings, ConnLimits, SessionSettings, Shared};
 use crate::store::StoreError;
 
@@ -59,6 +59,7 @@ pub async fn run(
         });
     }
     let rooms = Rooms::start(store.clone(), &tracker, token.clone())?;
+    let presence = Presence::start(store.clone(), &tracker, token.clone());
     let ingress = Ingress::new(
         store.clone(),
         RolePolicy::new(&cfg.roles),
@@ -76,6 +77,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         store: store.clone(),
         rooms,
+        presence,
         ingress,
         auth,
         conns: ConnCounter::default(),

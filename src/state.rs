@@ -14,7 +14,7 @@ use crate::dialect::DialectArgs;
 use crate::ingress::{Ingress, Refused, Submission, Submitted};
 use crate::limits::ConnCounter;
 use crate::protocol::{ClientError, ErrorCode, Limits, StreamId};
-use crate::room::{ConnId, CursorEnd, Rooms, TurnReader};
+use crate::room::{ConnId, CursorEnd, Presence, Rooms, TurnReader};
 use crate::store::Store;
 
 /// Per-connection settings every session reads.
@@ -49,6 +49,8 @@ pub(crate) struct ConnLimits {
 pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) rooms: Rooms,
+    /// Who is in each room now, across nodes.
+    pub(crate) presence: std::sync::Arc<Presence>,
     /// The one way in: every adapter submits through it.
     pub(crate) ingress: Ingress,
     pub(crate) auth: Authenticator,

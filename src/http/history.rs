@@ -62,6 +62,7 @@ fn parse_id(name: &'static str, raw: Option<&str>) -> Result<Option<StreamId>, A
 
 /// Oldest first. With `after`: the page after it; with only `before`: the newest page before
 /// it (scrolling back); with neither: the newest `limit` entries. `next_after` continues forward.
+/// `404` for a room that does not exist.
 pub async fn messages(
     State(shared): State<Arc<Shared>>,
     Path(sid): Path<String>,
@@ -91,6 +92,11 @@ pub async fn messages(
         }
         None => shared.store.range_before(sid, before, limit).await?,
     };
+    // An empty page of a room that does not exist is a 404, as for the room's info; a room
+    // with entries exists, so only the empty case costs a lookup.
+    if entries.is_empty() && !shared.store.session_exists(sid).await? {
+        return Err(ApiError::no_session(sid));
+    }
     let next_after = entries.last().map(|e| e.id.to_string());
     let messages: Vec<Value> = entries
         .iter()
@@ -146,6 +152,7 @@ pub async fn room_info(
         "participants": session.stats.participants,
         "events": session.stats.events,
         "active_turns": active_turns,
+        "presence": shared.presence.snapshot(sid).await?,
         "connected_here": members_here,
     });
     if let (Value::Object(body), Value::Object(fields)) =
@@ -153,5 +160,20 @@ pub async fn room_info(
     {
         body.extend(fields);
     }
+    Ok(Json(body))
+}
+
+/// `GET /v1/sessions/{sid}/presence`: who is connected now, on any node — one member per role
+/// and token subject, with its connections (tabs).
+pub async fn presence(
+    State(shared): State<Arc<Shared>>,
+    Path(sid): Path<String>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let sid = checked_sid(Some(&sid))?;
+    authorize(&shared, &headers, q.token.as_deref(), sid)?;
+    let mut body = shared.presence.snapshot(sid).await?;
+    body["sid"] = Value::String(sid.to_owned());
     Ok(Json(body))
 }

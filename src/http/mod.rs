@@ -26,6 +26,7 @@ pub(crate) fn router(settings: &HttpSettings) -> Router<Arc<Shared>> {
     let api = middleware::api(
         Router::new()
             .route("/v1/sessions/{sid}", get(history::room_info))
+            .route("/v1/sessions/{sid}/presence", get(history::presence))
             .route(
                 "/v1/sessions/{sid}/messages",
                 get(history::messages).post(live::publish),

@@ -73,15 +73,19 @@ pub(crate) struct Conn {
     budget: ClientBudget,
     /// Rate-limit refusals in a row.
     strikes: u32,
-    /// Appends only to a room that exists (checked in the append script): set for a
-    /// WebSocket once it joined, so a frame in flight cannot bring a deleted session back, and
-    /// for HTTP requests under `--require-session`.
+    /// Appends only to a room that exists (checked in the append script): for every adapter
+    /// under `--require-session`, and for the chat API, which speaks to sessions only.
     existing_room: bool,
 }
 
 impl Conn {
     pub(crate) fn sid(&self) -> &str {
         &self.ctx.sid
+    }
+
+    /// The token subject, when authenticated.
+    pub(crate) fn sender(&self) -> Option<&str> {
+        self.ctx.sender.as_deref()
     }
 
     /// The role used when a frame names none (`?role=`, the token's role, or `user`).
@@ -347,6 +351,13 @@ impl Ingress {
     }
 }
 
+/// Whether an entry may ask the LLM participant for an answer (`llm.request`, or a message that
+/// mentions `@llm`); a wake-up for anything else only costs a worker an empty read.
+fn asks_llm(envelope: &StoreEnvelope) -> bool {
+    envelope.event == "llm.request"
+        || (envelope.event == "chat.message" && envelope.body.to_ascii_lowercase().contains("@llm"))
+}
+
 /// Who sends an envelope: the role it speaks as and, when authenticated, the token subject.
 #[derive(Debug, Clone, Copy)]
 struct Speaker<'a> {
@@ -414,6 +425,11 @@ async fn store_envelope(
     } else {
         store.append(sid, role, event, body, dedup).await?
     };
+    if store.is_clustered() && asks_llm(envelope) {
+        if let Err(err) = store.wake_llm(sid).await {
+            tracing::debug!(room = %sid, cause = %err, "LLM wake-up not sent; a worker polls");
+        }
+    }
     if let Some(turn) = envelope.cancels {
         if let Err(err) = store.signal_cancel(sid, turn).await {
             tracing::warn!(room = %sid, cause = %err, "cancel stored but not signalled");

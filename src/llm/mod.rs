@@ -28,6 +28,7 @@
 
 mod prompt;
 mod provider;
+mod rooms;
 mod turn;
 mod usage;
 mod worker;

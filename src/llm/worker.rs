@@ -1,8 +1,8 @@
 //! The worker: discovers rooms, reads the consumer group, hands triggers to turns, claims what
 //! dead workers left, and routes cancels to the turn they stop.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use super::prompt::{Emotions, EmotionsError, DEFAULT_SYSTEM_PROMPT};
 use super::provider::{LlmError, Provider, ProviderSettings};
+use super::rooms::ReadSet;
 use super::{LlmArgs, ReplyPolicy};
 use crate::protocol::{valid_sid, StreamId, LLM_ROLE};
 use crate::retry::until_ok;
@@ -47,7 +48,8 @@ pub(super) struct Ctx {
     pub token: CancellationToken,
     pub tracker: TaskTracker,
     pub http: reqwest::Client,
-    rooms: Mutex<BTreeSet<String>>,
+    /// The rooms this worker reads (those with traffic lately).
+    rooms: ReadSet,
     /// Turns running on this worker, with the token that cancels each.
     pub active: DashMap<(String, StreamId), CancellationToken>,
     /// Rung when a room has new entries (cluster mode, where reads cannot block on every room).
@@ -55,12 +57,6 @@ pub(super) struct Ctx {
     /// Rung when a turn queued a usage callback.
     pub usage_wake: Notify,
     slots: Arc<Semaphore>,
-}
-
-impl Ctx {
-    fn rooms(&self) -> MutexGuard<'_, BTreeSet<String>> {
-        self.rooms.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 /// Runs the LLM participant until `token` is cancelled. Unfinished turns are left pending, so
@@ -91,6 +87,7 @@ pub async fn run_worker(
         None => Emotions::default(),
     };
     let consumer = args.llm_consumer.clone().unwrap_or_else(default_consumer);
+    let wake_after = store.wake_after();
     let ctx = Arc::new(Ctx {
         slots: Arc::new(Semaphore::new(args.llm_concurrency.max(1))),
         store,
@@ -102,7 +99,7 @@ pub async fn run_worker(
         token: token.clone(),
         tracker: tracker.clone(),
         http: reqwest::Client::new(),
-        rooms: Mutex::new(BTreeSet::new()),
+        rooms: ReadSet::new(wake_after),
         active: DashMap::new(),
         wake: Notify::new(),
         usage_wake: Notify::new(),
@@ -123,7 +120,7 @@ pub async fn run_worker(
                 tracing::debug!(room = %sid, cause = %err, "cannot create group");
                 continue;
             }
-            ctx.rooms().insert(sid);
+            ctx.rooms.touch(&sid);
         }
         tracker.spawn(registry_loop(ctx.clone(), from));
         tracker.spawn(cancel_loop(ctx.clone()));
@@ -149,7 +146,7 @@ async fn read_loop(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
     let mut pending = true;
     let mut delays = crate::retry::until_back();
     while !ctx.token.is_cancelled() {
-        let rooms: Vec<String> = ctx.rooms().iter().cloned().collect();
+        let rooms = ctx.rooms.all();
         if rooms.is_empty() {
             tokio::select! {
                 _ = ctx.token.cancelled() => break,
@@ -235,9 +232,7 @@ async fn repair_groups(ctx: &Ctx, rooms: &[String]) {
         match ctx.store.ensure_group(sid, "0").await {
             Ok(true) => tracing::info!(room = %sid, "recreated the LLM group"),
             Ok(false) => {}
-            Err(_) => {
-                ctx.rooms().remove(sid);
-            }
+            Err(_) => ctx.rooms.forget(sid),
         }
     }
 }
@@ -332,15 +327,21 @@ async fn registry_loop(ctx: Arc<Ctx>, mut after: String) {
             Ok(rooms) => {
                 for (id, sid) in rooms {
                     after = id;
-                    if !valid_sid(&sid) || ctx.rooms().contains(&sid) {
+                    if !valid_sid(&sid) {
                         continue;
                     }
+                    if ctx.rooms.contains(&sid) {
+                        ctx.rooms.touch(&sid);
+                        continue;
+                    }
+                    // A new room, or one that woke up after the window: its group exists (the
+                    // append script creates it with the stream); make sure anyway.
                     if let Err(err) = ctx.store.ensure_group(&sid, "0").await {
                         tracing::debug!(room = %sid, cause = %err, "announced room has no stream");
                         continue;
                     }
-                    tracing::debug!(room = %sid, "new room");
-                    ctx.rooms().insert(sid);
+                    tracing::debug!(room = %sid, "reading a room");
+                    ctx.rooms.touch(&sid);
                 }
             }
             Err(err) => {
@@ -370,7 +371,7 @@ async fn cancel_loop(ctx: Arc<Ctx>) {
     let follow = || async {
         handle.follow_cancels().await?;
         if clustered {
-            handle.follow_activity().await?;
+            handle.follow_llm_wakeups().await?;
         }
         Ok::<(), StoreError>(())
     };
@@ -415,8 +416,8 @@ async fn claim_loop(ctx: Arc<Ctx>) {
             _ = ctx.token.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let rooms: Vec<String> = ctx.rooms().iter().cloned().collect();
-        for sid in rooms {
+        forget_idle_rooms(&ctx).await;
+        for sid in ctx.rooms.all() {
             let claimed = match ctx.store.claim_idle(&sid, &ctx.consumer, idle).await {
                 Ok(c) => c,
                 Err(err) => {
@@ -437,6 +438,30 @@ async fn claim_loop(ctx: Arc<Ctx>) {
             }
         }
     }
+}
+
+/// Stops reading rooms silent for the wake window, unless requests of theirs are still pending
+/// (a dead worker's turn, to be claimed) or a turn of theirs runs here.
+async fn forget_idle_rooms(ctx: &Ctx) {
+    for sid in ctx.rooms.idle() {
+        if ctx.active.iter().any(|t| t.key().0 == sid) {
+            continue;
+        }
+        match ctx.store.pending_count(&sid).await {
+            Ok(0) => {
+                if ctx.rooms.forget_if_idle(&sid) {
+                    tracing::debug!(room = %sid, "room idle; no longer read");
+                }
+            }
+            Ok(_) => {}
+            // The stream (and its group) is gone: the room expired or was deleted.
+            Err(StoreError::Redis(e)) if e.details().contains("NOGROUP") => {
+                ctx.rooms.forget(&sid);
+            }
+            Err(err) => tracing::debug!(room = %sid, cause = %err, "cannot check pending requests"),
+        }
+    }
+    metrics::gauge!(crate::metrics::LLM_ROOMS).set(ctx.rooms.len() as f64);
 }
 
 #[cfg(test)]

@@ -37,6 +37,7 @@ impl EventKind {
         "llm.response",
         "llm.error",
         "llm.usage",
+        "presence",
     ];
 
     /// Stored events that are part of the conversation (what people and the LLM said), as the

@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 
 use super::{ConnId, Outbound, Room, Rooms};
 use crate::protocol::{delivery_frame, llm_start_frame, resume_gap_frame, StreamId};
-use crate::store::{Entry, Store, StoreError, StreamInfo, TurnMark, TurnState};
+use crate::store::{Entry, PresenceChange, Store, StoreError, StreamInfo, TurnMark, TurnState};
 
 /// History page size for a replay: one `XRANGE` each.
 const REPLAY_PAGE: u64 = 500;
@@ -289,11 +289,22 @@ impl Cursor {
     }
 }
 
-/// An `llm.start` for every turn in progress in the room, with its text so far.
+/// An `llm.start` for every turn in progress in the room, with its text so far, and who is in
+/// the room now (a `presence` frame).
 fn catch_up(store: Store, sid: String) -> Prelude {
     Box::pin(async move {
         let turns = store.active_turns(&sid).await?;
-        Ok(turns.iter().map(|t| turn_start(&sid, t)).collect())
+        let mut frames: Vec<Outbound> = turns.iter().map(|t| turn_start(&sid, t)).collect();
+        let present = store
+            .presence(&sid, PresenceChange::Read, super::presence::PRESENCE_TTL)
+            .await?;
+        let frame = super::presence::presence_frame(&sid, &super::presence::summary(&present));
+        frames.push(Outbound {
+            id: None,
+            turn: None,
+            frame: frame.into(),
+        });
+        Ok(frames)
     })
 }
 

@@ -3,7 +3,7 @@
 //! | name | type | what |
 //! |---|---|---|
 //! | `<prefix><sid>` (default `chat:session:<sid>`) | stream | the room's history, one entry per stored envelope, fields `participant`, `event`, `body` |
-//! | `<prefix><sid>` | pub/sub channel | live fan-out of the same entries (`<id>\n<body>`) and of transient frames (`-\n<frame>`) |
+//! | `<prefix><sid>` | sharded pub/sub channel | live fan-out of the same entries (`<id>\n<body>`) and of transient frames (`-\n<frame>`, LLM frames `-s`/`-d <turn> <attempt> <seq>\n<frame>`) |
 //! | group `llm` on each room stream | consumer group | the LLM participant's read position, created at `0` with the room |
 //!
 //! | `chat:record:{<room key>}` | hash | the session record (`POST /api/sessions`): `created`, `updated` (ms), `metadata` (JSON object), `version` (bumped by every patch) |
@@ -15,6 +15,8 @@
 //! | `chat:llm:live:{<room key>}:<turn>` | hash | a turn in progress: attempt, text so far and the seq of its last delta, requester; expires shortly after the turn ends |
 //! | `chat:llm:active:{<room key>}` | sorted set | turns in progress in the room, by start time |
 //! | `chat:llm:attempts:{<room key>}` | hash | attempts started per unfinished turn |
+//! | `chat:presence:{<room key>}` | sorted set | connections in the room now (`{"c","r","s"}` JSON), scored by when they expire unless their node refreshes them |
+//! | `chat:presence:v:{<room key>}` | string | version of the room's presence, bumped on every change |
 //! | `chat:llm:turns:{<room key>}` | string | turns finished in the room (each turn's ordinal) |
 //! | `chat:usage:outbox:{<room key>}` | sorted set | usage callbacks to deliver, by due time |
 //! | `chat:usage:record:{<room key>}` | hash | their bodies and attempt counts |
@@ -23,6 +25,7 @@
 //! | `chat:llm:rate:{<room key>}:<window>` | string | LLM turns counted per room per window |
 //! | `chat:voice:rate:{<room key>}` | sorted set | the voice dialect's requests of the last minute (`--voice-requests-per-minute`, a sliding window), scored by Redis time; expires with the window |
 //! | `chat:llm:cancel` | pub/sub channel | cancel notices to workers (`<sid> <turn>`) |
+//! | `chat:llm:wake` | pub/sub channel | on Redis Cluster: a room stored an entry that asks the LLM (`<sid>`) |
 //! | `chat:llm:dead` | stream | LLM requests that failed too often |
 //!
 //! Every key a room owns carries the room key as its hash tag (`{chat:session:<sid>}`), so
@@ -94,6 +97,16 @@ impl Keys {
         format!("{}llm:attempts:{{{}}}", self.root, self.room(sid))
     }
 
+    /// `chat:presence:{chat:session:<sid>}`: connections in the room now, by expiry.
+    pub fn presence(&self, sid: &str) -> String {
+        format!("{}presence:{{{}}}", self.root, self.room(sid))
+    }
+
+    /// `chat:presence:v:{chat:session:<sid>}`: the version of the room's presence.
+    pub fn presence_version(&self, sid: &str) -> String {
+        format!("{}presence:v:{{{}}}", self.root, self.room(sid))
+    }
+
     /// `chat:llm:active:{chat:session:<sid>}`: the room's turns in progress.
     pub fn active_turns(&self, sid: &str) -> String {
         format!("{}llm:active:{{{}}}", self.root, self.room(sid))
@@ -146,6 +159,12 @@ impl Keys {
     /// hold no glob characters (`valid_sid`), so the pattern matches this room only.
     pub fn room_pattern(&self, sid: &str) -> String {
         format!("*{{{}}}*", self.room(sid))
+    }
+
+    /// `chat:llm:wake`: channel that wakes LLM workers on Redis Cluster when an entry asks for
+    /// an answer.
+    pub fn llm_wake_channel(&self) -> String {
+        format!("{}llm:wake", self.root)
     }
 
     /// `chat:llm:cancel`: channel on which cancels reach the worker generating the turn.

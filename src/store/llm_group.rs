@@ -228,6 +228,17 @@ impl Store {
         }
     }
 
+    /// How many entries of the room's LLM group are pending (read, not yet answered).
+    pub async fn pending_count(&self, sid: &str) -> Result<u64, StoreError> {
+        let cmd = CustomCommand::new_static("XPENDING", ClusterHash::FirstKey, false);
+        let args: Vec<Value> = vec![self.keys.room(sid).into(), self.llm_group.as_str().into()];
+        let reply: Value = self.client.custom(cmd, args).await?;
+        match reply {
+            Value::Array(parts) => Ok(parts.first().and_then(Value::as_u64).unwrap_or(0)),
+            _ => Err(StoreError::Reply("XPENDING summary is not an array")),
+        }
+    }
+
     async fn delivery_count(&self, sid: &str, id: StreamId) -> Result<u64, StoreError> {
         let cmd = CustomCommand::new_static("XPENDING", ClusterHash::FirstKey, false);
         let ids = id.to_string();

@@ -3,7 +3,7 @@
 //! # Redis Streams in brief
 //! Each room is one stream (`chat:session:<sid>`); `XADD` gives every entry an id `<ms>-<seq>`
 //! that only grows, which is the room's single order. Appends go through `append.lua`, which also
-//! `PUBLISH`es the entry on the room's channel so every relay node can deliver it live without
+//! `SPUBLISH`es the entry on the room's (sharded) channel so every relay node can deliver it live without
 //! polling, and creates the LLM consumer group when the room is new. History reads (`XRANGE`)
 //! serve resume, recovery after a lost subscription, and the HTTP API.
 //!
@@ -17,6 +17,7 @@ mod dialects;
 mod feed;
 pub mod keys;
 mod llm_group;
+mod presence;
 mod sessions;
 mod stats;
 mod turns;
@@ -26,6 +27,7 @@ pub use dialects::VoiceRate;
 pub use feed::{Feed, FeedEvent, FeedHandle};
 pub use keys::Keys;
 pub use llm_group::GroupEntry;
+pub use presence::{PresenceChange, PresenceSet, Present};
 pub use sessions::{Created, Session};
 pub use stats::RoomStats;
 pub use turns::{
@@ -77,6 +79,7 @@ struct Scripts {
     usage_settle: Lua,
     usage_forget: Lua,
     voice_rate: Lua,
+    presence: Lua,
 }
 
 /// What can go wrong talking to Redis. Callers map it to `store_unavailable` for clients; the
@@ -188,6 +191,8 @@ pub struct Store {
     keys: Keys,
     retention: u64,
     dedup_window_secs: u64,
+    /// `--room-wake-after`: a room silent this long is announced again by its next entry.
+    wake_after: Duration,
     llm_group: String,
     scripts: Scripts,
 }
@@ -230,6 +235,7 @@ impl Store {
             keys,
             retention,
             dedup_window_secs: 600,
+            wake_after: Duration::from_secs(600),
             llm_group: llm_group.into(),
             scripts: Scripts {
                 append: Lua::new(include_str!("append.lua")),
@@ -244,8 +250,19 @@ impl Store {
                 usage_settle: Lua::new(include_str!("usage_settle.lua")),
                 usage_forget: Lua::new(include_str!("usage_forget.lua")),
                 voice_rate: Lua::new(include_str!("voice_rate.lua")),
+                presence: Lua::new(include_str!("presence.lua")),
             },
         })
+    }
+
+    /// How long a room may be silent before LLM workers stop reading it (`--room-wake-after`).
+    pub fn with_wake_after(mut self, window: Duration) -> Self {
+        self.wake_after = window.max(Duration::from_secs(1));
+        self
+    }
+
+    pub fn wake_after(&self) -> Duration {
+        self.wake_after
     }
 
     /// How long a (sender, cid) pair is remembered for idempotent appends.
@@ -464,7 +481,23 @@ impl Store {
     /// Publish a frame to the room's live channel without storing it.
     pub async fn publish_transient(&self, sid: &str, frame: &str) -> Result<(), StoreError> {
         let payload = format!("{TRANSIENT_MARK}\n{frame}");
-        let _: Value = self.client.publish(self.keys.channel(sid), payload).await?;
+        let _: Value = self
+            .client
+            .spublish(self.keys.channel(sid), payload)
+            .await?;
+        Ok(())
+    }
+
+    /// On Redis Cluster, wakes the LLM workers (they cannot block on rooms of several slots) for
+    /// an entry that asks for an answer. Nothing to do on a single Redis, where they block on
+    /// every room they read.
+    pub async fn wake_llm(&self, sid: &str) -> Result<(), StoreError> {
+        if self.is_clustered() {
+            let _: Value = self
+                .client
+                .publish(self.keys.llm_wake_channel(), sid)
+                .await?;
+        }
         Ok(())
     }
 

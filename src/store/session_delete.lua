@@ -4,8 +4,8 @@
 -- (append.lua with 'existing' refuses, finish.lua stores nothing).
 --
 -- KEYS[1]  the room stream (also its channel)   KEYS[2]  the session record
--- KEYS[3..]  the room's other fixed keys (counters, turns in progress, turn counter, usage
---            outbox and records)
+-- KEYS[3..]  the room's other fixed keys (counters, turns in progress, attempts per turn, turn
+--            counter, usage outbox and records)
 -- ARGV[1]  the room-deleted notice, published on the room's channel
 --
 -- Returns 1, or 0 when there was no such session (neither stream nor record).
@@ -13,5 +13,5 @@ if redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then
   return 0
 end
 redis.call('DEL', unpack(KEYS))
-redis.call('PUBLISH', KEYS[1], ARGV[1])
+redis.call('SPUBLISH', KEYS[1], ARGV[1])
 return 1

@@ -194,6 +194,7 @@ impl Store {
             k.session_record(sid),
             k.stats(sid),
             k.active_turns(sid),
+            k.turn_attempts(sid),
             k.turn_counter(sid),
             k.usage_outbox(sid),
             k.usage_records(sid),

@@ -117,7 +117,7 @@
     token: '',
     pending: new Map(),  // cid -> { el, event, text, state } for our own sends until their entry arrives
     turns: new Map(),    // turn_id -> { el, text, seq, attempt, state }
-    presence: new Map(), // "role\u0000conn" -> join count minus leave count
+    presence: { version: -1, members: [] }, // the newest `presence` snapshot from the relay
     typing: new Map(),   // role -> timeout handle
   };
 
@@ -211,14 +211,17 @@
 
   // --- presence and typing
 
+  // Who is here comes from the relay's `presence` snapshots (on join, then on every change, on
+  // any node): one line per member (role and token subject), with its number of connections.
   function renderPresence() {
     const ul = $('presence');
     ul.replaceChildren();
-    const present = [...view.presence].filter(([, n]) => n > 0).map(([k]) => k.split('\u0000')).sort();
-    for (const [role, conn] of present) {
-      ul.append(el('li', { 'data-role': role, 'data-conn': conn, title: `connection ${conn}` }, [badge(role), el('small', { text: conn })]));
+    for (const m of view.presence.members) {
+      const tabs = m.connections > 1 ? `${m.connections} tabs` : '';
+      ul.append(el('li', { 'data-role': m.role, 'data-sub': m.sub || '', 'data-connections': String(m.connections), title: m.sub ? `${m.sub} as ${m.role}` : m.role },
+        [badge(m.role), m.sub ? el('span', { text: ` ${m.sub}` }) : null, tabs ? el('small', { text: ` ${tabs}` }) : null]));
     }
-    if (!present.length) ul.append(el('li', { class: 'empty', text: 'nobody yet' }));
+    if (!view.presence.members.length) ul.append(el('li', { class: 'empty', text: 'nobody yet' }));
   }
 
   function renderTyping() {
@@ -317,10 +320,14 @@
       }
       case 'session.join':
       case 'session.leave': {
-        const key = `${hd.role}\u0000${hd.conn || '?'}`;
-        view.presence.set(key, (view.presence.get(key) || 0) + (hd.event === 'session.join' ? 1 : -1));
-        renderPresence();
         const node = systemEl(`${hd.role} ${hd.event === 'session.join' ? 'joined' : 'left'}${hd.conn ? ` (${hd.conn})` : ''}`, ts);
+        setStoredAttrs(node, frame);
+        place(node);
+        return;
+      }
+      case 'session.created': {
+        // The first entry of a session created with POST /api/sessions.
+        const node = systemEl('session created', ts);
         setStoredAttrs(node, frame);
         place(node);
         return;
@@ -353,6 +360,13 @@
     }
     if (hd.id) return handleStored(frame);
     switch (hd.event) {
+      case 'presence': {
+        const bd = frame.bd || {};
+        if (!Number.isInteger(bd.version) || bd.version < view.presence.version || !Array.isArray(bd.members)) return;
+        view.presence = { version: bd.version, members: bd.members };
+        renderPresence();
+        return;
+      }
       case 'chat.typing': {
         if (hd.role === view.role) return; // our own echo; a same-role tab elsewhere is hidden too
         clearTimeout(view.typing.get(hd.role));
@@ -651,7 +665,7 @@
     for (const h of view.typing.values()) clearTimeout(h);
     Object.assign(view, {
       room: roomFor(settings.sid), role: settings.role, token: settings.token,
-      pending: new Map(), turns: new Map(), presence: new Map(), typing: new Map(),
+      pending: new Map(), turns: new Map(), presence: { version: -1, members: [] }, typing: new Map(),
     });
     list().replaceChildren();
     renderTyping();

@@ -19,6 +19,7 @@ mod props;
 mod real_llm;
 mod relay_core;
 mod resilience;
+mod rooms;
 mod security;
 mod sessions;
 mod turns;

@@ -241,13 +241,14 @@ async fn create_read_patch_delete_with_the_exact_fields() {
         let (status, got, _) = call(method.clone(), url(&ghost), body).await;
         assert_eq!((status, &got), (404, &missing), "{method}");
     }
-    let (status, got, _) = call(
-        reqwest::Method::GET,
-        relay.http(&format!("/api/sessions/{ghost}/messages")),
-        None,
-    )
-    .await;
-    assert_eq!((status, &got), (404, &missing));
+    for path in [
+        format!("/api/sessions/{ghost}/messages"),
+        format!("/v1/sessions/{ghost}/messages"),
+        format!("/v1/sessions/{ghost}"),
+    ] {
+        let (status, got, _) = call(reqwest::Method::GET, relay.http(&path), None).await;
+        assert_eq!((status, &got), (404, &missing), "{path}");
+    }
     assert!(
         !client
             .exists::<bool, _>(format!("chat:session:{ghost}"))

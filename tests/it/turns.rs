@@ -505,12 +505,14 @@ async fn usage_callbacks_survive_a_down_endpoint_and_a_killed_worker() {
     .await;
     // Nothing more arrives: one accepted callback per turn.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let accepted = callback.accepted();
+    let mut accepted = callback.accepted();
     assert_eq!(
         accepted.len(),
         2,
         "exactly one accepted callback per turn: {accepted:?}"
     );
+    // Retries go out in any order; the ordinal says which turn each one is.
+    accepted.sort_by_key(|p| p.body["turn"].as_u64());
     for (i, p) in accepted.iter().enumerate() {
         let b = &p.body;
         assert_eq!(b["type"], "usage");

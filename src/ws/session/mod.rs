@@ -25,6 +25,7 @@ use crate::limits::ConnSlot;
 use crate::protocol::{error_frame, Close, StreamId};
 use crate::room::{ConnId, Cursor};
 use crate::state::Shared;
+use crate::store::Present;
 
 /// What the upgrade handler checked and hands to the session.
 #[derive(Debug)]
@@ -111,6 +112,13 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
         }
     };
     tracing::info!(%role, last_id = ?params.last_id.map(|i| i.to_string()), "joined");
+    // In the room's live presence until the session ends (the guard leaves on drop).
+    let me = Present {
+        conn: conn_label.clone(),
+        role: role.clone(),
+        sub: params.conn.sender().map(str::to_owned),
+    };
+    let _present = shared.presence.enter(&sid, me).await;
     // A fresh client starts at its own join entry; a resuming one right after its last id.
     // Both read that start from the stream rather than trusting the live feed: in a brand-new
     // room the node's SUBSCRIBE may not be active in Redis yet when the join is published.
