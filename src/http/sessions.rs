@@ -62,6 +62,7 @@ pub async fn create(
         }
     };
     let metadata = metadata_field(&body, false)?.unwrap_or_default();
+    let retention = retention(&metadata)?;
     let grant = authorize(&shared, &headers, q.token.as_deref(), &sid)?;
     let role = grant.role.as_deref().unwrap_or(DEFAULT_ROLE);
     let entry = new_body(
@@ -79,6 +80,12 @@ pub async fn create(
     {
         Created::New { created_ms, .. } => {
             tracing::info!(room = %sid, "session created");
+            if retention != Retention::default() {
+                shared
+                    .store
+                    .set_retention(&sid, retention.max_len, retention.max_age)
+                    .await?;
+            }
             let created_at = rfc3339(created_ms);
             let body = json!({
                 "session_id": sid,
@@ -133,8 +140,23 @@ pub async fn patch(
         ));
     };
     authorize(&shared, &headers, q.token.as_deref(), sid)?;
+    // Refused before anything is written: the patched metadata must still say a valid retention.
+    if let Some(current) = shared.store.session(sid).await? {
+        let mut merged = Value::Object(current.metadata.clone());
+        crate::store::merge_patch(&mut merged, &Value::Object(patch.clone()));
+        if let Value::Object(merged) = &merged {
+            retention(merged)?;
+        }
+    }
     match shared.store.patch_session(sid, &patch).await? {
-        Some(session) => Ok(Json(session_json(&session))),
+        Some(session) => {
+            let r = retention(&session.metadata)?;
+            shared
+                .store
+                .set_retention(sid, r.max_len, r.max_age)
+                .await?;
+            Ok(Json(session_json(&session)))
+        }
         None => Err(ApiError::no_session(sid)),
     }
 }
@@ -344,6 +366,60 @@ fn metadata_field(
             "metadata must be a JSON object",
         )),
     }
+}
+
+/// A session's own retention, from `metadata.retention`: `{"max_len": 1000, "max_age": "7d"}`
+/// (either may be absent; `max_age` also as seconds).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Retention {
+    max_len: Option<u64>,
+    max_age: Option<std::time::Duration>,
+}
+
+fn retention(metadata: &Map<String, Value>) -> Result<Retention, ApiError> {
+    let bad = |field: &str, what: &str| {
+        ApiError::bad_request(
+            ErrorCode::InvalidBody,
+            format!("metadata.retention.{field} must be {what}"),
+        )
+    };
+    let Some(r) = metadata.get("retention") else {
+        return Ok(Retention::default());
+    };
+    let Value::Object(r) = r else {
+        return Err(ApiError::bad_request(
+            ErrorCode::InvalidBody,
+            "metadata.retention must be an object such as {\"max_len\": 1000, \"max_age\": \"7d\"}",
+        ));
+    };
+    let max_len = match r.get("max_len") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| bad("max_len", "a whole number"))?),
+    };
+    let max_age = match r.get("max_age") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(std::time::Duration::from_secs(
+            n.as_u64().filter(|s| *s > 0).ok_or_else(|| {
+                bad(
+                    "max_age",
+                    "a duration such as \"7d\" or a number of seconds",
+                )
+            })?,
+        )),
+        Some(Value::String(s)) => Some(
+            crate::auth::parse_ttl(s)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| bad("max_age", "a duration such as \"7d\", \"12h\" or \"30s\""))?,
+        ),
+        Some(_) => {
+            return Err(bad(
+                "max_age",
+                "a duration such as \"7d\" or a number of seconds",
+            ))
+        }
+    };
+    Ok(Retention { max_len, max_age })
 }
 
 /// Milliseconds since the epoch as RFC 3339 in UTC (`2024-01-10T16:00:00.123Z`).

@@ -28,7 +28,7 @@ pub use feed::{Feed, FeedEvent, FeedHandle};
 pub use keys::Keys;
 pub use llm_group::GroupEntry;
 pub use presence::{PresenceChange, PresenceSet, Present};
-pub use sessions::{Created, Session};
+pub use sessions::{merge_patch, Created, Session};
 pub use stats::RoomStats;
 pub use turns::{
     lease_holder, lease_token, turn_state_ttl, Finished, TurnBegin, TurnEnd, TurnLock,
@@ -81,6 +81,7 @@ struct Scripts {
     voice_rate: Lua,
     presence: Lua,
     room_touch: Lua,
+    retention_set: Lua,
 }
 
 /// What can go wrong talking to Redis. Callers map it to `store_unavailable` for clients; the
@@ -259,6 +260,7 @@ impl Store {
                 voice_rate: Lua::new(include_str!("voice_rate.lua")),
                 presence: Lua::new(include_str!("presence.lua")),
                 room_touch: Lua::new(include_str!("room_touch.lua")),
+                retention_set: Lua::new(include_str!("retention_set.lua")),
             },
         })
     }

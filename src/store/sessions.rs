@@ -103,6 +103,28 @@ impl Store {
         }
     }
 
+    /// The session's own retention (`None`: the relay's), read by the append scripts. Nothing
+    /// happens when the session does not exist.
+    pub async fn set_retention(
+        &self,
+        sid: &str,
+        max_len: Option<u64>,
+        max_age: Option<std::time::Duration>,
+    ) -> Result<(), StoreError> {
+        let args = vec![
+            max_len.map_or_else(String::new, |n| n.to_string()),
+            max_age.map_or_else(String::new, |d| (d.as_millis().max(1) as u64).to_string()),
+        ];
+        let _: fred::types::Value = self
+            .eval_script(
+                &self.scripts.retention_set,
+                self.keys.session_record(sid),
+                args,
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Whether the room exists: its stream or its session record.
     pub async fn session_exists(&self, sid: &str) -> Result<bool, StoreError> {
         let n: i64 = self
@@ -237,7 +259,7 @@ impl Store {
 }
 
 /// JSON merge patch (RFC 7396).
-fn merge_patch(target: &mut Json, patch: &Json) {
+pub fn merge_patch(target: &mut Json, patch: &Json) {
     let Json::Object(patch) = patch else {
         *target = patch.clone();
         return;

@@ -345,3 +345,64 @@ async fn a_worker_stops_reading_idle_rooms_and_answers_when_they_wake() {
     let reply = a.take_where(answered).await;
     assert_eq!(reply["bd"]["text"], "hi there");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_keeps_its_own_retention_from_its_metadata() {
+    let redis = RedisServer::start_with(&["--stream-node-max-entries", "1"]);
+    let relay = crate::support::Relay::start(&redis.url(), &["--llm", "off"]).await;
+    let http = reqwest::Client::new();
+    let sid = unique_sid("own-retention");
+    let refused = http
+        .post(relay.http("/api/sessions"))
+        .json(
+            &serde_json::json!({"session_id": sid, "metadata": {"retention": {"max_age": "soon"}}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("metadata.retention.max_age"),
+        "{body}"
+    );
+
+    let created = http
+        .post(relay.http("/api/sessions"))
+        .json(&serde_json::json!({"session_id": sid, "metadata": {"retention": {"max_len": 3}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    for i in 0..10 {
+        let r = relay
+            .post(&sid, &serde_json::json!({"hd": {"event": "chat.message", "role": "A", "cid": format!("c{i}")}, "bd": {"text": "x"}}))
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+    let client = redis.client().await;
+    let len = crate::support::redis::xlen(&client, &format!("chat:session:{sid}")).await;
+    assert!(
+        len <= 4,
+        "the session's max_len (3) holds, not the relay's: {len}"
+    );
+
+    // Patched away: the relay's retention applies again.
+    let patched = http
+        .patch(relay.http(&format!("/api/sessions/{sid}")))
+        .json(&serde_json::json!({"metadata": {"retention": null}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    for i in 10..20 {
+        relay
+            .post(&sid, &serde_json::json!({"hd": {"event": "chat.message", "role": "A", "cid": format!("c{i}")}, "bd": {"text": "x"}}))
+            .await;
+    }
+    let len = crate::support::redis::xlen(&client, &format!("chat:session:{sid}")).await;
+    assert!(len >= 10, "no longer trimmed to 3: {len}");
+}
