@@ -87,17 +87,11 @@ async fn real_model_streams_to_both_members_and_can_be_cancelled() {
         .chat("A", "@llm tell us a story about a lighthouse keeper")
         .await;
     let turn = a.expect_ack(&cid).await;
+    // Both members read at the same time: a member that is not read for a while stops
+    // answering the relay's pings and would be dropped (a slow model takes long to answer).
+    let (end_a, end_b) = tokio::join!(follow_reply(&mut a), follow_reply(&mut b));
     let mut finals = Vec::new();
-    for c in [&mut a, &mut b] {
-        let mut streamed = String::new();
-        let end = loop {
-            let v = c.next_json().await;
-            match v["hd"]["event"].as_str() {
-                Some("llm.delta") => streamed.push_str(v["bd"]["delta"].as_str().unwrap()),
-                Some("llm.response") | Some("llm.error") => break v,
-                _ => {}
-            }
-        };
+    for (end, streamed) in [end_a, end_b] {
         assert_eq!(
             end["hd"]["event"], "llm.response",
             "the model answered: {end}"
@@ -144,4 +138,19 @@ async fn real_model_streams_to_both_members_and_can_be_cancelled() {
         !end["bd"]["text"].as_str().unwrap().is_empty(),
         "the partial text is kept"
     );
+}
+
+/// Reads one member's frames until the turn's stored end: (the end, the streamed text rebuilt
+/// by the client rule).
+async fn follow_reply(c: &mut WsClient) -> (serde_json::Value, String) {
+    let mut streamed = String::new();
+    loop {
+        let v = c.next_json().await;
+        match v["hd"]["event"].as_str() {
+            Some("llm.start") => streamed = v["bd"]["text"].as_str().unwrap_or("").to_owned(),
+            Some("llm.delta") => streamed.push_str(v["bd"]["delta"].as_str().unwrap()),
+            Some("llm.response") | Some("llm.error") => return (v, streamed),
+            _ => {}
+        }
+    }
 }
