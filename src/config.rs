@@ -71,6 +71,13 @@ pub struct RedisArgs {
     /// Stream retention: `XADD ... MAXLEN ~ N`. 0 keeps everything.
     #[arg(long, env = "RELAY_RETENTION", default_value_t = 100_000)]
     pub retention: u64,
+    /// Retention by age as entries are added (`XTRIM MINID ~`): `7d`, `12h`, `2s`. Default: none.
+    #[arg(long, env = "RELAY_RETENTION_MAX_AGE", value_parser = crate::auth::parse_ttl)]
+    pub retention_max_age: Option<Duration>,
+    /// A room with no new entry (and no live member) for this long disappears with everything
+    /// it owns, through Redis expiry: `30d`, `12h`, `2s`. Default: rooms never expire.
+    #[arg(long, env = "RELAY_ROOM_IDLE_TTL", value_parser = crate::auth::parse_ttl)]
+    pub room_idle_ttl: Option<Duration>,
     /// How long a sender's `hd.cid` is remembered: a resend within it returns the original id.
     #[arg(long, env = "RELAY_DEDUP_WINDOW_SECS", default_value_t = 600)]
     pub dedup_window_secs: u64,
@@ -287,6 +294,7 @@ impl RedisArgs {
         .map(|s| {
             s.with_dedup_window(std::time::Duration::from_secs(self.dedup_window_secs))
                 .with_wake_after(self.room_wake_after)
+                .with_expiry(self.retention_max_age, self.room_idle_ttl)
         })
     }
 }

@@ -351,6 +351,13 @@ impl Ingress {
     }
 }
 
+/// Whether an entry may ask the LLM participant for an answer (`llm.request`, or a message that
+/// mentions `@llm`); a wake-up for anything else only costs a worker an empty read.
+fn asks_llm(envelope: &StoreEnvelope) -> bool {
+    envelope.event == "llm.request"
+        || (envelope.event == "chat.message" && envelope.body.to_ascii_lowercase().contains("@llm"))
+}
+
 /// Who sends an envelope: the role it speaks as and, when authenticated, the token subject.
 #[derive(Debug, Clone, Copy)]
 struct Speaker<'a> {
@@ -418,6 +425,11 @@ async fn store_envelope(
     } else {
         store.append(sid, role, event, body, dedup).await?
     };
+    if store.is_clustered() && asks_llm(envelope) {
+        if let Err(err) = store.wake_llm(sid).await {
+            tracing::debug!(room = %sid, cause = %err, "LLM wake-up not sent; a worker polls");
+        }
+    }
     if let Some(turn) = envelope.cancels {
         if let Err(err) = store.signal_cancel(sid, turn).await {
             tracing::warn!(room = %sid, cause = %err, "cancel stored but not signalled");

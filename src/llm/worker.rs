@@ -362,7 +362,7 @@ async fn cancel_loop(ctx: Arc<Ctx>) {
     let follow = || async {
         handle.follow_cancels().await?;
         if clustered {
-            handle.follow_activity().await?;
+            handle.follow_llm_wakeups().await?;
         }
         Ok::<(), StoreError>(())
     };

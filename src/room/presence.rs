@@ -4,7 +4,8 @@
 //! `presence` frame carrying the whole, versioned snapshot; a member gets one when it joins.
 //!
 //! One person with two tabs is one member with two connections: members are counted per
-//! (role, token subject).
+//! (role, token subject). The same heartbeat keeps a room with live members from expiring
+//! (`--room-idle-ttl`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -147,7 +148,12 @@ impl Presence {
     /// Refreshes this node's connections in every room it has some, which also drops the
     /// expired connections of dead nodes; the rooms hear of every change.
     async fn heartbeat(self: Arc<Self>, token: CancellationToken) {
-        let mut tick = tokio::time::interval(HEARTBEAT);
+        // Often enough to keep a room with members from expiring, however short its idle ttl.
+        let every = match self.store.idle_ttl() {
+            Some(idle) => HEARTBEAT.min(idle / 3).max(Duration::from_millis(200)),
+            None => HEARTBEAT,
+        };
+        let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
                 _ = token.cancelled() => return,
@@ -164,6 +170,10 @@ impl Presence {
                     .presence(&sid, PresenceChange::Refresh(&conns), PRESENCE_TTL)
                     .await;
                 self.tell(&sid, changed).await;
+                // Live members keep their room from expiring (`--room-idle-ttl`).
+                if let Err(err) = self.store.keep_room_alive(&sid).await {
+                    tracing::debug!(room = %sid, cause = %err, "room not kept alive");
+                }
             }
         }
     }

@@ -13,7 +13,7 @@
 --          exist), 'new' (neither may exist; the record is written with the entry)
 -- ARGV[8]  with 'new': the session's metadata (a JSON object)
 --
--- Why a script: the PUBLISH must leave Redis in stream order. Two relays appending to one room
+-- Why a script: the SPUBLISH must leave Redis in stream order. Two relays appending to one room
 -- concurrently could otherwise publish in the opposite order of their XADDs, and every node
 -- delivers live entries in publish order. The dedup check must be atomic with the XADD, or a
 -- resend racing the original could store twice; the existence check too, or an append racing a
@@ -56,7 +56,7 @@ redis.call('HINCRBY', KEYS[2], 'e:' .. ARGV[3], 1)
 if KEYS[4] then
   redis.call('SET', KEYS[4], id, 'EX', ARGV[6])
 end
-redis.call('PUBLISH', KEYS[1], id .. '\n' .. ARGV[4])
+redis.call('SPUBLISH', KEYS[1], id .. '\n' .. ARGV[4])
 if created then
   return {id, 1, 0}
 end

@@ -1,5 +1,11 @@
 //! Live feeds from Redis pub/sub, decoded: room channels for relay nodes, cancel notices and
-//! room activity for LLM workers.
+//! wake-ups for LLM workers.
+//!
+//! Room channels are sharded channels (`SPUBLISH` from the scripts, `SSUBSCRIBE` here; Redis
+//! 7.0 or newer): on Redis Cluster a message then travels only within the shard that owns the
+//! room's slot, instead of to every node of the cluster as a plain `PUBLISH` does. The channel
+//! is named like the room's key, so it hashes to the same slot. On a single Redis sharded
+//! channels behave like plain ones.
 //!
 //! A [`Feed`] owns one subscriber connection. Subscriptions do not survive a reconnect, so the
 //! feed subscribes again to everything it follows (here, once for every user) and then reports
@@ -32,7 +38,8 @@ pub enum FeedEvent {
     Live { sid: String, live: Live },
     /// Someone cancelled an LLM turn.
     Cancel { sid: String, turn: StreamId },
-    /// A room received an entry (only with [`FeedHandle::follow_activity`]).
+    /// A room received something an LLM worker may have to answer (only with
+    /// [`FeedHandle::follow_llm_wakeups`]).
     Activity,
     /// Messages may have been lost (the connection dropped or the reader lagged); the feed is
     /// subscribed again to everything it follows.
@@ -111,7 +118,7 @@ impl FeedHandle {
     /// Follows a room's live channel.
     pub async fn follow_room(&self, sid: &str) -> Result<(), StoreError> {
         let _guard = self.lock.lock().await;
-        self.sub.subscribe(self.keys.channel(sid)).await?;
+        self.sub.ssubscribe(self.keys.channel(sid)).await?;
         Ok(())
     }
 
@@ -122,7 +129,7 @@ impl FeedHandle {
         if !drop_room() {
             return false;
         }
-        if let Err(err) = self.sub.unsubscribe(self.keys.channel(sid)).await {
+        if let Err(err) = self.sub.sunsubscribe(self.keys.channel(sid)).await {
             tracing::debug!(room = %sid, cause = %err, "unsubscribe failed");
         }
         true
@@ -135,13 +142,12 @@ impl FeedHandle {
         Ok(())
     }
 
-    /// Follows every room's channel as a wake-up signal (LLM workers on Redis Cluster, where a
-    /// group read cannot block on rooms of several slots).
-    pub async fn follow_activity(&self) -> Result<(), StoreError> {
+    /// Follows the LLM wake-up channel (LLM workers on Redis Cluster, where a group read cannot
+    /// block on rooms of several slots): relays publish on it when they store an entry that
+    /// asks the LLM, so the worker reads at once instead of at its next poll.
+    pub async fn follow_llm_wakeups(&self) -> Result<(), StoreError> {
         let _guard = self.lock.lock().await;
-        self.sub
-            .psubscribe(format!("{}*", self.keys.prefix()))
-            .await?;
+        self.sub.subscribe(self.keys.llm_wake_channel()).await?;
         Ok(())
     }
 
@@ -150,7 +156,7 @@ impl FeedHandle {
     }
 
     fn decode(&self, msg: &Message) -> Option<FeedEvent> {
-        if msg.kind == MessageKind::PMessage {
+        if msg.kind == MessageKind::Message && msg.channel == self.keys.llm_wake_channel() {
             return Some(FeedEvent::Activity);
         }
         let payload = msg.value.as_str()?;
@@ -212,14 +218,17 @@ impl FeedHandle {
         if !channels.is_empty() {
             self.sub.subscribe(channels).await?;
         }
-        let patterns: Vec<String> = self
-            .sub
-            .tracked_patterns()
-            .into_iter()
-            .map(|p| p.to_string())
-            .collect();
-        if !patterns.is_empty() {
-            self.sub.psubscribe(patterns).await?;
+        // One SSUBSCRIBE per hash slot: a command may name channels of one slot only.
+        let mut by_slot: std::collections::BTreeMap<u16, Vec<String>> = Default::default();
+        for channel in self.sub.tracked_shard_channels() {
+            let channel = channel.to_string();
+            by_slot
+                .entry(fred::util::redis_keyslot(channel.as_bytes()))
+                .or_default()
+                .push(channel);
+        }
+        for channels in by_slot.into_values() {
+            self.sub.ssubscribe(channels).await?;
         }
         Ok(())
     }

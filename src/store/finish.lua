@@ -6,11 +6,13 @@
 -- KEYS[3]  the turn's live state   KEYS[4]  the room's turns in progress
 -- KEYS[5]  the room's turn counter   KEYS[6]  the room's usage outbox   KEYS[7]  its records
 -- KEYS[8]  the room's counters (see append.lua)   KEYS[9]  the room's attempts per turn
+-- KEYS[10] the session record (per-room retention overrides `ret_len`, `ret_age_ms`)
 -- ARGV[1]  MAXLEN ~ retention (0 = unbounded)
 -- ARGV[2]  participant   ARGV[3]  event   ARGV[4]  body
 -- ARGV[5]  consumer group   ARGV[6]  the request entry id (to XACK)   ARGV[7]  done-marker ttl, s
 -- ARGV[8]  how long the live state lingers, ms   ARGV[9]  now, ms
 -- ARGV[10] usage callback body, a JSON object without "turn" ('' = no callback)
+-- ARGV[11] retention by age, ms (0 = none)   ARGV[12] room idle ttl, ms (0 = rooms never expire)
 --
 -- Returns {'stored', id, ordinal} or, when some worker already finished this turn, {'done', id}
 -- ({'done'} without an id when the session was deleted).
@@ -24,19 +26,23 @@ if cur and string.sub(cur, 1, 5) == 'done:' then
   redis.call('XACK', KEYS[1], ARGV[5], ARGV[6])
   return {'done', string.sub(cur, 6)}
 end
+local maxlen = tonumber(redis.call('HGET', KEYS[10], 'ret_len') or ARGV[1])
 local id
-if tonumber(ARGV[1]) > 0 then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+if maxlen > 0 then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*',
     'participant', ARGV[2], 'event', ARGV[3], 'body', ARGV[4])
 else
   id = redis.call('XADD', KEYS[1], '*',
     'participant', ARGV[2], 'event', ARGV[3], 'body', ARGV[4])
 end
-redis.call('HINCRBY', KEYS[3], 'p:' .. ARGV[2], 1)
-redis.call('HINCRBY', KEYS[3], 'e:' .. ARGV[3], 1)
+local maxage = tonumber(redis.call('HGET', KEYS[10], 'ret_age_ms') or ARGV[11])
+if maxage > 0 then
+  local ms = tonumber(string.match(id, '^(%d+)'))
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', tostring(ms - maxage))
+end
 redis.call('HINCRBY', KEYS[8], 'p:' .. ARGV[2], 1)
 redis.call('HINCRBY', KEYS[8], 'e:' .. ARGV[3], 1)
-redis.call('PUBLISH', KEYS[1], id .. '\n' .. ARGV[4])
+redis.call('SPUBLISH', KEYS[1], id .. '\n' .. ARGV[4])
 redis.call('SET', KEYS[2], 'done:' .. id, 'EX', ARGV[7])
 redis.call('XACK', KEYS[1], ARGV[5], ARGV[6])
 redis.call('ZREM', KEYS[4], ARGV[6])
@@ -47,5 +53,12 @@ if ARGV[10] ~= '' then
   local body = string.sub(ARGV[10], 1, -2) .. ',"turn":' .. ordinal .. '}'
   redis.call('HSET', KEYS[7], ARGV[6], body, ARGV[6] .. '#created', ARGV[9], ARGV[6] .. '#attempts', 0)
   redis.call('ZADD', KEYS[6], ARGV[9], ARGV[6])
+end
+local idle = tonumber(ARGV[12])
+if idle > 0 then
+  -- The room's own keys live as long as the room has traffic (see append.lua).
+  for _, k in ipairs({KEYS[1], KEYS[4], KEYS[5], KEYS[8], KEYS[9], KEYS[10]}) do
+    redis.call('PEXPIRE', k, idle)
+  end
 end
 return {'stored', id, ordinal}

@@ -3,7 +3,7 @@
 //! | name | type | what |
 //! |---|---|---|
 //! | `<prefix><sid>` (default `chat:session:<sid>`) | stream | the room's history, one entry per stored envelope, fields `participant`, `event`, `body` |
-//! | `<prefix><sid>` | pub/sub channel | live fan-out of the same entries (`<id>\n<body>`) and of transient frames (`-\n<frame>`) |
+//! | `<prefix><sid>` | sharded pub/sub channel | live fan-out of the same entries (`<id>\n<body>`) and of transient frames (`-\n<frame>`, LLM frames `-s`/`-d <turn> <attempt> <seq>\n<frame>`) |
 //! | group `llm` on each room stream | consumer group | the LLM participant's read position, created at `0` with the room |
 //!
 //! | `chat:record:{<room key>}` | hash | the session record (`POST /api/sessions`): `created`, `updated` (ms), `metadata` (JSON object), `version` (bumped by every patch) |
@@ -24,6 +24,7 @@
 //! | `chat:usage:dead` | stream | usage callbacks that could not be delivered in time |
 //! | `chat:llm:rate:{<room key>}:<window>` | string | LLM turns counted per room per window |
 //! | `chat:llm:cancel` | pub/sub channel | cancel notices to workers (`<sid> <turn>`) |
+//! | `chat:llm:wake` | pub/sub channel | on Redis Cluster: a room stored an entry that asks the LLM (`<sid>`) |
 //! | `chat:llm:dead` | stream | LLM requests that failed too often |
 //!
 //! Every key a room owns carries the room key as its hash tag (`{chat:session:<sid>}`), so
@@ -157,6 +158,12 @@ impl Keys {
     /// hold no glob characters (`valid_sid`), so the pattern matches this room only.
     pub fn room_pattern(&self, sid: &str) -> String {
         format!("*{{{}}}*", self.room(sid))
+    }
+
+    /// `chat:llm:wake`: channel that wakes LLM workers on Redis Cluster when an entry asks for
+    /// an answer.
+    pub fn llm_wake_channel(&self) -> String {
+        format!("{}llm:wake", self.root)
     }
 
     /// `chat:llm:cancel`: channel on which cancels reach the worker generating the turn.

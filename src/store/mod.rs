@@ -3,7 +3,7 @@
 //! # Redis Streams in brief
 //! Each room is one stream (`chat:session:<sid>`); `XADD` gives every entry an id `<ms>-<seq>`
 //! that only grows, which is the room's single order. Appends go through `append.lua`, which also
-//! `PUBLISH`es the entry on the room's channel so every relay node can deliver it live without
+//! `SPUBLISH`es the entry on the room's (sharded) channel so every relay node can deliver it live without
 //! polling, and creates the LLM consumer group when the room is new. History reads (`XRANGE`)
 //! serve resume, recovery after a lost subscription, and the HTTP API.
 //!
@@ -77,6 +77,7 @@ struct Scripts {
     usage_settle: Lua,
     usage_forget: Lua,
     presence: Lua,
+    room_touch: Lua,
 }
 
 /// What can go wrong talking to Redis. Callers map it to `store_unavailable` for clients; the
@@ -190,6 +191,10 @@ pub struct Store {
     dedup_window_secs: u64,
     /// `--room-wake-after`: a room silent this long is announced again by its next entry.
     wake_after: Duration,
+    /// `--retention-max-age`, ms (0: none).
+    max_age_ms: u64,
+    /// `--room-idle-ttl`, ms (0: rooms never expire).
+    idle_ttl_ms: u64,
     llm_group: String,
     scripts: Scripts,
 }
@@ -233,6 +238,8 @@ impl Store {
             retention,
             dedup_window_secs: 600,
             wake_after: Duration::from_secs(600),
+            max_age_ms: 0,
+            idle_ttl_ms: 0,
             llm_group: llm_group.into(),
             scripts: Scripts {
                 append: Lua::new(include_str!("append.lua")),
@@ -247,6 +254,7 @@ impl Store {
                 usage_settle: Lua::new(include_str!("usage_settle.lua")),
                 usage_forget: Lua::new(include_str!("usage_forget.lua")),
                 presence: Lua::new(include_str!("presence.lua")),
+                room_touch: Lua::new(include_str!("room_touch.lua")),
             },
         })
     }
@@ -259,6 +267,46 @@ impl Store {
 
     pub fn wake_after(&self) -> Duration {
         self.wake_after
+    }
+
+    /// Retention by age and the rooms' idle expiry (`None`: off).
+    pub fn with_expiry(mut self, max_age: Option<Duration>, idle_ttl: Option<Duration>) -> Self {
+        self.max_age_ms = max_age.map_or(0, |d| d.as_millis().max(1) as u64);
+        self.idle_ttl_ms = idle_ttl.map_or(0, |d| d.as_millis().max(1) as u64);
+        self
+    }
+
+    /// `--room-idle-ttl`, if rooms expire.
+    pub fn idle_ttl(&self) -> Option<Duration> {
+        (self.idle_ttl_ms > 0).then(|| Duration::from_millis(self.idle_ttl_ms))
+    }
+
+    /// Keeps a room with live members from expiring (`--room-idle-ttl`): a no-op without one.
+    pub async fn keep_room_alive(&self, sid: &str) -> Result<(), StoreError> {
+        if self.idle_ttl_ms == 0 {
+            return Ok(());
+        }
+        let keys = vec![
+            self.keys.room(sid),
+            self.keys.stats(sid),
+            self.keys.session_record(sid),
+            self.keys.turn_counter(sid),
+            self.keys.turn_attempts(sid),
+            self.keys.active_turns(sid),
+        ];
+        let _: Value = self
+            .eval_script(&self.scripts.room_touch, keys, vec![self.idle_ttl_ms.to_string()])
+            .await?;
+        Ok(())
+    }
+
+    /// A room key's time to live, no longer than a room lives when idle: a key of an expired
+    /// room must not outlive it.
+    pub(crate) fn room_ttl(&self, ttl: Duration) -> Duration {
+        match self.idle_ttl_ms {
+            0 => ttl,
+            idle => ttl.min(Duration::from_millis(idle)),
+        }
     }
 
     /// How long a (sender, cid) pair is remembered for idempotent appends.
@@ -477,7 +525,17 @@ impl Store {
     /// Publish a frame to the room's live channel without storing it.
     pub async fn publish_transient(&self, sid: &str, frame: &str) -> Result<(), StoreError> {
         let payload = format!("{TRANSIENT_MARK}\n{frame}");
-        let _: Value = self.client.publish(self.keys.channel(sid), payload).await?;
+        let _: Value = self.client.spublish(self.keys.channel(sid), payload).await?;
+        Ok(())
+    }
+
+    /// On Redis Cluster, wakes the LLM workers (they cannot block on rooms of several slots) for
+    /// an entry that asks for an answer. Nothing to do on a single Redis, where they block on
+    /// every room they read.
+    pub async fn wake_llm(&self, sid: &str) -> Result<(), StoreError> {
+        if self.is_clustered() {
+            let _: Value = self.client.publish(self.keys.llm_wake_channel(), sid).await?;
+        }
         Ok(())
     }
 

@@ -13,5 +13,5 @@ if redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then
   return 0
 end
 redis.call('DEL', unpack(KEYS))
-redis.call('PUBLISH', KEYS[1], ARGV[1])
+redis.call('SPUBLISH', KEYS[1], ARGV[1])
 return 1

@@ -19,5 +19,5 @@ redis.call('HSET', KEYS[2], 'attempt', ARGV[1], 'seq', -1, 'text', '',
   'prompt', ARGV[6], 'carried_completion', ARGV[7], 'carried_prompt', ARGV[8])
 redis.call('PEXPIRE', KEYS[2], ARGV[9])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[10])
-redis.call('PUBLISH', KEYS[1], ARGV[11])
+redis.call('SPUBLISH', KEYS[1], ARGV[11])
 return 1

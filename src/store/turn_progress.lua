@@ -13,6 +13,6 @@ end
 redis.call('HSET', KEYS[2], 'seq', ARGV[2], 'text', ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 for i = 5, #ARGV do
-  redis.call('PUBLISH', KEYS[1], ARGV[i])
+  redis.call('SPUBLISH', KEYS[1], ARGV[i])
 end
 return 1

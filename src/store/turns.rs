@@ -294,6 +294,7 @@ impl Store {
             self.keys.usage_records(sid),
             self.keys.stats(sid),
             self.keys.turn_attempts(sid),
+            self.keys.session_record(sid),
         ];
         if end.usage_callback.is_some() {
             // Before the script: the index lives on another shard under Redis Cluster, and a
@@ -307,10 +308,15 @@ impl Store {
             end.body.to_owned(),
             self.llm_group.clone(),
             turn.to_string(),
-            DONE_TTL_SECS.to_string(),
+            self.room_ttl(Duration::from_secs(DONE_TTL_SECS))
+                .as_secs()
+                .max(1)
+                .to_string(),
             STATE_LINGER_MS.to_string(),
             crate::protocol::now_ms().to_string(),
             end.usage_callback.unwrap_or("").to_owned(),
+            self.max_age_ms.to_string(),
+            self.idle_ttl_ms.to_string(),
         ];
         let reply: Value = self.eval_script(&self.scripts.finish, keys, args).await?;
         let Value::Array(parts) = reply else {
@@ -337,7 +343,9 @@ impl Store {
             .set(
                 self.keys.cancel_flag(sid, turn),
                 1,
-                Some(fred::types::Expiration::EX(3600)),
+                Some(fred::types::Expiration::EX(
+                    self.room_ttl(Duration::from_secs(3600)).as_secs().max(1) as i64,
+                )),
                 None,
                 false,
             )
@@ -364,7 +372,8 @@ impl Store {
         let key = self.keys.turn_rate(sid, bucket);
         let n: i64 = self.client.incr(&key).await?;
         if n == 1 {
-            let _: Value = self.client.expire(&key, (2 * secs) as i64, None).await?;
+            let ttl = self.room_ttl(Duration::from_secs(2 * secs)).as_secs().max(1);
+            let _: Value = self.client.expire(&key, ttl as i64, None).await?;
         }
         Ok(n.max(0) as u64)
     }

@@ -86,7 +86,18 @@ impl SseReader {
         }
     }
 
+    /// The next event, `presence` snapshots skipped (they report who is connected, not the
+    /// room's traffic; [`SseReader::next_any`] returns them too).
     pub async fn next(&mut self) -> SseEvent {
+        loop {
+            let ev = self.next_any().await;
+            if ev.0 != "presence" {
+                return ev;
+            }
+        }
+    }
+
+    pub async fn next_any(&mut self) -> SseEvent {
         self.next_or_end().await.expect("stream open")
     }
 
