@@ -138,6 +138,8 @@ relay_flags=(
   --msgs-per-sec 1000000 --msgs-burst 1000000
   --room-msgs-per-sec 1000000 --room-msgs-burst 1000000
   --max-conns-per-ip 100000 --max-conns-per-room 100000
+  --max-tcp-conns-per-ip 100000 --handshakes-per-sec 1000000 --handshakes-burst 1000000
+  --room-creations-per-sec 1000000 --room-creations-burst 1000000
   --outbound-queue 4096
   --shutdown-grace-secs 2
 )
@@ -429,6 +431,8 @@ relay_flags=(
   --msgs-per-sec 1000000 --msgs-burst 1000000
   --room-msgs-per-sec 1000000 --room-msgs-burst 1000000
   --max-conns-per-ip 100000 --max-conns-per-room 100000
+  --max-tcp-conns-per-ip 100000 --handshakes-per-sec 1000000 --handshakes-burst 1000000
+  --room-creations-per-sec 1000000 --room-creations-burst 1000000
   --outbound-queue 4096 --shutdown-grace-secs 2
   --key-prefix bench4:session: --llm-base-url "http://127.0.0.1:$llm_port/v1"
   --llm-turns-per-minute 100000 --llm-concurrency 16 --llm-max-tokens 200

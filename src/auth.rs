@@ -51,8 +51,10 @@ pub struct AuthArgs {
     /// The one algorithm accepted (default: HS256 with a secret; required with a public key).
     #[arg(long, env = "RELAY_JWT_ALGORITHM", value_enum)]
     pub jwt_algorithm: Option<JwtAlgorithm>,
-    /// Origins allowed to open WebSockets (comma-separated, e.g. `https://chat.example.com`).
-    /// Always allowed: the relay's own origin, localhost, and clients sending no Origin.
+    /// Page origins allowed to use the relay from a browser — WebSockets and HTTP calls
+    /// (comma-separated, e.g. `https://chat.example.com`; `*` for any). Always allowed: loopback
+    /// origins, and clients sending no Origin. A relay serving its page on a public name lists
+    /// that origin here.
     #[arg(long, env = "RELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 }
@@ -116,6 +118,16 @@ pub struct Grant {
     pub role: Option<String>,
     /// When the token expires (ms since the epoch); the connection is closed then.
     pub expires_at_ms: Option<u64>,
+}
+
+impl Grant {
+    /// When a connection (WebSocket or event stream) on this grant must end: the token's expiry
+    /// as a tokio deadline. `None` for grants without a token.
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        let at_ms = self.expires_at_ms?;
+        let left = at_ms.saturating_sub(now_ms());
+        Some(tokio::time::Instant::now() + Duration::from_millis(left))
+    }
 }
 
 /// A refusal at the door: HTTP status plus a client error.
@@ -287,8 +299,12 @@ impl Authenticator {
         })
     }
 
-    /// Cross-site WebSocket hijacking guard: a page may only connect from an allowed origin.
-    /// Requests without `Origin` do not come from a browser page and are allowed.
+    /// The origin rule for browser requests (WebSocket handshakes and HTTP calls alike): a page
+    /// may use the relay only from an origin in `--allowed-origins` (`*`: any) or a loopback
+    /// origin (`localhost`, `127.0.0.0/8`, `[::1]`). Requests without `Origin` do not come from a
+    /// page and are allowed. The `Host` header is never compared: a DNS-rebinding page at
+    /// `evil.example` sends `Host: evil.example` too, so a relay that serves its page on a
+    /// public name must list that origin.
     pub fn origin_allowed(&self, headers: &HeaderMap) -> bool {
         let Some(origin) = headers.get(header::ORIGIN) else {
             return true;
@@ -304,19 +320,22 @@ impl Authenticator {
         {
             return true;
         }
-        let host_part = origin
+        let Some(host_part) = origin
             .strip_prefix("http://")
             .or_else(|| origin.strip_prefix("https://"))
-            .unwrap_or("");
-        let host_name = host_part.rsplit_once(':').map_or(host_part, |(h, _)| h);
-        if matches!(host_name, "localhost" | "127.0.0.1" | "[::1]") {
-            return true;
-        }
-        // The relay's own origin: the page it serves connects back to the same host.
-        headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .is_some_and(|h| h.eq_ignore_ascii_case(host_part))
+        else {
+            return false;
+        };
+        let host_name = match host_part.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => host_part,
+        };
+        host_name == "localhost"
+            || host_name
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
     }
 }
 
@@ -484,12 +503,17 @@ mod tests {
         };
         assert!(h("http://localhost:5173", "relay:3000"));
         assert!(h("http://127.0.0.1:3000", "relay:3000"));
+        assert!(h("http://127.0.0.2:3000", "relay:3000"));
+        assert!(h("http://[::1]:3000", "relay:3000"));
         assert!(h("https://chat.example.com", "relay:3000"));
         assert!(
-            h("http://relay.internal:3000", "relay.internal:3000"),
-            "own origin"
+            !h("http://relay.internal:3000", "relay.internal:3000"),
+            "Host is not trusted: list the page's origin"
         );
+        assert!(!h("http://evil.example", "evil.example"), "DNS rebinding");
         assert!(!h("https://evil.example", "relay:3000"));
+        assert!(!h("http://localhost.evil.example", "relay:3000"));
+        assert!(!h("null", "relay:3000"));
         assert!(
             a.origin_allowed(&HeaderMap::new()),
             "no Origin: not a browser page"

@@ -106,9 +106,27 @@ pub struct ServeConfig {
     /// Connections one room may have on this node.
     #[arg(long, env = "RELAY_MAX_CONNS_PER_ROOM", default_value_t = 1000)]
     pub max_conns_per_room: usize,
-    /// Connections one client address may have on this node.
+    /// WebSockets one client address may have on this node (event streams count apart, with
+    /// the same limit).
     #[arg(long, env = "RELAY_MAX_CONNS_PER_IP", default_value_t = 256)]
     pub max_conns_per_ip: usize,
+    /// Open TCP connections one client address may have on this node, whatever they carry;
+    /// over it a connection gets `429 too_many_connections` before its request is read.
+    /// Trusted proxies (--trusted-proxies) are exempt.
+    #[arg(long, env = "RELAY_MAX_TCP_CONNS_PER_IP", default_value_t = 1024)]
+    pub max_tcp_conns_per_ip: usize,
+    /// Seconds a client has to send a whole request head, counted from when the relay waits
+    /// for one (a new connection, or the end of the previous response): the slowloris guard.
+    #[arg(long, env = "RELAY_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection that has not upgraded to a WebSocket may go without a byte either
+    /// way before it is closed.
+    #[arg(long, env = "RELAY_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+    /// Reverse proxies (addresses or CIDR networks, comma-separated) whose `Forwarded` or
+    /// `X-Forwarded-For` header names the client. Empty: the TCP peer is the client.
+    #[arg(long, env = "RELAY_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
     /// Frames per second one connection may send (token bucket; see --msgs-burst).
     #[arg(long, env = "RELAY_MSGS_PER_SEC", default_value_t = 20.0)]
     pub msgs_per_sec: f64,
@@ -121,6 +139,20 @@ pub struct ServeConfig {
     /// Burst size of the per-room bucket.
     #[arg(long, env = "RELAY_ROOM_MSGS_BURST", default_value_t = 400.0)]
     pub room_msgs_burst: f64,
+    /// Rooms one client (token subject, else address) may create per second on this node,
+    /// after a burst (--room-creations-burst); may be fractional. Over it: `room_creation_limited`.
+    #[arg(long, env = "RELAY_ROOM_CREATIONS_PER_SEC", default_value_t = 1.0)]
+    pub room_creations_per_sec: f64,
+    /// Burst size of the per-client room-creation bucket.
+    #[arg(long, env = "RELAY_ROOM_CREATIONS_BURST", default_value_t = 100.0)]
+    pub room_creations_burst: f64,
+    /// WebSocket handshakes and event streams one client address may open per second on this
+    /// node, after a burst (--handshakes-burst). Over it: `429 too_many_handshakes`.
+    #[arg(long, env = "RELAY_HANDSHAKES_PER_SEC", default_value_t = 10.0)]
+    pub handshakes_per_sec: f64,
+    /// Burst size of the per-address handshake bucket.
+    #[arg(long, env = "RELAY_HANDSHAKES_BURST", default_value_t = 100.0)]
+    pub handshakes_burst: f64,
     /// Consecutive rate-limited frames after which a connection is closed (1008).
     #[arg(long, env = "RELAY_ABUSE_STRIKES", default_value_t = 100)]
     pub abuse_strikes: u32,
@@ -187,8 +219,12 @@ pub enum ConfigError {
     NoRoles,
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("{0}: the rate must be above 0 and the burst at least 1")]
+    Positive(&'static str),
     #[error("--key-prefix must not contain '{{' or '}}' (Redis Cluster hash tags)")]
     BadPrefix,
+    #[error(transparent)]
+    BadProxy(#[from] crate::net::BadProxy),
 }
 
 impl ServeConfig {
@@ -211,6 +247,7 @@ impl ServeConfig {
             ("--max-json-depth", self.max_json_depth),
             ("--outbound-queue", self.outbound_queue),
             ("--send-window", self.send_window),
+            ("--max-tcp-conns-per-ip", self.max_tcp_conns_per_ip),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
@@ -226,11 +263,29 @@ impl ServeConfig {
                 return Err(ConfigError::Zero(name));
             }
         }
+        for (name, rate, burst) in [
+            (
+                "--room-creations-per-sec and --room-creations-burst",
+                self.room_creations_per_sec,
+                self.room_creations_burst,
+            ),
+            (
+                "--handshakes-per-sec and --handshakes-burst",
+                self.handshakes_per_sec,
+                self.handshakes_burst,
+            ),
+        ] {
+            if !(rate.is_finite() && rate > 0.0 && burst.is_finite() && burst >= 1.0) {
+                return Err(ConfigError::Positive(name));
+            }
+        }
         for (name, v) in [
             ("--ping-secs", self.ping_secs),
             ("--write-timeout-secs", self.write_timeout_secs),
             ("--http-timeout-secs", self.http_timeout_secs),
             ("--chat-timeout-secs", self.chat_timeout_secs),
+            ("--header-read-timeout-secs", self.header_read_timeout_secs),
+            ("--idle-timeout-secs", self.idle_timeout_secs),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
@@ -239,10 +294,28 @@ impl ServeConfig {
         if self.redis.key_prefix.contains(['{', '}']) {
             return Err(ConfigError::BadPrefix);
         }
+        self.trusted_proxies()?;
+        if self.max_tcp_conns_per_ip < self.max_conns_per_ip {
+            tracing::warn!("--max-tcp-conns-per-ip is below --max-conns-per-ip: an address runs out of TCP connections before it reaches its WebSocket limit");
+        }
         if self.redis.retention > 0 && self.redis.retention < 1000 {
             tracing::warn!(retention = self.redis.retention, "short retention: clients resuming after a brief outage may find their last id trimmed");
         }
         Ok(())
+    }
+
+    pub(crate) fn trusted_proxies(&self) -> Result<crate::net::TrustedProxies, ConfigError> {
+        Ok(crate::net::TrustedProxies::parse(&self.trusted_proxies)?)
+    }
+
+    pub(crate) fn net(&self) -> Result<crate::net::NetSettings, ConfigError> {
+        Ok(crate::net::NetSettings {
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            write_timeout: Duration::from_secs(self.write_timeout_secs),
+            max_tcp_conns_per_ip: self.max_tcp_conns_per_ip,
+            trusted_proxies: self.trusted_proxies()?,
+        })
     }
 
     pub fn limits(&self) -> Limits {

@@ -17,7 +17,9 @@
 //!
 //! Dependencies point one way: `protocol` ← `store` ← `room` ← `ingress` ← `ws`/`http` ←
 //! `relay` (which builds `state::Shared`, the handle `ws` and `http` read). Only `store` talks
-//! to Redis.
+//! to Redis. Under all of it, `net` accepts connections (hyper's HTTP/1 server with the
+//! timeouts and caps `axum::serve` lacks) and names each request's client address, which every
+//! per-address limit (`limits`, `ingress` budgets) uses.
 
 pub mod auth;
 pub mod client;
@@ -28,6 +30,7 @@ mod ingress;
 pub mod limits;
 pub mod llm;
 pub mod metrics;
+mod net;
 pub mod protocol;
 pub mod relay;
 mod retry;
@@ -38,6 +41,7 @@ pub mod telemetry;
 pub mod ws;
 
 pub use config::ServeConfig;
+pub use net::BadProxy;
 pub use relay::run;
 
 /// Resolves when SIGINT or SIGTERM arrives.

@@ -1,46 +1,126 @@
-//! Connection counts per client address, per relay node. (Message budgets are token buckets in
-//! `ingress`; the LLM turn limit, which must hold across nodes, lives in Redis: see `llm`.)
+//! Counted slots per key, per relay node: open TCP connections per address, WebSockets and event
+//! streams per address and per room. (Message budgets are token buckets in `ingress`; the LLM
+//! turn limit, which must hold across nodes, lives in Redis: see `llm`.)
 
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use dashmap::DashMap;
 
-/// Open connections per client address on this node.
-#[derive(Debug, Default, Clone)]
-pub struct ConnCounter {
-    counts: Arc<DashMap<IpAddr, usize>>,
-}
-
-/// Holds one connection slot; dropping it frees the slot.
+/// How many slots each key holds. Cheap to clone (one map shared by all clones).
 #[derive(Debug)]
-pub struct ConnSlot {
-    counts: Arc<DashMap<IpAddr, usize>>,
-    ip: IpAddr,
+pub struct Slots<K: Eq + Hash> {
+    counts: Arc<DashMap<K, usize>>,
 }
 
-impl ConnCounter {
-    /// A slot for `ip`, or `None` when it already has `max` connections.
-    pub fn acquire(&self, ip: IpAddr, max: usize) -> Option<ConnSlot> {
-        let mut count = self.counts.entry(ip).or_insert(0);
+impl<K: Eq + Hash> Default for Slots<K> {
+    fn default() -> Self {
+        Self {
+            counts: Arc::default(),
+        }
+    }
+}
+
+impl<K: Eq + Hash> Clone for Slots<K> {
+    fn clone(&self) -> Self {
+        Self {
+            counts: self.counts.clone(),
+        }
+    }
+}
+
+/// Holds one slot; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot<K: Eq + Hash> {
+    counts: Arc<DashMap<K, usize>>,
+    key: K,
+}
+
+impl<K: Eq + Hash + Clone> Slots<K> {
+    /// A slot for `key`, or `None` when it already holds `max`. Check and count are one step, so
+    /// concurrent callers cannot both take the last slot.
+    pub fn acquire(&self, key: K, max: usize) -> Option<Slot<K>> {
+        let mut count = self.counts.entry(key.clone()).or_insert(0);
         if *count >= max {
             return None;
         }
         *count += 1;
         drop(count);
-        Some(ConnSlot {
+        Some(Slot {
             counts: self.counts.clone(),
-            ip,
+            key,
         })
     }
 }
 
-impl Drop for ConnSlot {
+impl<K: Eq + Hash> Drop for Slot<K> {
     fn drop(&mut self) {
-        self.counts.remove_if_mut(&self.ip, |_, n| {
+        self.counts.remove_if_mut(&self.key, |_, n| {
             *n -= 1;
             *n == 0
         });
+    }
+}
+
+/// A long-lived member of a room: each kind has its own per-room and per-address count, so
+/// many event streams never fill a room for WebSockets (or the other way round).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemberKind {
+    WebSocket,
+    EventStream,
+}
+
+/// Why a member was refused a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// The room holds `--max-conns-per-room` members of this kind on this node.
+    Room,
+    /// The address holds `--max-conns-per-ip` members of this kind on this node.
+    Address,
+}
+
+/// Member slots per room and per client address, by kind.
+#[derive(Debug, Clone)]
+pub struct MemberSlots {
+    per_room: Slots<(MemberKind, Arc<str>)>,
+    per_addr: Slots<(MemberKind, IpAddr)>,
+    max_per_room: usize,
+    max_per_addr: usize,
+}
+
+/// A member's two slots; dropping it frees both.
+#[derive(Debug)]
+pub struct MemberSlot {
+    _room: Slot<(MemberKind, Arc<str>)>,
+    _addr: Slot<(MemberKind, IpAddr)>,
+}
+
+impl MemberSlots {
+    pub fn new(max_per_room: usize, max_per_addr: usize) -> Self {
+        Self {
+            per_room: Slots::default(),
+            per_addr: Slots::default(),
+            max_per_room,
+            max_per_addr,
+        }
+    }
+
+    /// Both slots of a new member of `kind` in `room` from `addr` (a limit key), or which limit
+    /// is full.
+    pub fn acquire(&self, kind: MemberKind, room: &str, addr: IpAddr) -> Result<MemberSlot, Full> {
+        let room = self
+            .per_room
+            .acquire((kind, room.into()), self.max_per_room)
+            .ok_or(Full::Room)?;
+        let addr = self
+            .per_addr
+            .acquire((kind, addr), self.max_per_addr)
+            .ok_or(Full::Address)?;
+        Ok(MemberSlot {
+            _room: room,
+            _addr: addr,
+        })
     }
 }
 
@@ -50,12 +130,33 @@ mod tests {
 
     #[test]
     fn slots_are_released() {
-        let c = ConnCounter::default();
+        let c = Slots::<IpAddr>::default();
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let a = c.acquire(ip, 2).unwrap();
         let _b = c.acquire(ip, 2).unwrap();
         assert!(c.acquire(ip, 2).is_none());
         drop(a);
-        assert!(c.acquire(ip, 2).is_some());
+        assert!(c.acquire(ip, 2).is_some(), "a dropped slot is free again");
+        let _c = c.acquire(ip, 2).expect("and so is the temporary one");
+        assert!(c.acquire(ip, 2).is_none());
+    }
+
+    #[test]
+    fn kinds_count_apart() {
+        let m = MemberSlots::new(1, 5);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let _ws = m.acquire(MemberKind::WebSocket, "r", ip).unwrap();
+        assert_eq!(
+            m.acquire(MemberKind::WebSocket, "r", ip).unwrap_err(),
+            Full::Room
+        );
+        let _sse = m.acquire(MemberKind::EventStream, "r", ip).unwrap();
+        let m = MemberSlots::new(5, 1);
+        let _a = m.acquire(MemberKind::EventStream, "a", ip).unwrap();
+        assert_eq!(
+            m.acquire(MemberKind::EventStream, "b", ip).unwrap_err(),
+            Full::Address
+        );
+        assert!(m.acquire(MemberKind::WebSocket, "b", ip).is_ok());
     }
 }

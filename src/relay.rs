@@ -4,7 +4,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -14,9 +13,9 @@ use crate::config::{ConfigError, ServeConfig, Toggle};
 use crate::dispatch::RolePolicy;
 use crate::http::HttpSettings;
 use crate::ingress::{BudgetSettings, Ingress};
-use crate::limits::ConnCounter;
+use crate::limits::MemberSlots;
 use crate::room::{Presence, Rooms};
-use crate::state::{ApiSettings, ConnLimits, SessionSettings, Shared};
+use crate::state::{ApiSettings, SessionSettings, Shared};
 use crate::store::StoreError;
 
 /// Failure to start the relay.
@@ -28,8 +27,6 @@ pub enum RelayError {
     Store(#[from] StoreError),
     #[error("invalid authentication settings")]
     Auth(#[from] AuthConfigError),
-    #[error("HTTP server failed")]
-    Serve(#[source] std::io::Error),
 }
 
 /// Checks `cfg`, then serves WebSocket and HTTP on `listener` until `token` is cancelled, then
@@ -69,6 +66,10 @@ pub async fn run(
             msgs_burst: cfg.msgs_burst,
             room_msgs_per_sec: cfg.room_msgs_per_sec,
             room_msgs_burst: cfg.room_msgs_burst,
+            room_creations_per_sec: cfg.room_creations_per_sec,
+            room_creations_burst: cfg.room_creations_burst,
+            handshakes_per_sec: cfg.handshakes_per_sec,
+            handshakes_burst: cfg.handshakes_burst,
             abuse_strikes: cfg.abuse_strikes,
         },
     )?;
@@ -80,11 +81,7 @@ pub async fn run(
         presence,
         ingress,
         auth,
-        conns: ConnCounter::default(),
-        conn_limits: ConnLimits {
-            max_conns_per_room: cfg.max_conns_per_room,
-            max_conns_per_ip: cfg.max_conns_per_ip,
-        },
+        members: MemberSlots::new(cfg.max_conns_per_room, cfg.max_conns_per_ip),
         session: SessionSettings {
             limits: cfg.limits(),
             outbound_queue: cfg.outbound_queue,
@@ -111,21 +108,10 @@ pub async fn run(
     let app = crate::http::router(&http)
         .merge(crate::ws::router())
         .with_state(shared.clone());
-    let app = crate::http::observed(app, &shared.node_id);
+    let app = crate::http::observed(crate::http::guarded(app, &shared.auth), &shared.node_id);
     let addr = listener.local_addr().ok();
     tracing::info!(addr = ?addr, redis = %cfg.redis.redis_url, node = %shared.node_id, "relay listening");
-    // Small frames must leave at once: Nagle's algorithm would hold them for the peer's ACK.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(cause = %err, "TCP_NODELAY not set");
-        }
-    });
-    let served = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(token.clone().cancelled_owned())
-    .await;
+    crate::net::serve(listener, app, cfg.net()?, token.clone(), tracker.clone()).await;
 
     tracker.close();
     let grace = Duration::from_secs(cfg.shutdown_grace_secs);
@@ -137,7 +123,7 @@ pub async fn run(
     }
     store.quit().await;
     tracing::info!("relay stopped");
-    served.map_err(RelayError::Serve)
+    Ok(())
 }
 
 fn node_id() -> String {

@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::ingress::Ingress;
-use crate::limits::ConnCounter;
+use crate::limits::MemberSlots;
 use crate::protocol::Limits;
 use crate::room::{ConnId, Presence, Rooms};
 use crate::store::Store;
@@ -37,13 +37,6 @@ pub(crate) struct ApiSettings {
     pub(crate) llm_base_url: String,
 }
 
-/// Connection limits, per node. (Message budgets live in [`Ingress`].)
-#[derive(Debug, Clone)]
-pub(crate) struct ConnLimits {
-    pub(crate) max_conns_per_room: usize,
-    pub(crate) max_conns_per_ip: usize,
-}
-
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) store: Store,
@@ -53,8 +46,8 @@ pub(crate) struct Shared {
     /// The one way in: every adapter submits through it.
     pub(crate) ingress: Ingress,
     pub(crate) auth: Authenticator,
-    pub(crate) conns: ConnCounter,
-    pub(crate) conn_limits: ConnLimits,
+    /// WebSockets and event streams per room and per client address (on this node).
+    pub(crate) members: MemberSlots,
     pub(crate) session: SessionSettings,
     pub(crate) api: ApiSettings,
     /// Fires on shutdown.

@@ -4,6 +4,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::limits::Full;
 use crate::protocol::{ClientError, ErrorCode};
 use crate::store::StoreError;
 
@@ -42,7 +43,9 @@ impl ApiError {
                 StatusCode::FORBIDDEN
             }
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
-            ErrorCode::RateLimited | ErrorCode::RoomRateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited
+            | ErrorCode::RoomRateLimited
+            | ErrorCode::RoomCreationLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         };
@@ -55,6 +58,32 @@ impl ApiError {
             status: StatusCode::NOT_FOUND,
             error: ClientError::no_session(sid),
         }
+    }
+
+    /// An address past its handshake budget (`--handshakes-*`).
+    pub(crate) fn too_many_handshakes() -> Self {
+        crate::metrics::error(ErrorCode::TooManyHandshakes.as_str());
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TooManyHandshakes,
+            "too many connection attempts from your address; retry with a backoff",
+        )
+    }
+
+    /// A member limit that is full (`--max-conns-per-room`, `--max-conns-per-ip`).
+    pub(crate) fn full(full: Full) -> Self {
+        let (code, message) = match full {
+            Full::Room => (
+                ErrorCode::RoomFull,
+                "this room has too many connections; try again later",
+            ),
+            Full::Address => (
+                ErrorCode::TooManyConnections,
+                "too many connections from your address",
+            ),
+        };
+        crate::metrics::error(code.as_str());
+        Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
     }
 
     pub fn bad_request(

@@ -7,16 +7,15 @@
 //! [`Ingress`]: crate::ingress::Ingress
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -24,8 +23,10 @@ use serde_json::{json, Value};
 use super::{checked_sid, ApiError};
 use crate::auth::request_token;
 use crate::ingress::Submitted;
+use crate::limits::{MemberKind, MemberSlot};
+use crate::net::ClientAddr;
 use crate::protocol::{error_frame, ClientError, ErrorCode, StreamId};
-use crate::room::{Cursor, CursorEnd};
+use crate::room::{Cursor, CursorEnd, Outbound};
 use crate::state::Shared;
 
 #[derive(Debug, Deserialize)]
@@ -48,7 +49,7 @@ fn refused_with(err: ApiError) -> ApiError {
 /// One envelope in, `201 {"id": "<stream id>"}` out; refusals are 4xx with `{code, message}`.
 pub async fn publish(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(client): Extension<ClientAddr>,
     Path(sid): Path<String>,
     Query(q): Query<LiveQuery>,
     headers: HeaderMap,
@@ -64,7 +65,7 @@ pub async fn publish(
         .ingress
         .conn(sid, &grant, q.role)
         .map_err(|e| refused_with(ApiError::for_conn(e)))?
-        .with_addr(peer.ip());
+        .with_addr(client.0);
     if shared.api.require_session {
         conn = conn.require_room();
     }
@@ -107,13 +108,17 @@ pub async fn publish(
 /// stops reading stops the cursor, its member queue fills, and the room drops it.
 pub async fn events(
     State(shared): State<Arc<Shared>>,
+    Extension(client): Extension<ClientAddr>,
     Path(sid): Path<String>,
     Query(q): Query<LiveQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    if !shared.ingress.admit_handshake(client.limit_key()) {
+        return Err(ApiError::too_many_handshakes());
+    }
     let sid = checked_sid(Some(&sid))?;
     let (token, _) = request_token(q.token.as_deref(), &headers);
-    shared
+    let grant = shared
         .auth
         .authorize(token.as_deref(), sid)
         .map_err(|d| refused(d.status, d.error))?;
@@ -131,6 +136,11 @@ pub async fn events(
                 "Last-Event-ID must be a stream id",
             )
         })?;
+    // Counted apart from WebSockets: streams never fill a room or an address for them.
+    let slot = shared
+        .members
+        .acquire(MemberKind::EventStream, sid, client.limit_key())
+        .map_err(ApiError::full)?;
 
     let cursor = Cursor::join(
         &shared.rooms,
@@ -148,11 +158,17 @@ pub async fn events(
             cursor.replay_after(end.last().map_or(StreamId::ZERO, |e| e.id))
         }
     };
-    let stream = futures_util::stream::unfold(Some(cursor), |cursor| async move {
-        let mut cursor = cursor?;
-        match cursor.next().await {
-            Ok(out) => Some((sse_event(out.frame.as_str(), out.id), Some(cursor))),
-            Err(end) => Some((final_event(cursor.sid(), end), None)),
+    let tail = Tail {
+        cursor,
+        // Like a WebSocket: the stream ends when its token expires.
+        expires: grant.deadline(),
+        _slot: slot,
+    };
+    let stream = futures_util::stream::unfold(Some(tail), |tail| async move {
+        let mut tail = tail?;
+        match tail.next().await {
+            Ok(out) => Some((sse_event(out.frame.as_str(), out.id), Some(tail))),
+            Err(end) => Some((final_event(tail.cursor.sid(), end), None)),
         }
     })
     .map(Ok)
@@ -160,19 +176,50 @@ pub async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-/// The `error` event that ends a stream: `slow_consumer`, or `store_unavailable` when the history
-/// could not be read.
-fn final_event(sid: &str, end: CursorEnd) -> Event {
+/// One event stream's state: its cursor, its token's expiry, its member slot.
+struct Tail {
+    cursor: Cursor,
+    expires: Option<tokio::time::Instant>,
+    _slot: MemberSlot,
+}
+
+/// Why an event stream ends.
+enum End {
+    Cursor(CursorEnd),
+    TokenExpired,
+}
+
+impl Tail {
+    async fn next(&mut self) -> Result<Outbound, End> {
+        let Some(at) = self.expires else {
+            return self.cursor.next().await.map_err(End::Cursor);
+        };
+        // `Cursor::next` is cancel-safe: losing this race to the deadline drops nothing.
+        tokio::select! {
+            biased;
+            _ = tokio::time::sleep_until(at) => Err(End::TokenExpired),
+            out = self.cursor.next() => out.map_err(End::Cursor),
+        }
+    }
+}
+
+/// The `error` event that ends a stream: `slow_consumer`, `token_expired`, or
+/// `store_unavailable` when the history could not be read.
+fn final_event(sid: &str, end: End) -> Event {
     let err = match end {
-        CursorEnd::Slow => {
+        End::Cursor(CursorEnd::Slow) => {
             tracing::info!(room = %sid, "SSE client too slow; ending its stream");
             ClientError::slow_consumer()
         }
-        CursorEnd::Store(err) => {
+        End::Cursor(CursorEnd::Store(err)) => {
             tracing::warn!(room = %sid, cause = %err, "SSE replay failed");
             ClientError::store_unavailable()
         }
-        CursorEnd::Deleted => ClientError::session_deleted(),
+        End::Cursor(CursorEnd::Deleted) => ClientError::session_deleted(),
+        End::TokenExpired => {
+            tracing::info!(room = %sid, "SSE token expired; ending its stream");
+            ClientError::token_expired()
+        }
     };
     crate::metrics::error(err.code.as_str());
     Event::default()

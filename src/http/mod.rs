@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 pub use error::ApiError;
-pub(crate) use middleware::{observed, HttpSettings};
+pub(crate) use middleware::{guarded, observed, HttpSettings};
 
 use crate::protocol::{valid_sid, ErrorCode};
 use crate::state::Shared;
@@ -47,17 +47,19 @@ pub(crate) fn router(settings: &HttpSettings) -> Router<Arc<Shared>> {
         settings,
     );
     let pages = middleware::quick(
-        Router::new()
-            .route("/", get(index))
-            .route("/app.js", get(app_js))
-            .route("/style.css", get(style_css))
-            .route("/healthz", get(healthz))
-            .route("/api/health", get(health::health))
-            .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics)),
+        middleware::page(
+            Router::new()
+                .route("/", get(index))
+                .route("/app.js", get(app_js))
+                .route("/style.css", get(style_css)),
+        )
+        .route("/healthz", get(healthz))
+        .route("/api/health", get(health::health))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics)),
         settings,
     );
-    // Unknown paths: JSON 404 here; wrong methods: JSON 405 from `observed`'s error layer.
+    // Unknown paths: JSON 404 here; wrong methods: JSON 405 from the error layer.
     api.merge(pages).fallback(not_found)
 }
 

@@ -6,11 +6,19 @@
 //! translation to an [`Inbound`], and [`Ingress::submit`] (other dialects). Adapters only
 //! translate; the rules live here:
 //!
-//! 1. the client's budget, charged for every frame, valid or not, so garbage floods are limited;
+//! 1. the client's budget, charged for every frame, valid or not, so garbage floods are limited
+//!    (a connection's own bucket, or for requests one bucket per client shared by all its
+//!    requests: see [`budget`]);
 //! 2. dispatch: role resolution and what the event means ([`crate::dispatch`], pure);
-//! 3. the room's budget, keyed by room id whether or not the room has members on this node;
-//! 4. the I/O: append (idempotent on the sender's `cid`) then the cancel signal, or the
+//! 3. the room's budget, keyed by room id whether or not the room has members on this node, in
+//!    the lane of the client's kind ([`Lane`]);
+//! 4. the I/O: append (idempotent on the sender's `cid`; an append that would create the room
+//!    is charged to the client's room-creation budget first) then the cancel signal, or the
 //!    transient publish.
+//!
+//! Presence entries (`session.join`/`session.leave`) and handshakes are budgeted here too
+//! ([`Ingress::admit_handshake`], [`Ingress::admit_join`], [`Ingress::record_presence`]), so
+//! connect/close churn is limited like messages.
 //!
 //! Steps 1–3 run synchronously when the frame is submitted, so budgets are charged in frame
 //! order; step 4 is the returned [`Submission`], which the WebSocket reader keeps in flight
@@ -29,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub(crate) use budget::ClientBudget;
-use budget::{quota, RoomBudgets};
+use budget::{quota, Buckets, ClientKey, Lane};
 
 use crate::auth::Grant;
 use crate::config::{CancelPolicy, ConfigError};
@@ -37,16 +45,25 @@ use crate::dispatch::{dispatch, Action, ConnCtx, RolePolicy, StoreEnvelope};
 use crate::protocol::{parse_client_frame, ClientError, ErrorCode, Inbound, Limits, StreamId};
 use crate::store::{Appended, Store, StoreError};
 
-/// How often room budgets that refilled are forgotten.
+/// How often buckets that refilled are forgotten.
 const EVICT_EVERY: Duration = Duration::from_secs(10);
+/// Clients (and addresses) with a bucket of their own, at most, per map; more share one.
+const MAX_TRACKED_CLIENTS: usize = 100_000;
+/// Rooms (times lanes) with a bucket of their own, at most; more share one.
+const MAX_TRACKED_ROOMS: usize = 1_000_000;
 
-/// Message budgets as configured (`--msgs-*`, `--room-msgs-*`, `--abuse-strikes`).
+/// Budgets as configured (`--msgs-*`, `--room-msgs-*`, `--room-creations-*`,
+/// `--handshakes-*`, `--abuse-strikes`).
 #[derive(Debug, Clone)]
 pub(crate) struct BudgetSettings {
     pub(crate) msgs_per_sec: f64,
     pub(crate) msgs_burst: f64,
     pub(crate) room_msgs_per_sec: f64,
     pub(crate) room_msgs_burst: f64,
+    pub(crate) room_creations_per_sec: f64,
+    pub(crate) room_creations_burst: f64,
+    pub(crate) handshakes_per_sec: f64,
+    pub(crate) handshakes_burst: f64,
     pub(crate) abuse_strikes: u32,
 }
 
@@ -56,7 +73,15 @@ pub(crate) struct Ingress {
     store: Store,
     roles: RolePolicy,
     limits: Limits,
-    rooms: RoomBudgets,
+    /// Stored entries per room and lane.
+    rooms: Buckets<(Lane, Arc<str>)>,
+    /// Frames per client, for budgets shared by a client's requests.
+    clients: Buckets<ClientKey>,
+    /// Rooms created per client.
+    creations: Buckets<ClientKey>,
+    /// WebSocket and event-stream handshakes per client address.
+    handshakes: Buckets<IpAddr>,
+    /// The quota of a connection's own bucket.
     client_quota: Quota,
     abuse_strikes: u32,
     cancel_policy: CancelPolicy,
@@ -68,8 +93,10 @@ pub(crate) struct Conn {
     ctx: ConnCtx,
     /// The room id as the room-budget key (cloning it costs no allocation per frame).
     room_key: Arc<str>,
-    /// The client's address, for logs and (issue 11) per-address budgets.
+    /// The client's address ([`crate::net::ClientAddr`]), for logs and per-address budgets.
     addr: Option<IpAddr>,
+    /// Whose shared buckets this connection spends (token subject, else address).
+    client: ClientKey,
     budget: ClientBudget,
     /// Rate-limit refusals in a row.
     strikes: u32,
@@ -93,11 +120,23 @@ impl Conn {
         &self.ctx.default_role
     }
 
+    /// The client's address ([`crate::net::ClientAddr`]), when the adapter gave it.
+    pub(crate) fn addr(&self) -> Option<IpAddr> {
+        self.addr
+    }
+
+    /// The client's address: logged, and the key of its shared buckets when it has no token.
     pub(crate) fn with_addr(mut self, addr: IpAddr) -> Self {
         self.addr = Some(addr);
+        if !matches!(self.client, ClientKey::Subject(_)) {
+            self.client = ClientKey::Addr(crate::net::ClientAddr(addr).limit_key());
+        }
         self
     }
 
+    /// A budget other than the default (the client's shared bucket, for requests): a
+    /// connection's own bucket from [`Ingress::connection_budget`]. The budget also picks the
+    /// room-budget lane ([`Lane`]).
     pub(crate) fn with_budget(mut self, budget: ClientBudget) -> Self {
         self.budget = budget;
         self
@@ -160,11 +199,21 @@ impl Ingress {
         let room_quota = quota(budgets.room_msgs_per_sec, budgets.room_msgs_burst).ok_or(
             ConfigError::Zero("--room-msgs-per-sec and --room-msgs-burst"),
         )?;
+        let creation_quota = quota(budgets.room_creations_per_sec, budgets.room_creations_burst)
+            .ok_or(ConfigError::Positive(
+                "--room-creations-per-sec and --room-creations-burst",
+            ))?;
+        let handshake_quota = quota(budgets.handshakes_per_sec, budgets.handshakes_burst).ok_or(
+            ConfigError::Positive("--handshakes-per-sec and --handshakes-burst"),
+        )?;
         Ok(Self {
             store,
             roles,
             limits,
-            rooms: RoomBudgets::new(room_quota),
+            rooms: Buckets::new(room_quota, MAX_TRACKED_ROOMS),
+            clients: Buckets::new(client_quota, MAX_TRACKED_CLIENTS),
+            creations: Buckets::new(creation_quota, MAX_TRACKED_CLIENTS),
+            handshakes: Buckets::new(handshake_quota, MAX_TRACKED_CLIENTS),
             client_quota,
             abuse_strikes: budgets.abuse_strikes,
             cancel_policy: CancelPolicy::Requester,
@@ -177,22 +226,89 @@ impl Ingress {
         self
     }
 
-    /// Keeps the room-budget map small: a task on `tracker` that forgets refilled buckets.
+    /// Keeps the budget maps small: a task on `tracker` that forgets refilled buckets.
     pub(crate) fn spawn_eviction(&self, tracker: &TaskTracker, token: CancellationToken) {
-        let rooms = self.rooms.clone();
+        let (rooms, clients) = (self.rooms.clone(), self.clients.clone());
+        let (creations, handshakes) = (self.creations.clone(), self.handshakes.clone());
         tracker.spawn(async move {
             let mut tick = tokio::time::interval(EVICT_EVERY);
             loop {
                 tokio::select! {
                     _ = token.cancelled() => return,
-                    _ = tick.tick() => rooms.evict_idle(),
+                    _ = tick.tick() => {
+                        rooms.evict_idle();
+                        clients.evict_idle();
+                        creations.evict_idle();
+                        handshakes.evict_idle();
+                    }
                 }
             }
         });
     }
 
+    /// Takes one handshake (WebSocket upgrade, event stream) from the address's budget
+    /// (`addr` is a [`crate::net::ClientAddr::limit_key`]); `false` when it is spent.
+    pub(crate) fn admit_handshake(&self, addr: IpAddr) -> bool {
+        self.handshakes.try_take(&addr)
+    }
+
+    /// Takes a new member's `session.join` from the room's presence lane, at the handshake (so a
+    /// refusal is a readable HTTP 429 rather than a close).
+    pub(crate) fn admit_join(&self, sid: &str) -> Result<(), ClientError> {
+        if self.rooms.try_take(&(Lane::Presence, sid.into())) {
+            Ok(())
+        } else {
+            crate::metrics::error(ErrorCode::RoomRateLimited.as_str());
+            Err(ClientError::room_rate_limited())
+        }
+    }
+
+    /// Stores `conn`'s `session.join` or `session.leave` entry (`body` from
+    /// [`crate::dispatch::presence_body`]). A join that creates the room is charged to the
+    /// client's room-creation budget (it was charged to the presence lane by
+    /// [`Ingress::admit_join`]); a leave is charged to the presence lane but never refused: it
+    /// ends a join that was admitted.
+    pub(crate) async fn record_presence(
+        &self,
+        conn: &Conn,
+        presence: Presence,
+        body: &str,
+    ) -> Result<StreamId, AppendRefused> {
+        if presence == Presence::Leave {
+            let _ = self
+                .rooms
+                .try_take(&(Lane::Presence, conn.room_key.clone()));
+        }
+        let (sid, role, event) = (&conn.ctx.sid, conn.default_role(), presence.event());
+        // A leave never brings back a room that is gone (deleted, or expired).
+        let appended = if conn.existing_room || presence == Presence::Leave {
+            self.store
+                .append_existing(sid, role, event, body, None)
+                .await?
+                .ok_or(AppendRefused::NoRoom)?
+        } else {
+            append_charged(
+                &self.store,
+                &self.creations,
+                &conn.client,
+                sid,
+                role,
+                event,
+                body,
+                None,
+            )
+            .await?
+        };
+        Ok(appended.id)
+    }
+
     /// A connection's (or request's) sending context. `asked` is the role the client asked for
     /// (`?role=`); a token's role binds the connection and must not contradict it.
+    ///
+    /// Its budget is the client's shared bucket (requests): keyed by the token's subject, else by
+    /// the address given with [`Conn::with_addr`] — give it, or every anonymous request without
+    /// one shares a single bucket. A connection that owns its budget sets
+    /// [`Ingress::connection_budget`] with [`Conn::with_budget`].
     pub(crate) fn conn(
         &self,
         sid: &str,
@@ -216,11 +332,16 @@ impl Ingress {
         let mut ctx = ConnCtx::new(sid, default_role);
         ctx.bound_role = grant.role.clone();
         ctx.sender = grant.sub.clone();
+        let client = grant
+            .sub
+            .as_deref()
+            .map_or(ClientKey::Unknown, |sub| ClientKey::Subject(sub.into()));
         Ok(Conn {
             ctx,
             room_key: sid.into(),
             addr: None,
-            budget: ClientBudget::Unlimited,
+            client,
+            budget: ClientBudget::Shared,
             strikes: 0,
             existing_room: false,
         })
@@ -245,7 +366,7 @@ impl Ingress {
     /// Charges one frame to the client's budget. Call it for every frame read, before
     /// parsing, so that frames which fail to parse are paid for too.
     pub(crate) fn admit(&self, conn: &mut Conn) -> Result<(), Refused> {
-        if conn.budget.try_take() {
+        if conn.budget.try_take(&self.clients, &conn.client) {
             return Ok(());
         }
         Err(self.rate_limited(
@@ -260,7 +381,11 @@ impl Ingress {
     pub(crate) fn submit(&self, conn: &mut Conn, inbound: Inbound) -> Result<Submission, Refused> {
         let cid = inbound.cid.clone();
         let action = dispatch(inbound, &conn.ctx, &self.roles);
-        if matches!(action, Ok(Action::Store(_))) && !self.rooms.try_take(&conn.room_key) {
+        if matches!(action, Ok(Action::Store(_)))
+            && !self
+                .rooms
+                .try_take(&(conn.budget.lane(), conn.room_key.clone()))
+        {
             return Err(self.rate_limited(conn, ClientError::room_rate_limited(), cid));
         }
         conn.strikes = 0;
@@ -271,7 +396,8 @@ impl Ingress {
                 Err(Refused::new(error, cid))
             }
             Ok(Action::Store(envelope)) => {
-                let store = self.store.clone();
+                let (store, creations) = (self.store.clone(), self.creations.clone());
+                let client = conn.client.clone();
                 let sid = conn.ctx.sid.clone();
                 let sender = conn.ctx.sender.clone();
                 let check_cancel = self.cancel_policy == CancelPolicy::Requester;
@@ -298,23 +424,23 @@ impl Ingress {
                             }
                         }
                     }
-                    let stored =
-                        store_envelope(&store, &sid, sender.as_deref(), &envelope, existing).await;
+                    let stored = store_envelope(
+                        &store,
+                        &creations,
+                        &client,
+                        &sid,
+                        sender.as_deref(),
+                        &envelope,
+                        existing,
+                    )
+                    .await;
                     match stored {
-                        Ok(Some(appended)) => Ok(Submitted::Stored {
+                        Ok(appended) => Ok(Submitted::Stored {
                             id: appended.id,
                             cid: envelope.cid,
                             duplicate: appended.duplicate,
                         }),
-                        Ok(None) => {
-                            crate::metrics::error(ErrorCode::NotFound.as_str());
-                            Err(Refused::new(ClientError::no_session(&sid), envelope.cid))
-                        }
-                        Err(err) => {
-                            tracing::warn!(room = %sid, cause = %err, "append failed");
-                            crate::metrics::error(ErrorCode::StoreUnavailable.as_str());
-                            Err(Refused::new(ClientError::store_unavailable(), envelope.cid))
-                        }
+                        Err(refused) => Err(Refused::new(refused.client_error(&sid), envelope.cid)),
                     }
                 }))
             }
@@ -404,26 +530,103 @@ async fn may_cancel(
     }))
 }
 
+/// A presence entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Presence {
+    Join,
+    Leave,
+}
+
+impl Presence {
+    pub(crate) fn event(self) -> &'static str {
+        match self {
+            Presence::Join => "session.join",
+            Presence::Leave => "session.leave",
+        }
+    }
+}
+
+/// Why an append did not happen.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AppendRefused {
+    /// The room does not exist, and this connection may only append to one that does
+    /// (`--require-session`, the chat API; or the session was deleted).
+    #[error("no such room")]
+    NoRoom,
+    /// It would have created the room, and the client's room-creation budget is spent.
+    #[error("room creation budget spent")]
+    NewRoomLimited,
+    #[error("append failed")]
+    Store(#[from] StoreError),
+}
+
+impl AppendRefused {
+    /// What the client is told (logged and counted here).
+    fn client_error(&self, sid: &str) -> ClientError {
+        let error = match self {
+            AppendRefused::NoRoom => ClientError::no_session(sid),
+            AppendRefused::NewRoomLimited => {
+                tracing::debug!(room = %sid, "room creation refused: budget spent");
+                ClientError::room_creation_limited()
+            }
+            AppendRefused::Store(err) => {
+                tracing::warn!(room = %sid, cause = %err, "append failed");
+                ClientError::store_unavailable()
+            }
+        };
+        crate::metrics::error(error.code.as_str());
+        error
+    }
+}
+
+/// Appends to the room if it exists; otherwise charges the client's room-creation budget and,
+/// if it has some left, appends creating the room. (One more round trip, only for new rooms.)
+#[allow(clippy::too_many_arguments, reason = "one append, spelled out")]
+async fn append_charged(
+    store: &Store,
+    creations: &Buckets<ClientKey>,
+    client: &ClientKey,
+    sid: &str,
+    role: &str,
+    event: &'static str,
+    body: &str,
+    dedup: Option<(&str, &str)>,
+) -> Result<Appended, AppendRefused> {
+    if let Some(appended) = store.append_existing(sid, role, event, body, dedup).await? {
+        return Ok(appended);
+    }
+    if !creations.try_take(client) {
+        return Err(AppendRefused::NewRoomLimited);
+    }
+    Ok(store.append(sid, role, event, body, dedup).await?)
+}
+
 /// Append (idempotent on the sender's `cid`; the sender is the token's subject, else the role),
-/// then tell the LLM workers about a cancel. With `existing`, only to a room that exists
-/// (`None`: it does not).
+/// then tell the LLM workers about a cancel. With `existing`, only to a room that exists;
+/// otherwise a new room is paid from the client's room-creation budget.
 async fn store_envelope(
     store: &Store,
+    creations: &Buckets<ClientKey>,
+    client: &ClientKey,
     sid: &str,
     sender: Option<&str>,
     envelope: &StoreEnvelope,
     existing: bool,
-) -> Result<Option<Appended>, StoreError> {
+) -> Result<Appended, AppendRefused> {
     let sender = sender.unwrap_or(envelope.role.as_str());
     let dedup = envelope.cid.as_deref().map(|c| (sender, c));
-    let (role, event, body) = (&envelope.role, envelope.event, &envelope.body);
+    let (role, event, body) = (
+        envelope.role.as_str(),
+        envelope.event,
+        envelope.body.as_str(),
+    );
     let appended = if existing {
-        match store.append_existing(sid, role, event, body, dedup).await? {
-            Some(appended) => appended,
-            None => return Ok(None),
-        }
+        store
+            .append_existing(sid, role, event, body, dedup)
+            .await?
+            .ok_or(AppendRefused::NoRoom)?
     } else {
-        store.append(sid, role, event, body, dedup).await?
+        append_charged(store, creations, client, sid, role, event, body, dedup).await?
     };
     if store.is_clustered() && asks_llm(envelope) {
         if let Err(err) = store.wake_llm(sid).await {
@@ -435,5 +638,5 @@ async fn store_envelope(
             tracing::warn!(room = %sid, cause = %err, "cancel stored but not signalled");
         }
     }
-    Ok(Some(appended))
+    Ok(appended)
 }

@@ -28,7 +28,9 @@ pub enum ErrorCode {
     RateLimited,
     RoomRateLimited,
     RoomFull,
+    RoomCreationLimited,
     TooManyConnections,
+    TooManyHandshakes,
     Unauthorized,
     TokenExpired,
     TokenInvalid,
@@ -54,6 +56,10 @@ pub enum ErrorCode {
     LlmRejected,
     /// The LLM server sent a reply that could not be read.
     LlmBadResponse,
+    UnsupportedMediaType,
+    UriTooLong,
+    HeadersTooLarge,
+    InvalidRequest,
     Internal,
 }
 
@@ -82,7 +88,9 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::RoomRateLimited => "room_rate_limited",
             ErrorCode::RoomFull => "room_full",
+            ErrorCode::RoomCreationLimited => "room_creation_limited",
             ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::TooManyHandshakes => "too_many_handshakes",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::TokenInvalid => "token_invalid",
@@ -100,6 +108,10 @@ impl ErrorCode {
             ErrorCode::LlmRateLimited => "llm_rate_limited",
             ErrorCode::LlmRejected => "llm_rejected",
             ErrorCode::LlmBadResponse => "llm_bad_response",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::UriTooLong => "uri_too_long",
+            ErrorCode::HeadersTooLarge => "headers_too_large",
+            ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::Internal => "internal",
         }
     }
@@ -112,7 +124,9 @@ impl ErrorCode {
                 | ErrorCode::RateLimited
                 | ErrorCode::RoomRateLimited
                 | ErrorCode::RoomFull
+                | ErrorCode::RoomCreationLimited
                 | ErrorCode::TooManyConnections
+                | ErrorCode::TooManyHandshakes
                 | ErrorCode::SlowConsumer
                 | ErrorCode::RequestTimeout
                 | ErrorCode::LlmUnavailable
@@ -143,6 +157,20 @@ impl ClientError {
         Self::new(
             ErrorCode::RoomRateLimited,
             "this room is receiving too many messages; try again in a moment",
+        )
+    }
+
+    pub fn room_creation_limited() -> Self {
+        Self::new(
+            ErrorCode::RoomCreationLimited,
+            "you created too many new rooms; try again later or use an existing room",
+        )
+    }
+
+    pub fn token_expired() -> Self {
+        Self::new(
+            ErrorCode::TokenExpired,
+            "your token has expired; reconnect with a new one",
         )
     }
 

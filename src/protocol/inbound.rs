@@ -223,10 +223,10 @@ fn checked_text(
         return Err(ClientError::new(ErrorCode::InvalidBody, missing));
     };
     let trimmed = text.trim();
-    if trimmed.is_empty() {
+    if trimmed.chars().all(invisible) {
         return Err(ClientError::new(
             ErrorCode::EmptyText,
-            "message is empty after trimming whitespace",
+            "message is empty: nothing but whitespace or invisible characters",
         ));
     }
     if trimmed.chars().count() > limits.max_text_chars {
@@ -239,6 +239,36 @@ fn checked_text(
         ));
     }
     Ok(trimmed.to_owned())
+}
+
+/// Characters that show nothing: whitespace, and Unicode's Default_Ignorable_Code_Point (zero
+/// width spaces and joiners, format controls, variation selectors, fillers, tags), plus the
+/// braille blank often used as a "blank" character. A message made only of these is empty.
+/// They are not trimmed from a message with visible text: a trailing U+FE0F picks the emoji
+/// form of the character before it.
+fn invisible(c: char) -> bool {
+    c.is_whitespace()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{034F}'
+                | '\u{061C}'
+                | '\u{115F}'..='\u{1160}'
+                | '\u{17B4}'..='\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{2800}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FEFF}'
+                | '\u{FFA0}'
+                | '\u{FFF0}'..='\u{FFF8}'
+                | '\u{1BCA0}'..='\u{1BCA3}'
+                | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0000}'..='\u{E0FFF}'
+        )
 }
 
 /// True when arrays/objects nest deeper than `max`. A linear scan that skips string contents,
@@ -279,6 +309,7 @@ fn truncate(s: &str, max_chars: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn parse(text: &str) -> Result<Inbound, Refusal> {
         parse_client_frame(text, &Limits::default())
@@ -319,6 +350,15 @@ mod tests {
             code(r#"{"hd":{"event":"chat.message"},"bd":{"text":"   "}}"#),
             "empty_text"
         );
+        for invisible in [
+            "\u{200B}",
+            "\u{200C}\u{200D}",
+            "\u{2060}",
+            "\u{FEFF} \u{200B}",
+        ] {
+            let frame = json!({"hd": {"event": "chat.message"}, "bd": {"text": invisible}});
+            assert_eq!(code(&frame.to_string()), "empty_text", "{invisible:?}");
+        }
         assert_eq!(
             code(r#"{"hd":{"event":"chat.message","cid":7},"bd":{"text":"x"}}"#),
             "invalid_cid"

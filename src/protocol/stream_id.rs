@@ -12,6 +12,11 @@ pub struct StreamId {
 
 impl StreamId {
     pub const ZERO: StreamId = StreamId { ms: 0, seq: 0 };
+    /// The greatest id there can be: nothing follows it.
+    pub const MAX: StreamId = StreamId {
+        ms: u64::MAX,
+        seq: u64::MAX,
+    };
 
     pub fn new(ms: u64, seq: u64) -> Self {
         Self { ms, seq }

@@ -70,8 +70,8 @@ pub(crate) struct Cursor {
     rx: mpsc::Receiver<Outbound>,
     /// Newest stored entry sent; anything at or below it is a duplicate.
     last_sent: StreamId,
-    /// A resume's gap check, still to do: the `resume_gap` frame, if one is due.
-    gap_check: Option<Read<Option<String>>>,
+    /// A resume's gap check, still to do: the `resume_gap` notice, if one is due.
+    gap_check: Option<Read<Option<Gap>>>,
     /// More history may follow `last_sent`.
     replaying: bool,
     /// The history page being read.
@@ -165,11 +165,14 @@ impl Cursor {
             if let Some(check) = self.gap_check.as_mut() {
                 let notice = check.await;
                 self.gap_check = None;
-                if let Some(frame) = notice.map_err(CursorEnd::Store)? {
+                if let Some(gap) = notice.map_err(CursorEnd::Store)? {
+                    if let Some(end) = gap.restart_after {
+                        self.last_sent = end;
+                    }
                     return Ok(Outbound {
                         id: None,
                         turn: None,
-                        frame: frame.into(),
+                        frame: gap.frame.into(),
                     });
                 }
                 continue;
@@ -323,12 +326,17 @@ pub(crate) fn turn_start(sid: &str, t: &TurnState) -> Outbound {
     }
 }
 
+/// A `resume_gap` notice, and where the cursor goes on from.
+struct Gap {
+    frame: String,
+    /// For a client ahead of the stream (Redis lost recent entries, or the id was never
+    /// issued): the stream's newest id, so what is stored next reaches the client even when its
+    /// id sorts below the client's `last_id`.
+    restart_after: Option<StreamId>,
+}
+
 /// The `resume_gap` notice for a client resuming after `last`, if one is due.
-async fn gap_notice(
-    store: &Store,
-    sid: &str,
-    last: StreamId,
-) -> Result<Option<String>, StoreError> {
+async fn gap_notice(store: &Store, sid: &str, last: StreamId) -> Result<Option<Gap>, StoreError> {
     let info = store.info(sid).await?;
     let seen = last == StreamId::ZERO
         || store
@@ -336,11 +344,15 @@ async fn gap_notice(
             .await?
             .first()
             .is_some_and(|e| e.id == last);
-    let notice = resume_gap(sid, last, seen, info.as_ref());
-    if notice.is_some() {
-        tracing::info!(room = %sid, last_id = %last, "resume gap");
-    }
-    Ok(notice)
+    let Some(frame) = resume_gap(sid, last, seen, info.as_ref()) else {
+        return Ok(None);
+    };
+    tracing::info!(room = %sid, last_id = %last, "resume gap");
+    let newest = info.map_or(StreamId::ZERO, |i| i.last_generated_id);
+    Ok(Some(Gap {
+        frame,
+        restart_after: (last > newest).then_some(newest),
+    }))
 }
 
 /// The `resume_gap` notice for a client resuming after `last`, if the stream cannot give it

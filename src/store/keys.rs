@@ -7,7 +7,8 @@
 //! | group `llm` on each room stream | consumer group | the LLM participant's read position, created at `0` with the room |
 //!
 //! | `chat:record:{<room key>}` | hash | the session record (`POST /api/sessions`): `created`, `updated` (ms), `metadata` (JSON object), `version` (bumped by every patch) |
-//! | `chat:dedup:{<room key>}:<sender>:<cid>` | string | id stored for a client's cid (idempotent resend) |
+//! | `chat:cid:{<room key>}:<sender length>:<sender>:<cid>` | string | id stored for a client's cid (idempotent resend) |
+//! | `chat:dedup:{<room key>}:<sender>:<cid>` | string | the same, as written before the length prefix (read only, until they expire) |
 //! | `chat:stats:{<room key>}` | hash | entries ever stored in the room: `p:<participant>` and `e:<event>` → count (`append.lua`, `finish.lua`) |
 //! | `chat:rooms` | stream | registry of rooms for LLM workers (`sid` field) |
 //! | `chat:llm:turn:{<room key>}:<turn>` | string | lease of a turn being answered, then `done:<reply id>` |
@@ -15,6 +16,7 @@
 //! | `chat:llm:live:{<room key>}:<turn>` | hash | a turn in progress: attempt, text so far and the seq of its last delta, requester; expires shortly after the turn ends |
 //! | `chat:llm:active:{<room key>}` | sorted set | turns in progress in the room, by start time |
 //! | `chat:llm:attempts:{<room key>}` | hash | attempts started per unfinished turn |
+//! | `chat:awake:{<room key>}` | string | the room had an entry within `--room-wake-after` |
 //! | `chat:presence:{<room key>}` | sorted set | connections in the room now (`{"c","r","s"}` JSON), scored by when they expire unless their node refreshes them |
 //! | `chat:presence:v:{<room key>}` | string | version of the room's presence, bumped on every change |
 //! | `chat:llm:turns:{<room key>}` | string | turns finished in the room (each turn's ordinal) |
@@ -106,6 +108,12 @@ impl Keys {
         format!("{}presence:v:{{{}}}", self.root, self.room(sid))
     }
 
+    /// `chat:awake:{chat:session:<sid>}`: set for the wake window by every append; an append
+    /// that finds it gone announces the room to the LLM workers again.
+    pub fn awake(&self, sid: &str) -> String {
+        format!("{}awake:{{{}}}", self.root, self.room(sid))
+    }
+
     /// `chat:llm:active:{chat:session:<sid>}`: the room's turns in progress.
     pub fn active_turns(&self, sid: &str) -> String {
         format!("{}llm:active:{{{}}}", self.root, self.room(sid))
@@ -136,9 +144,30 @@ impl Keys {
         format!("{}usage:dead", self.root)
     }
 
-    /// `chat:dedup:{chat:session:<sid>}:<sender>:<cid>`: the stream id stored for a client's
+    /// `chat:cid:{chat:session:<sid>}:<n>:<sender>:<cid>`: the stream id stored for a client's
     /// `hd.cid`, so a resend is answered with the original id. Same hash tag as the room.
+    ///
+    /// `<n>` is the sender's length in bytes, which makes the name injective: a sender may
+    /// contain `:` (a JWT `sub` can), and without the length `bob` + `x:c1` and `bob:x` + `c1`
+    /// would share a key, so the second message would be taken for a resend of the first.
     pub fn dedup(&self, sid: &str, sender: &str, cid: &str) -> String {
+        format!(
+            "{}cid:{{{}}}:{}:{sender}:{cid}",
+            self.root,
+            self.room(sid),
+            sender.len()
+        )
+    }
+
+    /// `chat:dedup:{chat:session:<sid>}:<sender>:<cid>`: the ambiguous name [`Keys::dedup`]
+    /// replaced. Still read (never written), so a resend of a message stored just before the
+    /// upgrade is answered as a duplicate; a different namespace (`dedup:` vs `cid:`), so the
+    /// two kinds of key can never be equal.
+    ///
+    /// Remove it (here and in `append.lua`) once `--dedup-window-secs` (default 10 min) has
+    /// passed since every node runs a version that writes [`Keys::dedup`]: by then every key of
+    /// this form has expired.
+    pub fn legacy_dedup(&self, sid: &str, sender: &str, cid: &str) -> String {
         format!("{}dedup:{{{}}}:{sender}:{cid}", self.root, self.room(sid))
     }
 
@@ -226,5 +255,21 @@ mod tests {
             "chat:record:{chat:session:room001}"
         );
         assert_eq!(k.room_pattern("room001"), "*{chat:session:room001}*");
+    }
+
+    #[test]
+    fn dedup_keys_are_injective_and_apart_from_legacy_ones() {
+        let k = Keys::new("chat:session:");
+        assert_eq!(
+            k.dedup("r", "bob", "x:c1"),
+            "chat:cid:{chat:session:r}:3:bob:x:c1"
+        );
+        assert_ne!(k.dedup("r", "bob", "x:c1"), k.dedup("r", "bob:x", "c1"));
+        // The old names collide (that is the bug); they stay readable, never equal to a new one.
+        assert_eq!(
+            k.legacy_dedup("r", "bob", "x:c1"),
+            k.legacy_dedup("r", "bob:x", "c1")
+        );
+        assert_ne!(k.dedup("r", "3", "a"), k.legacy_dedup("r", "3", "a"));
     }
 }

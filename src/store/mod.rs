@@ -295,7 +295,11 @@ impl Store {
             self.keys.active_turns(sid),
         ];
         let _: Value = self
-            .eval_script(&self.scripts.room_touch, keys, vec![self.idle_ttl_ms.to_string()])
+            .eval_script(
+                &self.scripts.room_touch,
+                keys,
+                vec![self.idle_ttl_ms.to_string()],
+            )
             .await?;
         Ok(())
     }
@@ -380,7 +384,8 @@ impl Store {
 
     /// [`Store::append`] to a room that exists (its stream or its session record), checked in
     /// the same script: `None`, storing nothing, when there is no such room — it was never
-    /// created (`--require-session`), or it was deleted, which an append must not undo.
+    /// created (`--require-session`), it was deleted, which an append must not undo, or the
+    /// append would create it and the caller wants to charge that first.
     pub async fn append_existing(
         &self,
         sid: &str,
@@ -412,26 +417,36 @@ impl Store {
             self.keys.room(sid),
             self.keys.stats(sid),
             self.keys.session_record(sid),
+            self.keys.awake(sid),
+            self.keys.turn_counter(sid),
+            self.keys.turn_attempts(sid),
+            self.keys.active_turns(sid),
         ];
         if let Some((sender, cid)) = dedup {
             keys.push(self.keys.dedup(sid, sender, cid));
+            keys.push(self.keys.legacy_dedup(sid, sender, cid));
         }
-        let retention = self.retention.to_string();
-        let window = self.dedup_window_secs.to_string();
+        let window = self
+            .room_ttl(Duration::from_secs(self.dedup_window_secs))
+            .as_secs()
+            .max(1);
         let (which, metadata) = match target {
             Target::Any => ("any", ""),
             Target::Existing => ("existing", ""),
             Target::New { metadata } => ("new", metadata),
         };
-        let args = vec![
-            retention.as_str(),
-            participant,
-            event,
-            body,
-            &self.llm_group,
-            &window,
-            which,
-            metadata,
+        let args: Vec<String> = vec![
+            self.retention.to_string(),
+            participant.to_owned(),
+            event.to_owned(),
+            body.to_owned(),
+            self.llm_group.clone(),
+            window.to_string(),
+            which.to_owned(),
+            metadata.to_owned(),
+            self.max_age_ms.to_string(),
+            self.idle_ttl_ms.to_string(),
+            (self.room_ttl(self.wake_after).as_millis() as u64).to_string(),
         ];
         let started = std::time::Instant::now();
         let reply = self.eval_script(&self.scripts.append, keys, args).await?;
@@ -453,14 +468,16 @@ impl Store {
             .ok_or(StoreError::Reply("append script returned no id"))?;
         let created = matches!(parts.get(1), Some(Value::Integer(1)));
         let duplicate = matches!(parts.get(2), Some(Value::Integer(1)));
+        let woke = matches!(parts.get(3), Some(Value::Integer(1)));
         if !duplicate {
             metrics::counter!(crate::metrics::STORED, "event" => event).increment(1);
         }
-        if created {
+        if created || woke {
             // Outside the script: the registry lives on another shard under Redis Cluster. A
-            // crash right here only delays discovery until a worker's next start-up scan.
+            // crash right here only delays discovery until a worker's next start-up scan (or
+            // the room's next wake-up).
             if let Err(err) = self.announce_room(sid).await {
-                tracing::warn!(room = %sid, cause = %err, "could not announce the new room");
+                tracing::warn!(room = %sid, cause = %err, "could not announce the room");
             }
         }
         Ok(AppendReply::Stored(Appended {
@@ -525,7 +542,10 @@ impl Store {
     /// Publish a frame to the room's live channel without storing it.
     pub async fn publish_transient(&self, sid: &str, frame: &str) -> Result<(), StoreError> {
         let payload = format!("{TRANSIENT_MARK}\n{frame}");
-        let _: Value = self.client.spublish(self.keys.channel(sid), payload).await?;
+        let _: Value = self
+            .client
+            .spublish(self.keys.channel(sid), payload)
+            .await?;
         Ok(())
     }
 
@@ -534,7 +554,10 @@ impl Store {
     /// every room they read.
     pub async fn wake_llm(&self, sid: &str) -> Result<(), StoreError> {
         if self.is_clustered() {
-            let _: Value = self.client.publish(self.keys.llm_wake_channel(), sid).await?;
+            let _: Value = self
+                .client
+                .publish(self.keys.llm_wake_channel(), sid)
+                .await?;
         }
         Ok(())
     }
@@ -548,6 +571,8 @@ impl Store {
         count: u64,
     ) -> Result<Vec<Entry>, StoreError> {
         let start = match after {
+            // Nothing follows the greatest id; Redis would refuse `(` on it as an error.
+            Some(StreamId::MAX) => return Ok(Vec::new()),
             Some(id) => format!("({id}"),
             None => "-".to_owned(),
         };
@@ -567,6 +592,8 @@ impl Store {
         count: u64,
     ) -> Result<Vec<Entry>, StoreError> {
         let end = match before {
+            // Nothing precedes `0-0`; Redis would refuse `(` on it as an error.
+            Some(StreamId::ZERO) => return Ok(Vec::new()),
             Some(id) => format!("({id}"),
             None => "+".to_owned(),
         };

@@ -372,7 +372,10 @@ impl Store {
         let key = self.keys.turn_rate(sid, bucket);
         let n: i64 = self.client.incr(&key).await?;
         if n == 1 {
-            let ttl = self.room_ttl(Duration::from_secs(2 * secs)).as_secs().max(1);
+            let ttl = self
+                .room_ttl(Duration::from_secs(2 * secs))
+                .as_secs()
+                .max(1);
             let _: Value = self.client.expire(&key, ttl as i64, None).await?;
         }
         Ok(n.max(0) as u64)

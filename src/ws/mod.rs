@@ -1,25 +1,28 @@
 //! `GET /v1/session/chat?sid=ROOM[&last_id=ID][&role=A][&token=JWT]`: checks the request
-//! (room id, origin, token, role, connection limits), then upgrades.
+//! (handshake budget, room id, token, role, connection limits, the room's presence budget), then
+//! upgrades. (The origin is checked for every request, before routing: `http::guarded`.)
 //!
 //! Everything that can be refused is refused here, before the upgrade, with an HTTP status and a
 //! JSON body: a WebSocket client sees those as a failed handshake it can read.
 
 mod session;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::Router;
 use serde::Deserialize;
 
 use crate::auth::{request_token, Denied};
 use crate::http::{checked_sid, ApiError};
+use crate::limits::MemberKind;
+use crate::net::ClientAddr;
 use crate::protocol::{ErrorCode, StreamId};
 use crate::state::Shared;
 
@@ -47,19 +50,15 @@ fn denied(d: Denied) -> ApiError {
 
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(client): Extension<ClientAddr>,
     headers: HeaderMap,
     Query(q): Query<ChatQuery>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let sid = checked_sid(q.sid.as_deref())?.to_owned();
-    if !shared.auth.origin_allowed(&headers) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            ErrorCode::ForbiddenOrigin,
-            "this page's origin may not connect to the relay (see --allowed-origins)",
-        ));
+    if !shared.ingress.admit_handshake(client.limit_key()) {
+        return Err(ApiError::too_many_handshakes());
     }
+    let sid = checked_sid(q.sid.as_deref())?.to_owned();
     let (token, token_as_protocol) = request_token(q.token.as_deref(), &headers);
     let grant = shared
         .auth
@@ -81,27 +80,17 @@ async fn upgrade(
         .ingress
         .conn(&sid, &grant, q.role)
         .map_err(ApiError::for_conn)?
-        .with_addr(peer.ip())
+        .with_addr(client.0)
         .with_budget(shared.ingress.connection_budget());
-    let limits = &shared.conn_limits;
-    if shared
-        .rooms
-        .get(&sid)
-        .is_some_and(|r| r.member_count() >= limits.max_conns_per_room)
-    {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::RoomFull,
-            "this room has too many connections; try again later",
-        ));
-    }
-    let Some(slot) = shared.conns.acquire(peer.ip(), limits.max_conns_per_ip) else {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::TooManyConnections,
-            "too many connections from your address",
-        ));
-    };
+    let slot = shared
+        .members
+        .acquire(MemberKind::WebSocket, &sid, client.limit_key())
+        .map_err(ApiError::full)?;
+    // Its `session.join` is paid from the room's presence budget, whatever follows.
+    shared
+        .ingress
+        .admit_join(&sid)
+        .map_err(|e| ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.code, e.message))?;
     let ws = ws.map_err(|rej| {
         ApiError::new(
             rej.status(),
@@ -118,7 +107,7 @@ async fn upgrade(
         last_id,
         conn,
         conn_id: shared.next_conn_id(),
-        expires_at_ms: grant.expires_at_ms,
+        expires: grant.deadline(),
         slot,
     };
     let hard_cap = (shared.session.limits.max_frame_bytes * 4).max(16 * 1024);

@@ -257,6 +257,7 @@ async fn chat_refusals_and_llm_failures_are_json() {
         }
         let resp = reqwest::Client::new()
             .post(relay.http(path))
+            .header("content-type", "application/json")
             .body("{oops")
             .send()
             .await

@@ -65,6 +65,7 @@ async fn post_a_message_and_follow_the_room_over_sse() {
     }
     let r = http
         .post(relay.http(&format!("/v1/sessions/{sid}/messages")))
+        .header("content-type", "application/json")
         .body("{not json")
         .send()
         .await

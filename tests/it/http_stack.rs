@@ -38,7 +38,13 @@ async fn request_ids_and_the_body_limit() {
         json!({"hd": {"event": "chat.message", "role": "A"}, "bd": {"text": "x".repeat(1500)}})
             .to_string();
     // With a Content-Length, and streamed without one: the same JSON refusal.
-    let sized = http.post(&url).body(big.clone()).send().await.unwrap();
+    let sized = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
     let chunks = futures_util::stream::iter(
         big.as_bytes()
             .chunks(100)
@@ -47,6 +53,7 @@ async fn request_ids_and_the_body_limit() {
     );
     let streamed = http
         .post(&url)
+        .header("content-type", "application/json")
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
         .await

@@ -222,6 +222,7 @@ async fn create_read_patch_delete_with_the_exact_fields() {
     }
     let resp = reqwest::Client::new()
         .patch(url(&sid))
+        .header("content-type", "application/json")
         .body("{not json")
         .send()
         .await
@@ -422,7 +423,7 @@ async fn delete_closes_members_on_every_node_and_leaves_nothing() {
     let client = redis.client().await;
     let before = keys_naming(&client, &sid).await;
     assert!(
-        before.iter().any(|k| k.starts_with("chat:dedup:")),
+        before.iter().any(|k| k.starts_with("chat:cid:")),
         "dedup keys exist before: {before:?}"
     );
 

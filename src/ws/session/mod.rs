@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::dispatch::presence_body;
-use crate::ingress::Conn;
-use crate::limits::ConnSlot;
+use crate::ingress::{AppendRefused, Conn, Presence};
+use crate::limits::MemberSlot;
 use crate::protocol::{error_frame, Close, StreamId};
 use crate::room::{ConnId, Cursor};
 use crate::state::Shared;
@@ -34,10 +34,10 @@ pub(crate) struct SessionParams {
     /// Who sends on this connection (room, roles, token subject, budget).
     pub(crate) conn: Conn,
     pub(crate) conn_id: ConnId,
-    /// When the connection's token expires (ms since the epoch).
-    pub(crate) expires_at_ms: Option<u64>,
+    /// When the connection's token expires.
+    pub(crate) expires: Option<tokio::time::Instant>,
     /// This connection's place in the per-address count; freed when the session ends.
-    pub(crate) slot: ConnSlot,
+    pub(crate) slot: MemberSlot,
 }
 
 /// Acks and errors waiting for the writer; when full, the reader stops reading this client.
@@ -55,11 +55,13 @@ enum Ctrl {
 }
 
 pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) {
-    let span = tracing::info_span!("session", room = %params.conn.sid(), conn = params.conn_id);
+    let client = params.conn.addr().map(tracing::field::display);
+    let span =
+        tracing::info_span!("session", room = %params.conn.sid(), conn = params.conn_id, client);
     session(socket, shared, params).instrument(span).await;
 }
 
-async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) {
+async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionParams) {
     metrics::gauge!(crate::metrics::CONNECTIONS).increment(1.0);
     let _connected = ConnectedGauge;
     let _slot = params.slot;
@@ -84,31 +86,30 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
             return;
         }
     };
-    let join = presence_body("session.join", &role, &sid, &conn_label);
-    let joined = if shared.api.require_session {
-        shared
-            .store
-            .append_existing(&sid, &role, "session.join", &join, None)
-            .await
-    } else {
-        shared
-            .store
-            .append(&sid, &role, "session.join", &join, None)
-            .await
-            .map(Some)
-    };
-    let joined = match joined {
-        Ok(Some(a)) => a.id,
-        Ok(None) => {
-            tracing::info!("the session was deleted before the join was recorded");
+    let join = presence_body(Presence::Join.event(), &role, &sid, &conn_label);
+    if shared.api.require_session {
+        params.conn = params.conn.require_room();
+    }
+    let joined = match shared
+        .ingress
+        .record_presence(&params.conn, Presence::Join, &join)
+        .await
+    {
+        Ok(id) => id,
+        Err(refused) => {
+            let close = match refused {
+                AppendRefused::NoRoom => {
+                    tracing::info!("the session was deleted before the join was recorded");
+                    Close::SessionDeleted
+                }
+                AppendRefused::NewRoomLimited => Close::RoomCreationLimited,
+                AppendRefused::Store(err) => {
+                    tracing::warn!(cause = %err, "cannot record join: store unavailable");
+                    Close::StoreUnavailable
+                }
+            };
             drop(cursor);
-            send_close(&mut sink, Close::SessionDeleted).await;
-            return;
-        }
-        Err(err) => {
-            tracing::warn!(cause = %err, "cannot record join: store unavailable");
-            drop(cursor);
-            send_close(&mut sink, Close::StoreUnavailable).await;
+            send_close(&mut sink, close).await;
             return;
         }
     };
@@ -136,18 +137,14 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
         shared: shared.clone(),
         last_pong: last_pong.clone(),
         started,
-        expires: params.expires_at_ms.map(deadline_from_epoch_ms),
+        expires: params.expires,
     };
     let reader = reader::Reader {
         shared: shared.clone(),
-        // With --require-session a frame must not recreate the room once it is deleted.
-        // Without it, a room whose stream vanished (Redis restarted without persistence) comes
-        // back with the next message, as rooms always have.
-        conn: if shared.api.require_session {
-            params.conn.require_room()
-        } else {
-            params.conn
-        },
+        // With --require-session a frame must not recreate the room once it is deleted
+        // (`require_room` above). Without it, a room whose stream vanished (Redis restarted
+        // without persistence) comes back with the next message, as rooms always have.
+        conn: params.conn,
         ctrl: ctrl_tx,
         last_pong,
         started,
@@ -159,7 +156,7 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
         stop.cancel();
         close
     };
-    let (close, mut stream) = tokio::join!(write, read);
+    let (close, (mut stream, conn)) = tokio::join!(write, read);
 
     send_close(&mut sink, close).await;
     // Read (and drop) what the client still sends until its close frame, briefly: closing a
@@ -175,10 +172,10 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) 
     tracing::info!(?close, code = close.code(), "left");
 
     // Only into a room that still exists: a deleted session gets no entry back.
-    let leave = presence_body("session.leave", &role, &sid, &conn_label);
+    let leave = presence_body(Presence::Leave.event(), &role, &sid, &conn_label);
     if let Err(err) = shared
-        .store
-        .append_existing(&sid, &role, "session.leave", &leave, None)
+        .ingress
+        .record_presence(&conn, Presence::Leave, &leave)
         .await
     {
         tracing::warn!(cause = %err, "could not record leave");
@@ -206,10 +203,4 @@ async fn send_close(sink: &mut SplitSink<WebSocket, Message>, close: Close) {
         reason: Utf8Bytes::from_static(close.reason()),
     }));
     let _ = tokio::time::timeout(CLOSING_TIMEOUT, sink.send(frame)).await;
-}
-
-/// A tokio deadline for a wall-clock time in ms since the epoch.
-fn deadline_from_epoch_ms(at_ms: u64) -> tokio::time::Instant {
-    let left = at_ms.saturating_sub(crate::protocol::now_ms());
-    tokio::time::Instant::now() + Duration::from_millis(left)
 }

@@ -10,6 +10,8 @@ use axum::extract::ws::{Message, WebSocket};
 use futures_util::stream::{FuturesOrdered, SplitStream};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_util::sync::CancellationToken;
 
 use super::Ctrl;
@@ -27,13 +29,14 @@ pub(super) struct Reader {
 }
 
 impl Reader {
-    /// Reads until the client leaves or the session stops; returns the stream so the session can
-    /// wait for the client's close frame after sending its own.
+    /// Reads until the client leaves or the session stops; returns the stream, so the session can
+    /// wait for the client's close frame after sending its own, and the connection's sending
+    /// context, for its `session.leave`.
     pub(super) async fn run(
         mut self,
         mut stream: SplitStream<WebSocket>,
         stop: CancellationToken,
-    ) -> SplitStream<WebSocket> {
+    ) -> (SplitStream<WebSocket>, Conn) {
         let window = self.shared.session.send_window;
         let mut inflight: FuturesOrdered<Submission> = FuturesOrdered::new();
         loop {
@@ -77,18 +80,29 @@ impl Reader {
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
                             self.last_pong.store(alive, Ordering::Relaxed);
-                            continue;
+                            // Control frames cost a read and (a ping) a pong: they are paid
+                            // from the same budget, without an error frame per refusal.
+                            match self.shared.ingress.admit(&mut self.conn) {
+                                Err(refused) if refused.abusive => {
+                                    tracing::warn!("closing a client that floods control frames");
+                                    let _ = self.ctrl.send(Ctrl::Close(Close::RateLimitsIgnored)).await;
+                                    break;
+                                }
+                                _ => continue,
+                            }
                         }
                         Some(Ok(Message::Close(_))) | None => break,
                         Some(Err(err)) => {
                             tracing::debug!(cause = %err, "read error");
-                            if is_too_big(&err) {
-                                let e = ClientError::new(
-                                    ErrorCode::FrameTooLarge,
-                                    format!("frame too large (max {} bytes)", self.shared.session.limits.max_frame_bytes),
-                                );
-                                let _ = self.ctrl.send(Ctrl::Frame(error_frame(&e, None))).await;
-                                let _ = self.ctrl.send(Ctrl::Close(Close::FrameTooBig)).await;
+                            if let Some(close) = violation(err) {
+                                if close == Close::FrameTooBig {
+                                    let e = ClientError::new(
+                                        ErrorCode::FrameTooLarge,
+                                        format!("frame too large (max {} bytes)", self.shared.session.limits.max_frame_bytes),
+                                    );
+                                    let _ = self.ctrl.send(Ctrl::Frame(error_frame(&e, None))).await;
+                                }
+                                let _ = self.ctrl.send(Ctrl::Close(close)).await;
                             }
                             break;
                         }
@@ -105,7 +119,7 @@ impl Reader {
                 let _ = self.ctrl.send(Ctrl::Frame(frame)).await;
             }
         }
-        stream
+        (stream, self.conn)
     }
 }
 
@@ -119,7 +133,15 @@ fn reply(result: Result<Submitted, Refused>) -> Option<String> {
     }
 }
 
-fn is_too_big(err: &axum::Error) -> bool {
-    let text = err.to_string();
-    text.contains("too long") || text.contains("too big") || text.contains("Space limit")
+/// The close for a read error the client caused; `None` when the connection just failed (reset,
+/// I/O error), where there is no one left to tell.
+fn violation(err: axum::Error) -> Option<Close> {
+    let err = err.into_inner().downcast::<WsError>().ok()?;
+    match *err {
+        WsError::Capacity(_) => Some(Close::FrameTooBig),
+        WsError::Utf8(_) => Some(Close::InvalidUtf8),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(_) => Some(Close::ProtocolViolation),
+        _ => None,
+    }
 }

@@ -1,0 +1,193 @@
+//! The socket under every HTTP connection (and, after an upgrade, under its WebSocket), watched
+//! for two things hyper does not do: a write that cannot make progress for
+//! `--write-timeout-secs` fails (so a peer that stops reading an event stream is cut, and its
+//! queued frames freed, instead of being held as long as it keeps the socket open), and the time
+//! of the last byte in either direction is kept for the idle check of the accept loop.
+//!
+//! It also holds the connection's slot of the per-address TCP cap, so the slot is freed when the
+//! socket is, upgraded or not.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::limits::Slot;
+
+/// When a connection last moved a byte, readable by the accept loop while hyper owns the socket.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    opened: Instant,
+    /// Milliseconds from `opened` to the last byte read or written.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            opened: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the last byte either way.
+    pub(crate) fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.opened.elapsed().saturating_sub(last)
+    }
+}
+
+/// A socket with a write-stall timeout and an activity clock. See the module docs.
+pub(crate) struct Watched<T> {
+    inner: T,
+    activity: Arc<Activity>,
+    write_timeout: Duration,
+    /// Armed while a write (or flush) waits for the peer; cleared by any progress.
+    stalled: Option<Pin<Box<Sleep>>>,
+    _slot: Option<Slot<std::net::IpAddr>>,
+}
+
+impl<T> Watched<T> {
+    pub(crate) fn new(
+        inner: T,
+        activity: Arc<Activity>,
+        write_timeout: Duration,
+        slot: Option<Slot<std::net::IpAddr>>,
+    ) -> Self {
+        Self {
+            inner,
+            activity,
+            write_timeout,
+            stalled: None,
+            _slot: slot,
+        }
+    }
+
+    /// `pending` from a write or flush: waits on the stall timer, which fails the write once the
+    /// peer has taken nothing for the whole timeout.
+    fn stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let timeout = self.write_timeout;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        ready!(timer.as_mut().poll(cx));
+        self.stalled = None;
+        Poll::Ready(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer stopped reading (write timeout)",
+        ))
+    }
+
+    fn progressed(&mut self) {
+        self.stalled = None;
+        self.activity.touch();
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let res = ready!(Pin::new(&mut this.inner).poll_read(cx, buf));
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        Poll::Ready(res)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_write(cx, data) {
+            Poll::Ready(res) => {
+                this.progressed();
+                Poll::Ready(res)
+            }
+            Poll::Pending => this.stall(cx).map(Err),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(res) => {
+                this.progressed();
+                Poll::Ready(res)
+            }
+            Poll::Pending => this.stall(cx).map(Err),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Ready(res) => {
+                this.stalled = None;
+                Poll::Ready(res)
+            }
+            Poll::Pending => this.stall(cx).map(Err),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_stalled_write_fails_after_the_timeout_and_progress_resets_it() {
+        let timeout = Duration::from_millis(300);
+        // A pipe with room for 8 bytes: the writer blocks once it is full.
+        let (near, mut far) = tokio::io::duplex(8);
+        let activity = Activity::new();
+        let mut w = Watched::new(near, activity.clone(), timeout, None);
+        w.write_all(b"12345678").await.unwrap();
+        let reader = tokio::spawn(async move {
+            // Takes the first 8 bytes late, but within the timeout, then stops reading.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut buf = [0u8; 8];
+            far.read_exact(&mut buf).await.unwrap();
+            far
+        });
+        // Blocks until the reader makes room: progress, so no error.
+        w.write_all(b"abcdefgh").await.unwrap();
+        assert!(activity.idle_for() < Duration::from_millis(100));
+        let _far = reader.await.unwrap();
+        let err = w.write_all(b"more").await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(activity.idle_for() >= timeout);
+    }
+}
