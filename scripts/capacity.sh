@@ -172,6 +172,8 @@ relay_flags=(
   --msgs-per-sec 1000000 --msgs-burst 1000000
   --room-msgs-per-sec 1000000 --room-msgs-burst 1000000
   --max-conns-per-ip 100000 --max-conns-per-room 100000
+  --max-tcp-conns-per-ip 100000 --handshakes-per-sec 1000000 --handshakes-burst 1000000
+  --room-creations-per-sec 1000000 --room-creations-burst 1000000
   --outbound-queue 4096
   --shutdown-grace-secs 2
 )
