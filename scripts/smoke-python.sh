@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The prior design's Python smoke test against a real relay and Redis started here, plus the
-# Postman collection's structure check.
+# The prior design's Python smoke test and the voice and evaluation dialect clients against a
+# real relay and Redis started here (the relay's LLM participant talks to the fake OpenAI
+# server, tools' fake-llm), plus the Postman collection's structure check.
 #
 #   scripts/smoke-python.sh
 #
-# Starts its own redis-server and relay on free ports and stops them (by PID) on exit.
+# Starts its own redis-server, fake-llm and relay on free ports and stops them (by PID) on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,14 +24,19 @@ trap cleanup EXIT
 say "checking the Postman collection"
 python3 test-clients/postman/validate.py
 
-cargo build --quiet
+cargo build --quiet -p chat-relay -p chat-relay-tools --bin chat-relay --bin fake-llm
 redis_port=$(free_port)
 relay_port=$(free_port)
+llm_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \
   --logfile "$work/redis.log" &
 pids+=($!)
+# Replies of 20 tokens, 50 ms apart: long enough for the evaluation client to cancel one.
+target/debug/fake-llm --port "$llm_port" --delay-ms 50 --tokens 20 >"$work/fake-llm.log" 2>&1 &
+pids+=($!)
 RELAY_LOG=chat_relay=warn target/debug/chat-relay serve --listen "127.0.0.1:$relay_port" \
-  --redis-url "redis://127.0.0.1:$redis_port" --llm off 2>"$work/relay.log" &
+  --redis-url "redis://127.0.0.1:$redis_port" --llm-base-url "http://127.0.0.1:$llm_port/v1" \
+  2>"$work/relay.log" &
 pids+=($!)
 for _ in $(seq 100); do
   curl -fsS "http://127.0.0.1:$relay_port/readyz" >/dev/null 2>&1 && break
@@ -42,3 +48,10 @@ if ! test-clients/python/run.sh --url "ws://127.0.0.1:$relay_port" --redis "redi
   say "relay log:"; cat "$work/relay.log" >&2
   exit 1
 fi
+for client in voice_client.py eval_client.py; do
+  say "running test-clients/python/$client"
+  if ! test-clients/python/run.sh "$client" --url "ws://127.0.0.1:$relay_port"; then
+    say "relay log:"; cat "$work/relay.log" >&2
+    exit 1
+  fi
+done

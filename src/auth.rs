@@ -231,8 +231,30 @@ impl Authenticator {
 
     /// Checks a token for a room. With `--auth none` every request gets an empty grant.
     pub fn authorize(&self, token: Option<&str>, sid: &str) -> Result<Grant, Denied> {
-        let Some(key) = &self.key else {
+        let Some(claims) = self.verified(token)? else {
             return Ok(Grant::default());
+        };
+        if !claims.sid.allows(sid) {
+            return Err(Denied::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::ForbiddenRoom,
+                "the token does not grant this room",
+            ));
+        }
+        Ok(grant(claims))
+    }
+
+    /// Checks a token before any room is named: a connection whose frames each name their
+    /// session (the evaluation dialect's `/chat`) is let in here, and each frame's room is
+    /// checked with [`Authenticator::authorize`].
+    pub fn authenticate(&self, token: Option<&str>) -> Result<Grant, Denied> {
+        Ok(self.verified(token)?.map(grant).unwrap_or_default())
+    }
+
+    /// The token's claims, checked (`None` with `--auth none`).
+    fn verified(&self, token: Option<&str>) -> Result<Option<Claims>, Denied> {
+        let Some(key) = &self.key else {
+            return Ok(None);
         };
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(Denied::new(
@@ -271,13 +293,6 @@ impl Authenticator {
                 "the token was issued in the future",
             ));
         }
-        if !claims.sid.allows(sid) {
-            return Err(Denied::new(
-                StatusCode::FORBIDDEN,
-                ErrorCode::ForbiddenRoom,
-                "the token does not grant this room",
-            ));
-        }
         if claims.role == LLM_ROLE {
             return Err(Denied::new(
                 StatusCode::FORBIDDEN,
@@ -292,11 +307,7 @@ impl Authenticator {
                 "the token's role is not a valid role name",
             ));
         }
-        Ok(Grant {
-            sub: Some(claims.sub),
-            role: Some(claims.role),
-            expires_at_ms: Some(claims.exp.saturating_mul(1000)),
-        })
+        Ok(Some(claims))
     }
 
     /// The origin rule for browser requests (WebSocket handshakes and HTTP calls alike): a page
@@ -336,6 +347,14 @@ impl Authenticator {
                 .trim_end_matches(']')
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+fn grant(claims: Claims) -> Grant {
+    Grant {
+        sub: Some(claims.sub),
+        role: Some(claims.role),
+        expires_at_ms: Some(claims.exp.saturating_mul(1000)),
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::auth::AuthArgs;
+use crate::dialect::DialectArgs;
 use crate::llm::LlmArgs;
 use crate::protocol::{valid_role_name, Limits, LLM_ROLE};
 
@@ -205,6 +206,8 @@ pub struct ServeConfig {
     /// `llm_timeout` (the turn still finishes and is stored in the session).
     #[arg(long, env = "RELAY_CHAT_TIMEOUT_SECS", default_value_t = 120)]
     pub chat_timeout_secs: u64,
+    #[command(flatten)]
+    pub dialects: DialectArgs,
     /// Seconds to let sessions and in-flight appends finish on shutdown.
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -291,6 +294,7 @@ impl ServeConfig {
                 return Err(ConfigError::Zero(name));
             }
         }
+        self.dialects.validate()?;
         if self.redis.key_prefix.contains(['{', '}']) {
             return Err(ConfigError::BadPrefix);
         }

@@ -5,13 +5,13 @@
 //!
 //! ```text
 //!  client ──ws──▶ ws::session reader ─┐                                  (XADD + PUBLISH,
-//!  client ─POST─▶ http::live publish ─┴▶ ingress::submit ──▶ store.append ──▶ Redis
-//!                  (translate only)      (budgets, dispatch,                 one Lua script)
-//!                                         append / publish)                    │
+//!  client ─POST─▶ http::live publish ─┼▶ ingress::submit ──▶ store.append ──▶ Redis
+//!  voice / eval ─▶ dialect::{voice,eval}┘ (budgets, dispatch,                 one Lua script)
+//!                  (translate only)       append / publish)                    │
 //!  client ◀──ws── ws::session writer ─┐                                        │
-//!  client ◀─SSE── http::live events ──┴─ room::Cursor ◀── room::Room ◀── SUBSCRIBE chat:session:<sid>
-//!                                       (resume_gap, replay    (fan-out; recovers from XRANGE
-//!                                        after last_id, live,   when the subscription was lost)
+//!  client ◀─SSE── http::live events ──┼─ room::Cursor ◀── room::Room ◀── SUBSCRIBE chat:session:<sid>
+//!  voice / eval ◀─ room::TurnReader ──┘ (resume_gap, replay    (fan-out; recovers from XRANGE
+//!   (and /api/chat: one turn)            after last_id, live,   when the subscription was lost)
 //!                                        skip ids already sent)
 //! ```
 //!
@@ -24,6 +24,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod dialect;
 pub mod dispatch;
 pub mod http;
 mod ingress;

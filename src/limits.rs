@@ -89,10 +89,11 @@ pub struct MemberSlots {
     max_per_addr: usize,
 }
 
-/// A member's two slots; dropping it frees both.
+/// A member's slots (its room's, when it is bound to one, and its address's); dropping it frees
+/// them.
 #[derive(Debug)]
 pub struct MemberSlot {
-    _room: Slot<(MemberKind, Arc<str>)>,
+    _room: Option<Slot<(MemberKind, Arc<str>)>>,
     _addr: Slot<(MemberKind, IpAddr)>,
 }
 
@@ -106,13 +107,23 @@ impl MemberSlots {
         }
     }
 
-    /// Both slots of a new member of `kind` in `room` from `addr` (a limit key), or which limit
-    /// is full.
-    pub fn acquire(&self, kind: MemberKind, room: &str, addr: IpAddr) -> Result<MemberSlot, Full> {
-        let room = self
-            .per_room
-            .acquire((kind, room.into()), self.max_per_room)
-            .ok_or(Full::Room)?;
+    /// The slots of a new member of `kind` in `room` (when it is bound to one: the evaluation
+    /// dialect's socket names a session per frame) from `addr` (a limit key), or which limit is
+    /// full.
+    pub fn acquire(
+        &self,
+        kind: MemberKind,
+        room: Option<&str>,
+        addr: IpAddr,
+    ) -> Result<MemberSlot, Full> {
+        let room = match room {
+            Some(room) => Some(
+                self.per_room
+                    .acquire((kind, room.into()), self.max_per_room)
+                    .ok_or(Full::Room)?,
+            ),
+            None => None,
+        };
         let addr = self
             .per_addr
             .acquire((kind, addr), self.max_per_addr)
@@ -145,18 +156,19 @@ mod tests {
     fn kinds_count_apart() {
         let m = MemberSlots::new(1, 5);
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let _ws = m.acquire(MemberKind::WebSocket, "r", ip).unwrap();
+        let _ws = m.acquire(MemberKind::WebSocket, Some("r"), ip).unwrap();
         assert_eq!(
-            m.acquire(MemberKind::WebSocket, "r", ip).unwrap_err(),
+            m.acquire(MemberKind::WebSocket, Some("r"), ip).unwrap_err(),
             Full::Room
         );
-        let _sse = m.acquire(MemberKind::EventStream, "r", ip).unwrap();
+        let _sse = m.acquire(MemberKind::EventStream, Some("r"), ip).unwrap();
         let m = MemberSlots::new(5, 1);
-        let _a = m.acquire(MemberKind::EventStream, "a", ip).unwrap();
+        let _a = m.acquire(MemberKind::EventStream, Some("a"), ip).unwrap();
         assert_eq!(
-            m.acquire(MemberKind::EventStream, "b", ip).unwrap_err(),
+            m.acquire(MemberKind::EventStream, Some("b"), ip)
+                .unwrap_err(),
             Full::Address
         );
-        assert!(m.acquire(MemberKind::WebSocket, "b", ip).is_ok());
+        assert!(m.acquire(MemberKind::WebSocket, Some("b"), ip).is_ok());
     }
 }

@@ -125,3 +125,20 @@ pub fn render() -> String {
 pub fn error(code: &'static str) {
     metrics::counter!(ERRORS, "code" => code).increment(1);
 }
+
+/// One open WebSocket (of any dialect) in [`CONNECTIONS`] while it lives, however it ends.
+#[derive(Debug)]
+pub(crate) struct Connected(());
+
+impl Connected {
+    pub(crate) fn open() -> Self {
+        metrics::gauge!(CONNECTIONS).increment(1.0);
+        Connected(())
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        metrics::gauge!(CONNECTIONS).decrement(1.0);
+    }
+}

@@ -94,6 +94,7 @@ pub async fn run(
             chat_timeout: Duration::from_secs(cfg.chat_timeout_secs),
             llm_base_url: cfg.llm_args.llm_base_url.clone(),
         },
+        dialects: cfg.dialects.clone(),
         token: token.clone(),
         tracker: tracker.clone(),
         next_conn: AtomicU64::new(1),
@@ -107,6 +108,7 @@ pub async fn run(
     };
     let app = crate::http::router(&http)
         .merge(crate::ws::router())
+        .merge(crate::dialect::router())
         .with_state(shared.clone());
     let app = crate::http::observed(crate::http::guarded(app, &shared.auth), &shared.node_id);
     let addr = listener.local_addr().ok();

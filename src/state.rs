@@ -10,10 +10,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::ingress::Ingress;
+use crate::dialect::DialectArgs;
+use crate::ingress::{Ingress, Refused, Submission, Submitted};
 use crate::limits::MemberSlots;
-use crate::protocol::Limits;
-use crate::room::{ConnId, Presence, Rooms};
+use crate::protocol::{ClientError, ErrorCode, Limits, StreamId};
+use crate::room::{ConnId, CursorEnd, Presence, Rooms, TurnReader};
 use crate::store::Store;
 
 /// Per-connection settings every session reads.
@@ -50,6 +51,8 @@ pub(crate) struct Shared {
     pub(crate) members: MemberSlots,
     pub(crate) session: SessionSettings,
     pub(crate) api: ApiSettings,
+    /// The voice and evaluation dialects' settings.
+    pub(crate) dialects: DialectArgs,
     /// Fires on shutdown.
     pub(crate) token: CancellationToken,
     /// Sessions and background tasks; shutdown waits for them within the grace period.
@@ -63,5 +66,38 @@ impl Shared {
     /// A connection (or SSE stream) number unique on this node.
     pub(crate) fn next_conn_id(&self) -> ConnId {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Runs the I/O of a submit as a task of its own: the append completes (and a request is
+    /// answered in the room) even when the client that sent it goes away meanwhile.
+    pub(crate) async fn submit_detached(
+        &self,
+        submission: Submission,
+    ) -> Result<Submitted, Refused> {
+        self.tracker.spawn(submission).await.unwrap_or_else(|_| {
+            Err(Refused {
+                error: ClientError::new(ErrorCode::Internal, "the message could not be stored"),
+                cid: None,
+                abusive: false,
+            })
+        })
+    }
+
+    /// Follows one LLM turn as a member of its room (see [`TurnReader`]).
+    pub(crate) async fn follow_turn(
+        &self,
+        sid: &str,
+        turn: StreamId,
+    ) -> Result<TurnReader, CursorEnd> {
+        let queue = self.session.outbound_queue;
+        TurnReader::join(
+            &self.rooms,
+            &self.store,
+            sid,
+            self.next_conn_id(),
+            queue,
+            turn,
+        )
+        .await
     }
 }

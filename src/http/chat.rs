@@ -14,7 +14,6 @@
 //! belongs to the room, not to this request: a client that goes away changes nothing — the
 //! request is stored (its append runs as a task of its own) and answered, and the reply stored.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,7 +34,7 @@ use super::sessions::{json_object, rfc3339};
 use super::{checked_sid, ApiError};
 use crate::ingress::Submitted;
 use crate::protocol::{ClientError, ErrorCode, StreamId};
-use crate::room::{Cursor, CursorEnd, Failure, Reply, TurnFollow, TurnStep};
+use crate::room::{usage_counts, CursorEnd, Failure, Reply, TurnReader, TurnStep};
 use crate::state::Shared;
 
 #[derive(Debug, Deserialize)]
@@ -43,12 +42,12 @@ pub struct ChatQuery {
     token: Option<String>,
 }
 
-/// A request stored, and the cursor that will see its answer.
+/// A request stored, and the reader of its turn.
 struct Asked {
     sid: String,
     /// The request's entry id, which is also the turn's id.
     turn: StreamId,
-    cursor: Cursor,
+    reader: TurnReader,
     deadline: Instant,
 }
 
@@ -61,25 +60,23 @@ pub async fn chat(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let mut asked = ask(&shared, peer, q.token.as_deref(), &headers, &body).await?;
-    let mut follow = TurnFollow::new(asked.turn);
     loop {
-        let out = match tokio::time::timeout_at(asked.deadline, asked.cursor.next()).await {
+        let step = match tokio::time::timeout_at(asked.deadline, asked.reader.next()).await {
             Err(_) => return Err(timed_out(&shared).into_api()),
             Ok(Err(end)) => return Err(cursor_ended(&asked.sid, end).into_api()),
-            Ok(Ok(out)) => out,
+            Ok(Ok(None)) => return Err(internal("the reply ended without an end")),
+            Ok(Ok(Some(step))) => step,
         };
-        for step in follow.on(&out) {
-            match step {
-                TurnStep::Done(reply) => {
-                    let mut body = done_json(&reply, asked.turn);
-                    body["role"] = json!("assistant");
-                    body["created_at"] = json!(rfc3339(reply.id.ms));
-                    body["session_id"] = json!(asked.sid);
-                    return Ok(Json(body));
-                }
-                TurnStep::Failed(failure) => return Err(Ended::from(&failure).into_api()),
-                TurnStep::Text(_) | TurnStep::Restart { .. } => {}
+        match step {
+            TurnStep::Done(reply) => {
+                let mut body = done_json(&reply, asked.turn);
+                body["role"] = json!("assistant");
+                body["created_at"] = json!(rfc3339(reply.id.ms));
+                body["session_id"] = json!(asked.sid);
+                return Ok(Json(body));
             }
+            TurnStep::Failed(failure) => return Err(Ended::from(&failure).into_api()),
+            TurnStep::Text(_) | TurnStep::Restart { .. } => {}
         }
     }
 }
@@ -102,9 +99,8 @@ pub async fn chat_stream(
     });
     let timeout = timed_out(&shared);
     let state = Streaming {
-        follow: TurnFollow::new(asked.turn),
         asked,
-        pending: VecDeque::from([event("start", &ids)]),
+        start: Some(event("start", &ids)),
         ended: false,
         timeout,
     };
@@ -120,53 +116,49 @@ pub async fn chat_stream(
 /// One SSE response in progress.
 struct Streaming {
     asked: Asked,
-    follow: TurnFollow,
-    pending: VecDeque<Event>,
-    /// `done` or `error` is queued: nothing follows it.
+    /// The `start` event, until it is sent.
+    start: Option<Event>,
+    /// `done` or `error` was sent: nothing follows it.
     ended: bool,
     timeout: Ended,
 }
 
 impl Streaming {
     async fn next(&mut self) -> Option<Event> {
-        loop {
-            if let Some(ev) = self.pending.pop_front() {
-                return Some(ev);
-            }
-            if self.ended {
-                return None;
-            }
-            let out = tokio::time::timeout_at(self.asked.deadline, self.asked.cursor.next()).await;
-            let out = match out {
-                Err(_) => return Some(self.end(&self.timeout.clone())),
-                Ok(Err(end)) => return Some(self.end(&cursor_ended(&self.asked.sid, end))),
-                Ok(Ok(out)) => out,
-            };
-            for step in self.follow.on(&out) {
-                let ev = match step {
-                    TurnStep::Text(content) => event("delta", &json!({"content": content})),
-                    TurnStep::Restart { attempt } => event(
-                        "start",
-                        &json!({
-                            "message_id": self.asked.turn.to_string(),
-                            "turn_id": self.asked.turn.to_string(),
-                            "session_id": self.asked.sid,
-                            "restart": true,
-                            "attempt": attempt,
-                        }),
-                    ),
-                    TurnStep::Done(reply) => {
-                        self.ended = true;
-                        event("done", &done_json(&reply, self.asked.turn))
-                    }
-                    TurnStep::Failed(failure) => {
-                        self.ended = true;
-                        error_event(&Ended::from(&failure), Some(&failure))
-                    }
-                };
-                self.pending.push_back(ev);
-            }
+        if let Some(start) = self.start.take() {
+            return Some(start);
         }
+        if self.ended {
+            return None;
+        }
+        let step = tokio::time::timeout_at(self.asked.deadline, self.asked.reader.next()).await;
+        let step = match step {
+            Err(_) => return Some(self.end(&self.timeout.clone())),
+            Ok(Err(end)) => return Some(self.end(&cursor_ended(&self.asked.sid, end))),
+            Ok(Ok(None)) => return None,
+            Ok(Ok(Some(step))) => step,
+        };
+        Some(match step {
+            TurnStep::Text(content) => event("delta", &json!({"content": content})),
+            TurnStep::Restart { attempt } => event(
+                "start",
+                &json!({
+                    "message_id": self.asked.turn.to_string(),
+                    "turn_id": self.asked.turn.to_string(),
+                    "session_id": self.asked.sid,
+                    "restart": true,
+                    "attempt": attempt,
+                }),
+            ),
+            TurnStep::Done(reply) => {
+                self.ended = true;
+                event("done", &done_json(&reply, self.asked.turn))
+            }
+            TurnStep::Failed(failure) => {
+                self.ended = true;
+                error_event(&Ended::from(&failure), Some(&failure))
+            }
+        })
     }
 
     fn end(&mut self, why: &Ended) -> Event {
@@ -175,8 +167,8 @@ impl Streaming {
     }
 }
 
-/// Validates the body, checks the token and the session, joins the room, then stores the
-/// message through the ingress. Every refusal is an [`ApiError`] before anything is stored.
+/// Validates the body, checks the token and the session, stores the message through the
+/// ingress, then follows its turn. Every refusal is an [`ApiError`] before anything is stored.
 async fn ask(
     shared: &Shared,
     peer: SocketAddr,
@@ -225,39 +217,29 @@ async fn ask(
         .map_err(ApiError::for_conn)?
         .with_addr(peer.ip())
         .require_room();
-    // Joined before the request is stored, and replaying from the stream's current end: the
-    // reply is read whether it arrives live or is already stored when the cursor looks.
-    let cursor = Cursor::join(
-        &shared.rooms,
-        &shared.store,
-        &sid,
-        shared.next_conn_id(),
-        shared.session.outbound_queue,
-    )
-    .await?;
-    let end = shared.store.range_before(&sid, None, 1).await?;
-    let cursor = cursor.replay_after(end.last().map_or(StreamId::ZERO, |e| e.id));
     let frame = json!({"hd": {"event": "llm.request"}, "bd": {"text": message}}).to_string();
     let submission = shared
         .ingress
         .submit_text(&mut conn, &frame)
         .map_err(|r| ApiError::for_submit(r.error))?;
-    // A task of its own: the append completes even if this request is dropped meanwhile.
     let stored = shared
-        .tracker
-        .spawn(submission)
+        .submit_detached(submission)
         .await
-        .map_err(|_| internal("the message could not be stored"))?
         .map_err(|r| ApiError::for_submit(r.error))?;
     let Submitted::Stored { id, .. } = stored else {
         return Err(internal("the message was not stored"));
     };
     tracing::info!(room = %sid, turn = %id, "chat request stored");
+    let deadline = Instant::now() + shared.api.chat_timeout;
+    let reader = shared
+        .follow_turn(&sid, id)
+        .await
+        .map_err(|end| cursor_ended(&sid, end).into_api())?;
     Ok(Asked {
         sid,
         turn: id,
-        cursor,
-        deadline: Instant::now() + shared.api.chat_timeout,
+        reader,
+        deadline,
     })
 }
 
@@ -289,13 +271,12 @@ impl Ended {
 impl From<&Failure> for Ended {
     /// A stored `llm.error`: its code in the catalogue, with its human message.
     fn from(f: &Failure) -> Self {
-        let (status, code) = match f.code.as_str() {
-            "llm_timeout" => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::LlmTimeout),
-            "llm_rate_limited" => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::LlmRateLimited),
-            "llm_rejected" => (StatusCode::BAD_GATEWAY, ErrorCode::LlmRejected),
-            "llm_bad_response" => (StatusCode::BAD_GATEWAY, ErrorCode::LlmBadResponse),
-            "rate_limited" => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
-            _ => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::LlmUnavailable),
+        let code = f.error_code();
+        let status = match code {
+            ErrorCode::LlmTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::LlmRejected | ErrorCode::LlmBadResponse => StatusCode::BAD_GATEWAY,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
         };
         Ended {
             status,
@@ -342,23 +323,10 @@ fn done_json(reply: &Reply, turn: StreamId) -> Value {
     json!({
         "message_id": reply.id.to_string(),
         "content": reply.text,
-        "usage": usage_json(&reply.usage),
+        "usage": usage_counts(&reply.usage),
         "reason": reply.reason,
         "turn_id": turn.to_string(),
     })
-}
-
-/// `bd.usage` with the three counts always present (0 when the turn stored none).
-fn usage_json(usage: &Value) -> Value {
-    let mut out = json!({
-        "prompt_tokens": usage["prompt_tokens"].as_u64().unwrap_or(0),
-        "completion_tokens": usage["completion_tokens"].as_u64().unwrap_or(0),
-        "total_tokens": usage["total_tokens"].as_u64().unwrap_or(0),
-    });
-    if let Some(estimated) = usage.get("estimated") {
-        out["estimated"] = estimated.clone();
-    }
-    out
 }
 
 fn event(name: &str, data: &Value) -> Event {
@@ -373,7 +341,7 @@ fn error_event(why: &Ended, failure: Option<&Failure>) -> Event {
     if let Some(f) = failure {
         data["message_id"] = json!(f.id.to_string());
         if let Some(usage) = &f.usage {
-            data["usage"] = usage_json(usage);
+            data["usage"] = usage_counts(usage);
         }
     }
     event("error", &data)

@@ -139,7 +139,7 @@ pub async fn events(
     // Counted apart from WebSockets: streams never fill a room or an address for them.
     let slot = shared
         .members
-        .acquire(MemberKind::EventStream, sid, client.limit_key())
+        .acquire(MemberKind::EventStream, Some(sid), client.limit_key())
         .map_err(ApiError::full)?;
 
     let cursor = Cursor::join(

@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+pub use prompt::{Emotions, EmotionsError};
 pub use provider::{LlmError, Usage};
 pub use worker::{run_worker, WorkerError};
 
@@ -81,10 +82,15 @@ pub struct LlmArgs {
         conflicts_with = "llm_system_prompt"
     )]
     pub llm_system_prompt_file: Option<PathBuf>,
+    /// Replace the built-in guidance per emotion (`bd.emotion` of a request) with this file's: a
+    /// JSON object such as `{"anxious": "...", "sad": "..."}`; emotions it does not name keep
+    /// the built-in line, an empty string turns one off.
+    #[arg(long, env = "RELAY_LLM_EMOTION_PROMPTS")]
+    pub llm_emotion_prompts: Option<PathBuf>,
     /// Room entries given to the model as context.
     #[arg(long, env = "RELAY_LLM_CONTEXT", default_value_t = 20)]
     pub llm_context: u64,
-    /// Most tokens of one reply.
+    /// Most tokens of one reply (a request may ask for fewer: the voice dialect asks for 200).
     #[arg(long, env = "RELAY_LLM_MAX_TOKENS", default_value_t = 200)]
     pub llm_max_tokens: u32,
     /// Connect timeout to the LLM server, ms.

@@ -4,10 +4,13 @@
 //! the relay stored (the `participant` field), never with a label taken from the text. The
 //! system prompt comes from configuration only.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::protocol::LLM_ROLE;
+use crate::protocol::{EMOTIONS, LLM_ROLE};
 use crate::store::Entry;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -21,8 +24,9 @@ Each message from a person starts with their name, like \"A: ...\". Reply to the
 message in two or three short sentences, plainly and kindly. Never pretend to be one of the \
 people and never write their names as speakers.";
 
-/// Emotions the voice-chat backend accepted, each with how to answer someone who feels it.
-pub const EMOTIONS: &[(&str, &str)] = &[
+/// The built-in guidance per emotion ([`EMOTIONS`]): the voice-chat backend's counselling
+/// lines, one per emotion a request may carry.
+const BUILTIN_GUIDANCE: [(&str, &str); 8] = [
     (
         "happy",
         "The person is happy: share their good mood warmly.",
@@ -54,11 +58,63 @@ pub const EMOTIONS: &[(&str, &str)] = &[
     ),
 ];
 
-pub fn emotion_guidance(emotion: &str) -> Option<&'static str> {
-    EMOTIONS
-        .iter()
-        .find(|(e, _)| *e == emotion)
-        .map(|(_, g)| *g)
+/// How the system prompt answers each emotion of a request (`bd.emotion`): the built-in lines,
+/// or for the emotions it names those of `--llm-emotion-prompts FILE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emotions {
+    guidance: BTreeMap<String, String>,
+}
+
+/// Why an emotion prompts file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum EmotionsError {
+    #[error("cannot read the emotion prompts file")]
+    Read(#[source] std::io::Error),
+    #[error("the emotion prompts file is not a JSON object of strings: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("the emotion prompts file names '{0}', which is not an emotion (known: {known})", known = EMOTIONS.join(", "))]
+    Unknown(String),
+}
+
+impl Default for Emotions {
+    fn default() -> Self {
+        Self {
+            guidance: BUILTIN_GUIDANCE
+                .iter()
+                .map(|(e, g)| ((*e).to_owned(), (*g).to_owned()))
+                .collect(),
+        }
+    }
+}
+
+impl Emotions {
+    /// The built-in lines, with those of a JSON object `{"anxious": "...", ...}` instead for the
+    /// emotions it names (an empty string: no guidance for that emotion).
+    pub fn with_overrides(json: &str) -> Result<Self, EmotionsError> {
+        let overrides: BTreeMap<String, String> =
+            serde_json::from_str(json).map_err(EmotionsError::Json)?;
+        let mut emotions = Self::default();
+        for (emotion, guidance) in overrides {
+            if !EMOTIONS.contains(&emotion.as_str()) {
+                return Err(EmotionsError::Unknown(emotion));
+            }
+            emotions.guidance.insert(emotion, guidance);
+        }
+        Ok(emotions)
+    }
+
+    /// [`Emotions::with_overrides`] from a file.
+    pub fn from_file(path: &Path) -> Result<Self, EmotionsError> {
+        Self::with_overrides(&std::fs::read_to_string(path).map_err(EmotionsError::Read)?)
+    }
+
+    /// What to tell the model about someone who feels `emotion`, if anything.
+    pub fn guidance(&self, emotion: &str) -> Option<&str> {
+        self.guidance
+            .get(emotion)
+            .map(String::as_str)
+            .filter(|g| !g.trim().is_empty())
+    }
 }
 
 /// The text of an entry people or the LLM said, if it is one.
@@ -78,10 +134,10 @@ pub fn spoken_text(entry: &Entry) -> Option<(String, bool)> {
     Some((text.to_owned(), entry.participant == LLM_ROLE))
 }
 
-/// System prompt (plus emotion guidance) and the conversation, oldest first.
-pub fn build(system: &str, emotion: Option<&str>, history: &[Entry]) -> Vec<ChatMessage> {
+/// System prompt (plus the guidance for the asker's emotion) and the conversation, oldest first.
+pub fn build(system: &str, guidance: Option<&str>, history: &[Entry]) -> Vec<ChatMessage> {
     let mut system = system.to_owned();
-    if let Some(g) = emotion.and_then(emotion_guidance) {
+    if let Some(g) = guidance {
         system.push_str("\n\n");
         system.push_str(g);
     }
@@ -195,7 +251,7 @@ mod tests {
             entry("llm", "llm.response", "Hello!"),
             entry("B", "llm.request", "@llm what now?"),
         ];
-        let m = build("SYS", Some("anxious"), &h);
+        let m = build("SYS", Emotions::default().guidance("anxious"), &h);
         assert_eq!(m.len(), 4);
         assert_eq!(m[0].role, "system");
         assert!(m[0].content.starts_with("SYS") && m[0].content.contains("anxious"));
@@ -264,8 +320,24 @@ mod tests {
     }
 
     #[test]
-    fn unknown_emotion_adds_nothing() {
-        let m = build("SYS", Some("bored"), &[]);
-        assert_eq!(m[0].content, "SYS");
+    fn every_emotion_has_guidance_and_a_file_replaces_it() {
+        let builtin = Emotions::default();
+        for e in EMOTIONS {
+            assert!(builtin.guidance(e).is_some(), "{e}");
+        }
+        assert_eq!(builtin.guidance("bored"), None);
+        let custom =
+            Emotions::with_overrides(r#"{"anxious": "Breathe with them.", "sad": ""}"#).unwrap();
+        assert_eq!(custom.guidance("anxious"), Some("Breathe with them."));
+        assert_eq!(custom.guidance("sad"), None, "an empty line turns it off");
+        assert_eq!(custom.guidance("happy"), builtin.guidance("happy"));
+        assert!(matches!(
+            Emotions::with_overrides(r#"{"bored": "x"}"#),
+            Err(EmotionsError::Unknown(e)) if e == "bored"
+        ));
+        assert!(Emotions::with_overrides("[1]").is_err());
+        let m = build("SYS", custom.guidance("anxious"), &[]);
+        assert_eq!(m[0].content, "SYS\n\nBreathe with them.");
+        assert_eq!(build("SYS", None, &[])[0].content, "SYS");
     }
 }

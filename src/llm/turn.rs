@@ -16,7 +16,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::prompt::{self, emotion_guidance};
+use super::prompt;
 use super::provider::{Event, LlmError, Usage};
 use super::worker::Ctx;
 use crate::protocol::{llm_start_frame, new_body, transient_frame, StreamId, LLM_ROLE};
@@ -104,10 +104,18 @@ async fn answer(
     }
 
     let request_body: Value = serde_json::from_str(&request.body).unwrap_or(Value::Null);
-    let emotion = request_body
+    let guidance = request_body
         .pointer("/bd/emotion")
         .and_then(Value::as_str)
-        .filter(|e| emotion_guidance(e).is_some());
+        .and_then(|e| ctx.emotions.guidance(e));
+    // A dialect may want shorter replies (`hd.max_tokens`, set by the relay only), never longer.
+    let max_tokens = request_body
+        .pointer("/hd/max_tokens")
+        .and_then(Value::as_u64)
+        .map_or(ctx.args.llm_max_tokens, |m| {
+            u32::try_from(m.max(1))
+                .map_or(ctx.args.llm_max_tokens, |m| m.min(ctx.args.llm_max_tokens))
+        });
     let history = store
         .range_before(
             sid,
@@ -115,7 +123,7 @@ async fn answer(
             ctx.args.llm_context.max(1),
         )
         .await?;
-    let messages = prompt::build(&ctx.system_prompt, emotion, &history);
+    let messages = prompt::build(&ctx.system_prompt, guidance, &history);
     let speakers = prompt::speakers(&history);
     let stops = prompt::stop_sequences(&speakers);
     let prompt_tokens = prompt::estimate_tokens(&messages);
@@ -160,10 +168,12 @@ async fn answer(
         next_seq: 0,
         last_flush: None,
     };
-    let outcome = generate(
-        ctx, sid, turn, &token, cancel, &messages, &stops, &mut out, &mut usage,
-    )
-    .await;
+    let ask = Ask {
+        messages: &messages,
+        stops: &stops,
+        max_tokens,
+    };
+    let outcome = generate(ctx, sid, turn, &token, cancel, &ask, &mut out, &mut usage).await;
     let outcome = match outcome {
         Outcome::Superseded => Outcome::Superseded,
         // Whatever the room has not been sent yet goes out now, so the stored text is exactly
@@ -190,6 +200,13 @@ fn state_ttl(ctx: &Ctx) -> Duration {
     crate::store::turn_state_ttl(ctx.args.claim_idle())
 }
 
+/// What the provider is asked for one attempt.
+struct Ask<'a> {
+    messages: &'a [prompt::ChatMessage],
+    stops: &'a [String],
+    max_tokens: u32,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn generate(
     ctx: &Ctx,
@@ -197,15 +214,14 @@ async fn generate(
     turn: StreamId,
     token: &str,
     cancel: &CancellationToken,
-    messages: &[prompt::ChatMessage],
-    stops: &[String],
+    ask: &Ask<'_>,
     out: &mut Deltas<'_>,
     usage: &mut UsageTally,
 ) -> Outcome {
     let asked = std::time::Instant::now();
     let mut completion = tokio::select! {
         _ = cancel.cancelled() => return Outcome::Cancelled,
-        c = ctx.provider.stream(messages, stops, ctx.args.llm_max_tokens) => match c {
+        c = ctx.provider.stream(ask.messages, ask.stops, ask.max_tokens) => match c {
             Ok(c) => c,
             Err(err) => return Outcome::Failed(err),
         },

@@ -11,7 +11,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::prompt::DEFAULT_SYSTEM_PROMPT;
+use super::prompt::{Emotions, EmotionsError, DEFAULT_SYSTEM_PROMPT};
 use super::provider::{LlmError, Provider, ProviderSettings};
 use super::rooms::ReadSet;
 use super::{LlmArgs, ReplyPolicy};
@@ -31,6 +31,8 @@ pub enum WorkerError {
     Llm(#[from] LlmError),
     #[error("cannot read the system prompt file")]
     Prompt(#[source] std::io::Error),
+    #[error(transparent)]
+    Emotions(#[from] EmotionsError),
 }
 
 /// State shared by the worker's loops and its turns.
@@ -40,6 +42,8 @@ pub(super) struct Ctx {
     pub args: LlmArgs,
     pub provider: Provider,
     pub system_prompt: String,
+    /// Guidance per emotion for the system prompt (`--llm-emotion-prompts`).
+    pub emotions: Emotions,
     pub consumer: String,
     pub token: CancellationToken,
     pub tracker: TaskTracker,
@@ -78,6 +82,10 @@ pub async fn run_worker(
         (None, Some(path)) => std::fs::read_to_string(path).map_err(WorkerError::Prompt)?,
         (None, None) => DEFAULT_SYSTEM_PROMPT.to_owned(),
     };
+    let emotions = match &args.llm_emotion_prompts {
+        Some(path) => Emotions::from_file(path)?,
+        None => Emotions::default(),
+    };
     let consumer = args.llm_consumer.clone().unwrap_or_else(default_consumer);
     let wake_after = store.wake_after();
     let ctx = Arc::new(Ctx {
@@ -86,6 +94,7 @@ pub async fn run_worker(
         args,
         provider,
         system_prompt,
+        emotions,
         consumer,
         token: token.clone(),
         tracker: tracker.clone(),

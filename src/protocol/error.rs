@@ -18,6 +18,8 @@ pub enum ErrorCode {
     InvalidBody,
     EmptyText,
     TextTooLong,
+    /// `bd.emotion` is not one of [`super::EMOTIONS`] (nor null).
+    InvalidEmotion,
     FrameTooLarge,
     TooDeep,
     BinaryUnsupported,
@@ -78,6 +80,7 @@ impl ErrorCode {
             ErrorCode::InvalidBody => "invalid_body",
             ErrorCode::EmptyText => "empty_text",
             ErrorCode::TextTooLong => "text_too_long",
+            ErrorCode::InvalidEmotion => "invalid_emotion",
             ErrorCode::FrameTooLarge => "frame_too_large",
             ErrorCode::TooDeep => "too_deep",
             ErrorCode::BinaryUnsupported => "binary_unsupported",

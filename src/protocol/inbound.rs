@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{ClientError, ErrorCode, EventKind, StreamId, SERVER_HEADER_FIELDS};
+use super::{ClientError, ErrorCode, EventKind, StreamId, EMOTIONS, SERVER_HEADER_FIELDS};
 
 /// Limits applied to every client frame; all configurable.
 #[derive(Debug, Clone)]
@@ -57,22 +57,27 @@ impl From<ClientError> for Refusal {
 
 const MAX_CID_BYTES: usize = 128;
 
-/// Parse and validate one text frame.
-pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<Inbound, Refusal> {
+/// The checks every text frame passes before it is parsed, whatever its dialect: its size, then
+/// its nesting depth (a byte scan, so serde never recurses into hostile input).
+pub fn check_frame(text: &str, limits: &Limits) -> Result<(), ClientError> {
     if text.len() > limits.max_frame_bytes {
         return Err(ClientError::new(
             ErrorCode::FrameTooLarge,
             format!("frame too large (max {} bytes)", limits.max_frame_bytes),
-        )
-        .into());
+        ));
     }
     if depth_exceeds(text.as_bytes(), limits.max_depth) {
         return Err(ClientError::new(
             ErrorCode::TooDeep,
             format!("JSON nested too deeply (max depth {})", limits.max_depth),
-        )
-        .into());
+        ));
     }
+    Ok(())
+}
+
+/// Parse and validate one text frame.
+pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<Inbound, Refusal> {
+    check_frame(text, limits)?;
     let value: Value = serde_json::from_str(text)
         .map_err(|_| ClientError::new(ErrorCode::BadJson, "frame is not valid JSON"))?;
     let Value::Object(mut envelope) = value else {
@@ -187,6 +192,7 @@ fn validate_body(event: EventKind, body: Value, limits: &Limits) -> Result<Value
             let text = checked_text(raw, limits, "llm.request needs bd.text (or bd.prompt)")?;
             bd.remove("prompt");
             bd.insert("text".into(), Value::String(text));
+            checked_emotion(bd.get("emotion"))?;
             Ok(Value::Object(bd))
         }
         EventKind::LlmCancel => {
@@ -210,6 +216,21 @@ fn validate_body(event: EventKind, body: Value, limits: &Limits) -> Result<Value
                 "chat.typing takes an object body (may be empty)",
             )),
         },
+    }
+}
+
+/// `bd.emotion` of an `llm.request`: absent, null, or one of [`EMOTIONS`].
+fn checked_emotion(emotion: Option<&Value>) -> Result<(), ClientError> {
+    match emotion {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(e)) if EMOTIONS.contains(&e.as_str()) => Ok(()),
+        Some(_) => Err(ClientError::new(
+            ErrorCode::InvalidEmotion,
+            format!(
+                "bd.emotion must be one of {} (or null)",
+                EMOTIONS.join(", ")
+            ),
+        )),
     }
 }
 
@@ -395,6 +416,36 @@ mod tests {
     fn server_fields_are_dropped() {
         let inb =
             parse(r#"{"hd":{"event":"chat.typing","id":"9-9","sid":"other","ts":1}}"#).unwrap();
+        assert!(inb.extra.is_empty());
+    }
+
+    #[test]
+    fn emotion_is_one_of_the_list_or_null() {
+        for ok in [r#""anxious""#, "null"] {
+            let frame = format!(
+                r#"{{"hd":{{"event":"llm.request"}},"bd":{{"text":"hi","emotion":{ok}}}}}"#
+            );
+            assert!(parse(&frame).is_ok(), "{frame}");
+        }
+        for bad in [r#""bored""#, "3", r#""Happy""#] {
+            let frame = format!(
+                r#"{{"hd":{{"event":"llm.request"}},"bd":{{"text":"hi","emotion":{bad}}}}}"#
+            );
+            assert_eq!(code(&frame), "invalid_emotion", "{frame}");
+        }
+        // The text is checked first.
+        assert_eq!(
+            code(r#"{"hd":{"event":"llm.request"},"bd":{"text":" ","emotion":"bored"}}"#),
+            "empty_text"
+        );
+    }
+
+    #[test]
+    fn dialect_fields_are_the_relays() {
+        let inb = parse(
+            r#"{"hd":{"event":"llm.request","dialect":"voice","max_tokens":9999},"bd":{"text":"x"}}"#,
+        )
+        .unwrap();
         assert!(inb.extra.is_empty());
     }
 

@@ -13,7 +13,7 @@ mod stream_id;
 pub use close::{Close, Reconnect};
 pub use error::{ClientError, ErrorCode};
 pub use event::EventKind;
-pub use inbound::{parse_client_frame, Inbound, Limits};
+pub use inbound::{check_frame, parse_client_frame, Inbound, Limits};
 pub use outbound::{
     ack_frame, delivery_frame, error_frame, llm_start_frame, new_body, now_ms, resume_gap_frame,
     transient_frame, StoredBody,
@@ -27,8 +27,33 @@ pub const LLM_ROLE: &str = "llm";
 pub const DEFAULT_ROLE: &str = "user";
 
 /// Header fields only the relay may set. A client's copies are dropped so a delivered frame's
-/// `hd.id` or `hd.sid` is always the relay's, never a client's forgery.
-pub const SERVER_HEADER_FIELDS: &[&str] = &["id", "sid", "ts", "conn", "code", "turn_id", "sub"];
+/// `hd.id` or `hd.sid` is always the relay's, never a client's forgery. `dialect` and
+/// `max_tokens` are set by the dialect adapters (`crate::dialect`) on the requests they store:
+/// which way in a request came, and the longest reply it wants.
+pub const SERVER_HEADER_FIELDS: &[&str] = &[
+    "id",
+    "sid",
+    "ts",
+    "conn",
+    "code",
+    "turn_id",
+    "sub",
+    "dialect",
+    "max_tokens",
+];
+
+/// The emotions an `llm.request` may carry in `bd.emotion` (the voice-chat backend's list); each
+/// shapes the LLM's system prompt (`llm::Emotions`).
+pub const EMOTIONS: [&str; 8] = [
+    "happy",
+    "sad",
+    "angry",
+    "anxious",
+    "neutral",
+    "surprised",
+    "disgusted",
+    "fearful",
+];
 
 /// Room ids: `[A-Za-z0-9._-]{1,128}`. Keeps keys readable in redis-cli, keeps `{`/`}` (cluster
 /// hash tags) and whitespace out of key names.

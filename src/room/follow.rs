@@ -12,7 +12,7 @@
 use serde_json::Value;
 
 use super::Outbound;
-use crate::protocol::StreamId;
+use crate::protocol::{ErrorCode, StreamId};
 
 /// What to tell the client next.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +49,34 @@ pub(crate) struct Failure {
     pub(crate) message: String,
     /// `bd.usage` when the turn spent tokens.
     pub(crate) usage: Option<Value>,
+}
+
+impl Failure {
+    /// The stored `hd.code` in the error catalogue (`llm_unavailable` for a code it lacks).
+    pub(crate) fn error_code(&self) -> ErrorCode {
+        match self.code.as_str() {
+            "llm_timeout" => ErrorCode::LlmTimeout,
+            "llm_rate_limited" => ErrorCode::LlmRateLimited,
+            "llm_rejected" => ErrorCode::LlmRejected,
+            "llm_bad_response" => ErrorCode::LlmBadResponse,
+            "rate_limited" => ErrorCode::RateLimited,
+            _ => ErrorCode::LlmUnavailable,
+        }
+    }
+}
+
+/// A stored `bd.usage` as the chat APIs show it: `prompt_tokens`, `completion_tokens` and
+/// `total_tokens` always present (0 when the turn stored none), and `estimated` when stored.
+pub(crate) fn usage_counts(usage: &Value) -> Value {
+    let mut out = serde_json::json!({
+        "prompt_tokens": usage["prompt_tokens"].as_u64().unwrap_or(0),
+        "completion_tokens": usage["completion_tokens"].as_u64().unwrap_or(0),
+        "total_tokens": usage["total_tokens"].as_u64().unwrap_or(0),
+    });
+    if let Some(estimated) = usage.get("estimated") {
+        out["estimated"] = estimated.clone();
+    }
+    out
 }
 
 /// The state of one turn as followed so far.

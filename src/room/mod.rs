@@ -14,6 +14,7 @@ mod cursor;
 mod follow;
 mod members;
 mod presence;
+mod turn_reader;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,9 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub(crate) use cursor::{Cursor, CursorEnd};
-pub(crate) use follow::{Failure, Reply, TurnFollow, TurnStep};
+pub(crate) use follow::{usage_counts, Failure, Reply, TurnFollow, TurnStep};
 pub use members::{ConnId, Outbound, Room};
 pub(crate) use presence::Presence;
+pub(crate) use turn_reader::TurnReader;
 
 use crate::store::{Feed, FeedEvent, FeedHandle, Live, Store, StoreError};
 

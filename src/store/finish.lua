@@ -15,7 +15,7 @@
 -- ARGV[11] retention by age, ms (0 = none)   ARGV[12] room idle ttl, ms (0 = rooms never expire)
 --
 -- Returns {'stored', id, ordinal} or, when some worker already finished this turn, {'done', id}
--- ({'done'} without an id when the session was deleted).
+-- ({'done'} without an id when the session was deleted, or deleted and created again).
 
 -- A deleted session (its stream is gone) gets nothing back: answered like a finished turn.
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -25,6 +25,13 @@ local cur = redis.call('GET', KEYS[2])
 if cur and string.sub(cur, 1, 5) == 'done:' then
   redis.call('XACK', KEYS[1], ARGV[5], ARGV[6])
   return {'done', string.sub(cur, 6)}
+end
+-- The request must still be pending in this stream's group. If it is not, the session was
+-- deleted while the turn ran and a new one exists under the same id (created through the API,
+-- or by a first message): its stream never held this request, so the reply is not its to keep.
+local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[5], ARGV[6], ARGV[6], 1)
+if not ok or #pending == 0 then
+  return {'done'}
 end
 local maxlen = tonumber(redis.call('HGET', KEYS[10], 'ret_len') or ARGV[1])
 local id

@@ -25,6 +25,7 @@
 //! | `chat:usage:rooms` | sorted set | rooms with callbacks to deliver (by time of the last one added) |
 //! | `chat:usage:dead` | stream | usage callbacks that could not be delivered in time |
 //! | `chat:llm:rate:{<room key>}:<window>` | string | LLM turns counted per room per window |
+//! | `chat:voice:rate:{<room key>}` | sorted set | the voice dialect's requests of the last minute (`--voice-requests-per-minute`, a sliding window), scored by Redis time; expires with the window |
 //! | `chat:llm:cancel` | pub/sub channel | cancel notices to workers (`<sid> <turn>`) |
 //! | `chat:llm:wake` | pub/sub channel | on Redis Cluster: a room stored an entry that asks the LLM (`<sid>`) |
 //! | `chat:llm:dead` | stream | LLM requests that failed too often |
@@ -205,6 +206,12 @@ impl Keys {
         format!("{}llm:rate:{{{}}}:{window}", self.root, self.room(sid))
     }
 
+    /// `chat:voice:rate:{chat:session:<sid>}`: the voice dialect's recent requests in the room,
+    /// for its sliding-window rate limit. Same hash tag as the room.
+    pub fn voice_rate(&self, sid: &str) -> String {
+        format!("{}voice:rate:{{{}}}", self.root, self.room(sid))
+    }
+
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
@@ -255,6 +262,10 @@ mod tests {
             "chat:record:{chat:session:room001}"
         );
         assert_eq!(k.room_pattern("room001"), "*{chat:session:room001}*");
+        assert_eq!(
+            k.voice_rate("room001"),
+            "chat:voice:rate:{chat:session:room001}"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! [`Store::dedicated_client`]): a blocked command stalls everything queued behind it.
 //! Every command has a timeout so a dead Redis turns into `store_unavailable`, not silence.
 
+mod dialects;
 mod feed;
 pub mod keys;
 mod llm_group;
@@ -22,6 +23,7 @@ mod stats;
 mod turns;
 mod usage;
 
+pub use dialects::VoiceRate;
 pub use feed::{Feed, FeedEvent, FeedHandle};
 pub use keys::Keys;
 pub use llm_group::GroupEntry;
@@ -76,6 +78,7 @@ struct Scripts {
     usage_claim: Lua,
     usage_settle: Lua,
     usage_forget: Lua,
+    voice_rate: Lua,
     presence: Lua,
     room_touch: Lua,
 }
@@ -253,6 +256,7 @@ impl Store {
                 usage_claim: Lua::new(include_str!("usage_claim.lua")),
                 usage_settle: Lua::new(include_str!("usage_settle.lua")),
                 usage_forget: Lua::new(include_str!("usage_forget.lua")),
+                voice_rate: Lua::new(include_str!("voice_rate.lua")),
                 presence: Lua::new(include_str!("presence.lua")),
                 room_touch: Lua::new(include_str!("room_touch.lua")),
             },

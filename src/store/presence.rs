@@ -70,7 +70,8 @@ impl Store {
         let keys = vec![self.keys.presence(sid), self.keys.presence_version(sid)];
         let mut args = vec![
             now.to_string(),
-            (ttl.as_millis() as u64 * 2).to_string(),
+            // The set outlives its last refresh a little, never the room (`--room-idle-ttl`).
+            (self.room_ttl(ttl * 2).as_millis() as u64).to_string(),
             op.to_owned(),
         ];
         args.extend(rest);

@@ -3,7 +3,8 @@
 //! upgrades. (The origin is checked for every request, before routing: `http::guarded`.)
 //!
 //! Everything that can be refused is refused here, before the upgrade, with an HTTP status and a
-//! JSON body: a WebSocket client sees those as a failed handshake it can read.
+//! JSON body: a WebSocket client sees those as a failed handshake it can read. The dialect
+//! sockets (`crate::dialect`) pass the same door: [`open_door`], [`take_slot`], [`accept`].
 
 mod session;
 
@@ -19,9 +20,9 @@ use axum::Extension;
 use axum::Router;
 use serde::Deserialize;
 
-use crate::auth::{request_token, Denied};
+use crate::auth::{request_token, Denied, Grant};
 use crate::http::{checked_sid, ApiError};
-use crate::limits::MemberKind;
+use crate::limits::{MemberKind, MemberSlot};
 use crate::net::ClientAddr;
 use crate::protocol::{ErrorCode, StreamId};
 use crate::state::Shared;
@@ -55,15 +56,8 @@ async fn upgrade(
     Query(q): Query<ChatQuery>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    if !shared.ingress.admit_handshake(client.limit_key()) {
-        return Err(ApiError::too_many_handshakes());
-    }
     let sid = checked_sid(q.sid.as_deref())?.to_owned();
-    let (token, token_as_protocol) = request_token(q.token.as_deref(), &headers);
-    let grant = shared
-        .auth
-        .authorize(token.as_deref(), &sid)
-        .map_err(denied)?;
+    let door = open_door(&shared, client, &headers, q.token.as_deref(), Some(&sid))?;
     let last_id = match q.last_id.as_deref() {
         None | Some("") => None,
         Some(raw) => Some(raw.parse::<StreamId>().map_err(|_| {
@@ -78,19 +72,89 @@ async fn upgrade(
     }
     let conn = shared
         .ingress
-        .conn(&sid, &grant, q.role)
+        .conn(&sid, &door.grant, q.role)
         .map_err(ApiError::for_conn)?
         .with_addr(client.0)
         .with_budget(shared.ingress.connection_budget());
-    let slot = shared
-        .members
-        .acquire(MemberKind::WebSocket, &sid, client.limit_key())
-        .map_err(ApiError::full)?;
+    let slot = take_slot(&shared, Some(&sid), client)?;
     // Its `session.join` is paid from the room's presence budget, whatever follows.
     shared
         .ingress
         .admit_join(&sid)
         .map_err(|e| ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.code, e.message))?;
+    let ws = accept(&shared, &door, ws)?;
+    let params = SessionParams {
+        last_id,
+        conn,
+        conn_id: shared.next_conn_id(),
+        expires: door.grant.deadline(),
+        slot,
+    };
+    let tracker = shared.tracker.clone();
+    let response = ws.on_upgrade(move |socket| async move {
+        // Tracked so shutdown waits for sessions to close their sockets and finish appends.
+        tracker.spawn(session::run(socket, shared, params));
+    });
+    Ok(response.into_response())
+}
+
+/// What a WebSocket handshake established: who connects, and with which token.
+#[derive(Debug)]
+pub(crate) struct Door {
+    pub(crate) grant: Grant,
+    /// The token as sent, for the rooms a connection names later (the evaluation dialect's
+    /// frames each name their session).
+    pub(crate) token: Option<String>,
+    /// The token came in the protocol list: the `bearer` protocol is answered.
+    token_as_protocol: bool,
+}
+
+/// The first checks of every WebSocket endpoint (the room socket and the dialect sockets): the
+/// address's handshake budget, then the token — for room `sid`, or, for a connection not bound
+/// to one room, only that it is valid. (The page's origin is checked for every request before
+/// routing: `http::guarded`.)
+pub(crate) fn open_door(
+    shared: &Shared,
+    client: ClientAddr,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+    sid: Option<&str>,
+) -> Result<Door, ApiError> {
+    if !shared.ingress.admit_handshake(client.limit_key()) {
+        return Err(ApiError::too_many_handshakes());
+    }
+    let (token, token_as_protocol) = request_token(query_token, headers);
+    let grant = match sid {
+        Some(sid) => shared.auth.authorize(token.as_deref(), sid),
+        None => shared.auth.authenticate(token.as_deref()),
+    }
+    .map_err(denied)?;
+    Ok(Door {
+        grant,
+        token,
+        token_as_protocol,
+    })
+}
+
+/// This connection's place among the node's WebSockets: in room `sid` (when it is bound to
+/// one) and from its client address; freed when the slot is dropped.
+pub(crate) fn take_slot(
+    shared: &Shared,
+    sid: Option<&str>,
+    client: ClientAddr,
+) -> Result<MemberSlot, ApiError> {
+    shared
+        .members
+        .acquire(MemberKind::WebSocket, sid, client.limit_key())
+        .map_err(ApiError::full)
+}
+
+/// The upgrade, with the socket limits every relay WebSocket has.
+pub(crate) fn accept(
+    shared: &Shared,
+    door: &Door,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<WebSocketUpgrade, ApiError> {
     let ws = ws.map_err(|rej| {
         ApiError::new(
             rej.status(),
@@ -98,21 +162,13 @@ async fn upgrade(
             "this endpoint speaks WebSocket: send an Upgrade: websocket request",
         )
     })?;
-    let ws = if token_as_protocol {
+    let ws = if door.token_as_protocol {
         ws.protocols(["bearer"])
     } else {
         ws
     };
-    let params = SessionParams {
-        last_id,
-        conn,
-        conn_id: shared.next_conn_id(),
-        expires: grant.deadline(),
-        slot,
-    };
     let hard_cap = (shared.session.limits.max_frame_bytes * 4).max(16 * 1024);
-    let tracker = shared.tracker.clone();
-    let response = ws
+    Ok(ws
         // tungstenite's hard cap sits above our own frame limit, so a frame a little too large
         // gets a readable `frame_too_large` error and only a huge one closes the socket (1009).
         .max_message_size(hard_cap)
@@ -120,10 +176,11 @@ async fn upgrade(
         // Small initial buffers: an idle connection should cost little more than its socket.
         .read_buffer_size(4 * 1024)
         .write_buffer_size(8 * 1024)
-        .max_write_buffer_size(4 * 1024 * 1024)
-        .on_upgrade(move |socket| async move {
-            // Tracked so shutdown waits for sessions to close their sockets and finish appends.
-            tracker.spawn(session::run(socket, shared, params));
-        });
-    Ok(response.into_response())
+        .max_write_buffer_size(4 * 1024 * 1024))
+}
+
+/// Whether a read failed on a frame above the hard size cap (see [`accept`]).
+pub(crate) fn frame_too_big(err: &axum::Error) -> bool {
+    let text = err.to_string();
+    text.contains("too long") || text.contains("too big") || text.contains("Space limit")
 }

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Run the Python smoke test against a running relay, in a cached virtualenv.
+# Run a Python test client against a running relay, in a cached virtualenv: the smoke test by
+# default, or another script of this folder named first.
 #
 #   test-clients/python/run.sh [--url ws://127.0.0.1:3000] [--redis redis://127.0.0.1:6379]
 #                              [--sid ROOM] [--prefix chat:session:] [--timeout 10]
+#   test-clients/python/run.sh voice_client.py [--url ws://127.0.0.1:3000]
+#   test-clients/python/run.sh eval_client.py [--url ws://127.0.0.1:3000]
 #
 # The venv lives in ${CHAT_RELAY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chat-relay}/py-venv and
 # is created on first use; requirements.txt is installed again only when it changed.
@@ -32,4 +35,9 @@ if [ "$want" != "$have" ]; then
   echo "$want" > "$stamp"
 fi
 
-exec "$venv/bin/python" "$here/smoke_test.py" "$@"
+script=smoke_test.py
+if [[ "${1:-}" == *.py ]]; then
+  script="$1"
+  shift
+fi
+exec "$venv/bin/python" "$here/$script" "$@"

@@ -10,7 +10,7 @@ use crate::sessions::{call, create_session};
 use crate::support::redis::xrange;
 use crate::support::{unique_sid, FakeLlm, Mode, RedisServer, Relay, SseReader, WsClient};
 
-async fn relay_with(redis: &RedisServer, fake: &FakeLlm, extra: &[&str]) -> Relay {
+pub async fn relay_with(redis: &RedisServer, fake: &FakeLlm, extra: &[&str]) -> Relay {
     let base = fake.base_url();
     let mut args = vec!["--llm-base-url", base.as_str()];
     args.extend_from_slice(extra);
@@ -27,7 +27,7 @@ async fn post_chat(relay: &Relay, path: &str, body: Value) -> reqwest::Response 
 }
 
 /// The stored entries of a room with this event, as (id, participant, envelope).
-async fn stored(redis: &RedisServer, sid: &str, event: &str) -> Vec<(String, String, Value)> {
+pub async fn stored(redis: &RedisServer, sid: &str, event: &str) -> Vec<(String, String, Value)> {
     let client = redis.client().await;
     xrange(&client, &format!("chat:session:{sid}"))
         .await

@@ -10,9 +10,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use crate::support::redis::xlen;
 use crate::support::{unique_sid, RedisServer, Relay, WsClient};
 
-const SECRET: &str = "test-secret";
+pub const SECRET: &str = "test-secret";
 
-fn jwt_flags() -> Vec<&'static str> {
+pub fn jwt_flags() -> Vec<&'static str> {
     vec!["--auth", "jwt", "--jwt-secret", SECRET]
 }
 
@@ -32,7 +32,7 @@ fn token_with(claims: Value, secret: &str) -> String {
     .unwrap()
 }
 
-fn token(sid: &str, role: &str, ttl: u64) -> String {
+pub fn token(sid: &str, role: &str, ttl: u64) -> String {
     token_with(
         json!({"sub": format!("user-{role}"), "sid": sid, "role": role, "exp": now() + ttl, "iat": now()}),
         SECRET,
@@ -40,7 +40,7 @@ fn token(sid: &str, role: &str, ttl: u64) -> String {
 }
 
 /// The handshake's HTTP status and JSON body (the relay refuses before upgrading).
-async fn handshake(url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+pub async fn handshake(url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
     let mut req = url.into_client_request().unwrap();
     for (k, v) in headers {
         req.headers_mut().insert(

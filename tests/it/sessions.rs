@@ -50,7 +50,7 @@ fn is_rfc3339(v: &Value) -> bool {
 }
 
 /// Every key whose name holds the room id, by a real `SCAN`.
-async fn keys_naming(client: &Client, sid: &str) -> Vec<String> {
+pub async fn keys_naming(client: &Client, sid: &str) -> Vec<String> {
     let mut keys = Vec::new();
     let mut cursor = "0".to_owned();
     loop {

@@ -62,8 +62,7 @@ pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, params: SessionP
 }
 
 async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionParams) {
-    metrics::gauge!(crate::metrics::CONNECTIONS).increment(1.0);
-    let _connected = ConnectedGauge;
+    let _connected = crate::metrics::Connected::open();
     let _slot = params.slot;
     let (mut sink, stream) = socket.split();
     let sid = params.conn.sid().to_owned();
@@ -179,15 +178,6 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
         .await
     {
         tracing::warn!(cause = %err, "could not record leave");
-    }
-}
-
-/// Decrements the connection gauge however the session ends.
-struct ConnectedGauge;
-
-impl Drop for ConnectedGauge {
-    fn drop(&mut self) {
-        metrics::gauge!(crate::metrics::CONNECTIONS).decrement(1.0);
     }
 }
 

@@ -21,6 +21,8 @@ pub struct WsClient {
     stash: VecDeque<Value>,
     /// The server's close frame (code, reason), once one was read.
     close: Option<(u16, String)>,
+    /// How long to wait for each frame.
+    patience: std::time::Duration,
 }
 
 /// What the next frame was.
@@ -41,6 +43,7 @@ impl WsClient {
             cid: 0,
             stash: VecDeque::new(),
             close: None,
+            patience: WAIT,
         }
     }
 
@@ -65,10 +68,17 @@ impl WsClient {
             cid: 0,
             stash: VecDeque::new(),
             close: None,
+            patience: WAIT,
         }
     }
 
     /// Connect and consume frames up to and including this connection's own `session.join`.
+    /// Waits up to `patience` for each frame (a real model on a busy machine is slow).
+    pub fn with_patience(mut self, patience: std::time::Duration) -> Self {
+        self.patience = patience;
+        self
+    }
+
     pub async fn join(url: &str) -> WsClient {
         let mut c = Self::connect(url).await;
         c.expect_event("session.join").await;
@@ -109,7 +119,7 @@ impl WsClient {
 
     pub async fn next(&mut self) -> Next {
         loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next())
+            let msg = tokio::time::timeout(self.patience, self.ws.next())
                 .await
                 .expect("timed out waiting for a frame");
             match msg {
