@@ -6,7 +6,15 @@
 //! loadgen idle --url ws://127.0.0.1:3000 --connections 5000 --relay-pid PID
 //! loadgen llm  --url ws://127.0.0.1:3000 --clients 100 --turns 10
 //! loadgen run  --server reference --url ws://127.0.0.1:18201 ...   # the lean reference relay
+//! loadgen run  --url ws://127.0.0.1:3001,ws://127.0.0.1:3002 --relay-pid P1,P2 --redis-pid R1,R2,R3 ...
 //! ```
+//!
+//! Several relay nodes: `--url` takes a list, and the clients of each room are spread over the
+//! nodes round-robin (client `i` of room `r` on node `(r + i) % nodes`), so every room with at
+//! least as many clients as nodes has members on every node and its messages cross nodes
+//! through Redis. `--relay-pid` lists the nodes' PIDs in the same order as `--url`: CPU time,
+//! memory, connections and deliveries are reported per node and in total. `--redis-pid` may list
+//! a cluster's masters; their CPU time is reported per process and in total.
 //!
 //! `run` connects every client (each waits for its own `session.join`), then starts all senders at
 //! once. Each `chat.message` body carries `seq` (per sender), `sender` and `t` (send time, µs since
@@ -103,9 +111,15 @@ struct LlmArgs {
 
 #[derive(Debug, Clone, Args)]
 struct RunArgs {
-    /// Relay address, `ws://HOST:PORT` with a loopback HOST.
-    #[arg(long, env = "LOADGEN_URL", default_value = "ws://127.0.0.1:3000")]
-    url: String,
+    /// Relay address, `ws://HOST:PORT` with a loopback HOST; several (comma-separated or
+    /// repeated) spread each room's clients over the nodes round-robin.
+    #[arg(
+        long,
+        env = "LOADGEN_URL",
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:3000"
+    )]
+    url: Vec<String>,
     /// The server's protocol: chat-relay, or the lean reference relay.
     #[arg(long, value_enum, default_value_t = Server::Relay)]
     server: Server,
@@ -136,12 +150,14 @@ struct RunArgs {
     /// Bound on the whole run (connect, send, drain), seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
-    /// Relay process id: report its CPU time during the run.
-    #[arg(long)]
-    relay_pid: Option<u32>,
-    /// Redis process id: report its CPU time during the run too.
-    #[arg(long)]
-    redis_pid: Option<u32>,
+    /// Relay process ids, one per `--url` in the same order (comma-separated or repeated):
+    /// report their CPU time during the run, per node and in total.
+    #[arg(long, value_delimiter = ',')]
+    relay_pid: Vec<u32>,
+    /// Redis process ids (a cluster's masters: comma-separated or repeated): report their CPU
+    /// time during the run, per process and in total.
+    #[arg(long, value_delimiter = ',')]
+    redis_pid: Vec<u32>,
     /// Connections opened at once.
     #[arg(long, default_value_t = 200)]
     connect_concurrency: usize,
@@ -152,9 +168,15 @@ struct RunArgs {
 
 #[derive(Debug, Clone, Args)]
 struct IdleArgs {
-    /// Relay address, `ws://HOST:PORT` with a loopback HOST.
-    #[arg(long, env = "LOADGEN_URL", default_value = "ws://127.0.0.1:3000")]
-    url: String,
+    /// Relay address, `ws://HOST:PORT` with a loopback HOST; several (comma-separated or
+    /// repeated) spread each room's connections over the nodes round-robin.
+    #[arg(
+        long,
+        env = "LOADGEN_URL",
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:3000"
+    )]
+    url: Vec<String>,
     /// The server's protocol: chat-relay (wait for `session.join`), or the reference relay
     /// (connected once the handshake is done).
     #[arg(long, value_enum, default_value_t = Server::Relay)]
@@ -168,9 +190,18 @@ struct IdleArgs {
     /// Rooms the connections are spread over (`idle-<prefix>-<i % rooms>`).
     #[arg(long, default_value_t = 100)]
     rooms: usize,
-    /// Relay process id: report its resident memory per connection.
-    #[arg(long)]
-    relay_pid: Option<u32>,
+    /// Relay process ids, one per `--url` in the same order (comma-separated or repeated):
+    /// report each one's resident memory per connection.
+    #[arg(long, value_delimiter = ',')]
+    relay_pid: Vec<u32>,
+    /// Redis process ids (a cluster's masters), for their CPU time while the connections idle
+    /// (with `--steady`).
+    #[arg(long, value_delimiter = ',')]
+    redis_pid: Vec<u32>,
+    /// Seconds to measure the relays' and Redis' CPU time while every connection idles
+    /// (presence heartbeats, pings), after `--settle`; 0 = skip.
+    #[arg(long, default_value_t = 0.0)]
+    steady: f64,
     /// Seconds to keep the connections open after measuring.
     #[arg(long, default_value_t = 0)]
     hold: u64,

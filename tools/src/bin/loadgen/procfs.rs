@@ -47,30 +47,48 @@ fn machine_busy_secs() -> Option<f64> {
     Some(busy as f64 / CLOCK_TICKS_PER_SEC)
 }
 
-/// CPU time of loadgen, the machine and (optionally) the relay and Redis at one instant.
-#[derive(Debug, Clone, Copy)]
+/// CPU time of loadgen, the machine, and the relay nodes and Redis processes given, at one
+/// instant. A process that cannot be read (gone, or not ours to read) has `None`.
+#[derive(Debug, Clone)]
 pub struct CpuMark {
     pub at: Instant,
     pub own: Option<f64>,
-    pub relay: Option<f64>,
-    pub redis: Option<f64>,
+    /// One per relay PID, in the order given.
+    pub relays: Vec<Option<f64>>,
+    /// One per Redis PID, in the order given.
+    pub redis: Vec<Option<f64>>,
     pub machine: Option<f64>,
 }
 
 impl CpuMark {
-    pub fn take(relay_pid: Option<u32>) -> Self {
-        Self::take_with(relay_pid, None)
-    }
-
-    pub fn take_with(relay_pid: Option<u32>, redis_pid: Option<u32>) -> Self {
+    pub fn take(relay_pids: &[u32], redis_pids: &[u32]) -> Self {
+        let read = |pids: &[u32]| pids.iter().map(|p| cpu_secs(&p.to_string())).collect();
         Self {
             at: Instant::now(),
             own: cpu_secs("self"),
-            relay: relay_pid.and_then(|p| cpu_secs(&p.to_string())),
-            redis: redis_pid.and_then(|p| cpu_secs(&p.to_string())),
+            relays: read(relay_pids),
+            redis: read(redis_pids),
             machine: machine_busy_secs(),
         }
     }
+}
+
+/// CPU seconds each process used between two readings (`before` and `after` in the same order).
+pub fn deltas(before: &[Option<f64>], after: &[Option<f64>]) -> Vec<Option<f64>> {
+    before
+        .iter()
+        .zip(after)
+        .map(|(a, b)| Some(b.as_ref()? - a.as_ref()?))
+        .collect()
+}
+
+/// The sum, known only when there is at least one value and every one is known: a total that
+/// silently left out a process would understate the cost.
+pub fn total(values: &[Option<f64>]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.iter().copied().sum()
 }
 
 /// A prefix for this run's room names and cids, unique across runs on one Redis.
@@ -91,5 +109,14 @@ mod tests {
         assert!(cpu_secs("self").is_some());
         assert!(rss_kib("self").is_some());
         assert!(machine_busy_secs().is_some());
+    }
+
+    #[test]
+    fn totals_need_every_process() {
+        assert_eq!(total(&[]), None);
+        assert_eq!(total(&[Some(1.0), Some(2.5)]), Some(3.5));
+        assert_eq!(total(&[Some(1.0), None]), None);
+        let d = deltas(&[Some(1.0), Some(2.0), None], &[Some(1.5), None, Some(3.0)]);
+        assert_eq!(d, vec![Some(0.5), None, None]);
     }
 }

@@ -9,10 +9,10 @@ use anyhow::{bail, Result};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::procfs::{rss_kib, run_prefix, CpuMark};
+use crate::procfs::{run_prefix, CpuMark};
 use crate::session::{client, ClientReport, ClientSpec, Phase, Progress, SenderPlan};
 use crate::stats::Stats;
-use crate::target::{check_open_files, Target};
+use crate::target::{check_open_files, node_of, Nodes};
 use crate::{RunArgs, MAX_CONNECTIONS, MAX_SECS, MAX_SIZE, MAX_TOTAL_MESSAGES};
 
 /// After every sender is answered, how long deliveries may stall before the rest counts as lost.
@@ -23,6 +23,8 @@ pub const POLL: Duration = Duration::from_millis(20);
 /// The run's shape after defaults and checks.
 #[derive(Debug, Clone)]
 pub struct RunPlan {
+    /// Relay nodes the clients are spread over.
+    pub nodes: usize,
     pub rooms: usize,
     pub clients: usize,
     pub senders: usize,
@@ -31,7 +33,7 @@ pub struct RunPlan {
 }
 
 impl RunPlan {
-    fn from_args(args: &RunArgs) -> Result<Self> {
+    fn from_args(args: &RunArgs, nodes: usize) -> Result<Self> {
         let senders = args.senders.unwrap_or(args.clients);
         let connections = args.rooms.saturating_mul(args.clients);
         if args.rooms == 0 || args.clients == 0 {
@@ -75,6 +77,7 @@ impl RunPlan {
             bail!("at most {MAX_TOTAL_MESSAGES} messages in total");
         }
         Ok(Self {
+            nodes,
             rooms: args.rooms,
             clients: args.clients,
             senders,
@@ -116,6 +119,7 @@ impl RunPlan {
         });
         ClientSpec {
             room,
+            node: node_of(room, index, self.nodes),
             client: (room * self.clients + index) as u32,
             sid: format!("{prefix}-{room}"),
             plan,
@@ -208,8 +212,8 @@ async fn collect(handles: Vec<JoinHandle<ClientReport>>) -> (Vec<ClientReport>, 
 }
 
 pub async fn run_mode(args: RunArgs) -> Result<bool> {
-    let target = Arc::new(Target::parse(&args.url, args.server)?);
-    let plan = RunPlan::from_args(&args)?;
+    let nodes = Nodes::parse(&args.url, args.server, &args.relay_pid, &args.redis_pid)?;
+    let plan = RunPlan::from_args(&args, nodes.len())?;
     check_open_files(plan.connections());
     let began = Instant::now();
     let deadline = began + Duration::from_secs(args.timeout);
@@ -224,7 +228,7 @@ pub async fn run_mode(args: RunArgs) -> Result<bool> {
         for index in 0..plan.clients {
             let spec = plan.client_spec(&args, &prefix, &padding, room, index);
             handles.push(tokio::spawn(client(
-                target.clone(),
+                nodes.targets[spec.node].clone(),
                 spec,
                 plan.clients as u64,
                 gate.clone(),
@@ -258,7 +262,7 @@ pub async fn run_mode(args: RunArgs) -> Result<bool> {
             plan.total_senders()
         );
     }
-    let before = CpuMark::take_with(args.relay_pid, args.redis_pid);
+    let before = CpuMark::take(&nodes.relay_pids, &nodes.redis_pids);
     let _ = phase_tx.send(Phase::Running(before.at));
     let end = wait_drained(
         &progress,
@@ -268,7 +272,7 @@ pub async fn run_mode(args: RunArgs) -> Result<bool> {
         args.json,
     )
     .await;
-    let after = CpuMark::take_with(args.relay_pid, args.redis_pid);
+    let after = CpuMark::take(&nodes.relay_pids, &nodes.redis_pids);
     let _ = phase_tx.send(Phase::Stop);
     let (reports, lost_tasks) = collect(handles).await;
 
@@ -276,15 +280,15 @@ pub async fn run_mode(args: RunArgs) -> Result<bool> {
     stats.connect_secs = connect_secs;
     stats.lost_tasks = lost_tasks;
     stats.timed_out = end.timed_out;
-    stats.timing(before, after, end);
-    stats.relay_rss_kib = args.relay_pid.and_then(|p| rss_kib(&p.to_string()));
+    stats.timing(&before, &after, end);
+    stats.node_rss(&nodes);
     for line in &stats.loss_detail {
         eprintln!("loadgen: loss: {line}");
     }
     if !args.json {
         stats.failures.print();
-        stats.print_human(&plan, &args);
+        stats.print_human(&plan, &args, &nodes);
     }
-    println!("{}", stats.to_json(&plan, &args));
+    println!("{}", stats.to_json(&plan, &args, &nodes));
     Ok(stats.passed())
 }

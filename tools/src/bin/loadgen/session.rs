@@ -102,6 +102,8 @@ impl SenderPlan {
 #[derive(Debug, Clone)]
 pub struct ClientSpec {
     pub room: usize,
+    /// The relay node it connects to (index into `--url`).
+    pub node: usize,
     /// Global client number, `room * clients + index`; a sender's id is its client number.
     pub client: u32,
     pub sid: String,
@@ -187,6 +189,7 @@ async fn send_loop(
 #[derive(Debug)]
 pub struct ClientReport {
     pub room: usize,
+    pub node: usize,
     pub client: u32,
     pub sender: Option<u32>,
     pub failure: Option<anyhow::Error>,
@@ -235,6 +238,7 @@ pub async fn client(
 ) -> ClientReport {
     let mut report = ClientReport {
         room: spec.room,
+        node: spec.node,
         client: spec.client,
         sender: spec.plan.as_ref().map(|p| p.id),
         failure: None,

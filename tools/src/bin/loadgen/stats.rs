@@ -6,14 +6,25 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::{json, Value};
 
 use crate::histogram::Histogram;
-use crate::procfs::CpuMark;
+use crate::procfs::{deltas, rss_kib, total, CpuMark};
 use crate::run::{RunEnd, RunPlan};
 use crate::session::ClientReport;
-use crate::target::{failure_kind, Failures};
+use crate::target::{failure_kind, Failures, Nodes};
 use crate::{RunArgs, Server};
 
 /// How many (receiver, sender) pairs with loss are described on stderr.
 const LOSS_DETAIL_LINES: usize = 20;
+
+/// One relay node's share of a run: its clients, what they received, what the node cost.
+#[derive(Debug, Default, Clone)]
+pub struct NodeStats {
+    pub connections: u64,
+    /// Deliveries received by the clients connected to this node.
+    pub deliveries: u64,
+    /// The node's CPU seconds over the measured window.
+    pub cpu: Option<f64>,
+    pub rss_kib: Option<u64>,
+}
 
 /// Every figure a run reports.
 #[derive(Debug, Default)]
@@ -42,18 +53,35 @@ pub struct Stats {
     /// The window CPU figures cover: start barrier to the end of the drain.
     pub cpu_wall: f64,
     pub loadgen_cpu: Option<f64>,
+    /// All relay nodes together.
     pub relay_cpu: Option<f64>,
+    /// All Redis processes together.
     pub redis_cpu: Option<f64>,
     pub machine_busy: Option<f64>,
+    /// All relay nodes together.
     pub relay_rss_kib: Option<u64>,
+    /// Per relay node, in `--url` order.
+    pub per_node: Vec<NodeStats>,
+    /// CPU seconds per Redis process, in `--redis-pid` order.
+    pub redis_cpu_each: Vec<Option<f64>>,
     pub timed_out: bool,
     /// The first few (receiver, sender) pairs with missing messages, for diagnosis.
     pub loss_detail: Vec<String>,
 }
 
+impl NodeStats {
+    fn us_per_delivery(&self) -> Option<f64> {
+        let cpu = self.cpu?;
+        (self.deliveries > 0).then(|| cpu * 1e6 / self.deliveries as f64)
+    }
+}
+
 impl Stats {
     pub fn from_reports(reports: &[ClientReport], plan: &RunPlan) -> Self {
-        let mut s = Stats::default();
+        let mut s = Stats {
+            per_node: vec![NodeStats::default(); plan.nodes],
+            ..Stats::default()
+        };
         let acked_by: HashMap<u32, (u64, u64)> = reports
             .iter()
             .filter_map(|r| r.sender.map(|id| (id, (r.acked, r.sent))))
@@ -65,6 +93,10 @@ impl Stats {
             }
             s.connections += 1;
             s.absorb(r);
+            if let Some(node) = s.per_node.get_mut(r.node) {
+                node.connections += 1;
+                node.deliveries += r.seen.deliveries;
+            }
             // Loss and surplus against what the relay acknowledged, per sender of the room.
             for index in 0..plan.senders {
                 let id = (r.room * plan.clients + index) as u32;
@@ -111,7 +143,7 @@ impl Stats {
         self.latency.merge(&seen.latency);
     }
 
-    pub fn timing(&mut self, before: CpuMark, after: CpuMark, end: RunEnd) {
+    pub fn timing(&mut self, before: &CpuMark, after: &CpuMark, end: RunEnd) {
         let last = end
             .last_delivery_at
             .max(end.senders_done_at.unwrap_or(before.at));
@@ -125,9 +157,26 @@ impl Stats {
         let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
         self.cpu_wall = after.at.duration_since(before.at).as_secs_f64().max(1e-3);
         self.loadgen_cpu = delta(before.own, after.own);
-        self.relay_cpu = delta(before.relay, after.relay);
-        self.redis_cpu = delta(before.redis, after.redis);
+        let relays = deltas(&before.relays, &after.relays);
+        for (node, cpu) in self.per_node.iter_mut().zip(&relays) {
+            node.cpu = *cpu;
+        }
+        self.relay_cpu = total(&relays);
+        self.redis_cpu_each = deltas(&before.redis, &after.redis);
+        self.redis_cpu = total(&self.redis_cpu_each);
         self.machine_busy = delta(before.machine, after.machine);
+    }
+
+    /// Each node's resident memory now, and their sum.
+    pub fn node_rss(&mut self, nodes: &Nodes) {
+        for (i, node) in self.per_node.iter_mut().enumerate() {
+            node.rss_kib = nodes.relay_pid(i).and_then(|p| rss_kib(&p.to_string()));
+        }
+        self.relay_rss_kib = if self.per_node.is_empty() || nodes.relay_pids.is_empty() {
+            None
+        } else {
+            self.per_node.iter().map(|n| n.rss_kib).sum()
+        };
     }
 
     /// Cores used on average over the measured window.
@@ -172,7 +221,7 @@ impl Stats {
         parts.join(" ")
     }
 
-    pub fn print_human(&self, plan: &RunPlan, args: &RunArgs) {
+    pub fn print_human(&self, plan: &RunPlan, args: &RunArgs, nodes: &Nodes) {
         let per_sec = |n: u64, secs: f64| n as f64 / secs;
         println!(
             "rooms {} × clients {} ({} senders each), {} msgs/sender, {} B, {}",
@@ -235,6 +284,27 @@ impl Stats {
         if let (Some(cpu), Some(us)) = (self.relay_cpu, self.relay_us_per_delivery()) {
             println!("relay cpu     {cpu:.2}s, {us:.2} µs per delivery");
         }
+        if plan.nodes > 1 || self.redis_cpu_each.len() > 1 {
+            for (i, node) in self.per_node.iter().enumerate() {
+                println!(
+                    "node {i}        {} (pid {}): {} connections, {} deliveries, cpu {} s = {} cores, {} µs per delivery",
+                    nodes.url(i),
+                    nodes.relay_pid(i).map_or("?".into(), |p| p.to_string()),
+                    node.connections,
+                    node.deliveries,
+                    node.cpu.map_or("?".into(), |c| format!("{c:.2}")),
+                    cores(node.cpu),
+                    node.us_per_delivery().map_or("?".into(), |us| format!("{us:.2}")),
+                );
+            }
+            for (pid, cpu) in nodes.redis_pids.iter().zip(&self.redis_cpu_each) {
+                println!(
+                    "redis {pid:<7} cpu {} s = {} cores",
+                    cpu.map_or("?".into(), |c| format!("{c:.2}")),
+                    cores(*cpu)
+                );
+            }
+        }
         println!(
             "result        {}{}",
             if self.passed() { "PASS" } else { "FAIL" },
@@ -242,7 +312,51 @@ impl Stats {
         );
     }
 
-    pub fn to_json(&self, plan: &RunPlan, args: &RunArgs) -> Value {
+    pub fn to_json(&self, plan: &RunPlan, args: &RunArgs, nodes: &Nodes) -> Value {
+        let round = |x: f64| (x * 1000.0).round() / 1000.0;
+        let opt = |x: Option<f64>| x.map(round);
+        let per_cpu_sec =
+            |n: u64, cpu: Option<f64>| cpu.filter(|c| *c > 0.0).map(|c| (n as f64 / c).round());
+        let relay_nodes: Vec<Value> = self
+            .per_node
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                json!({
+                    "node": i,
+                    "url": nodes.url(i),
+                    "pid": nodes.relay_pid(i),
+                    "connections": node.connections,
+                    "deliveries": node.deliveries,
+                    "cpu_secs": opt(node.cpu),
+                    "cpu_cores": opt(self.cores(node.cpu)),
+                    "cpu_us_per_delivery": opt(node.us_per_delivery()),
+                    "rss_kib": node.rss_kib,
+                })
+            })
+            .collect();
+        let redis_nodes: Vec<Value> = nodes
+            .redis_pids
+            .iter()
+            .zip(&self.redis_cpu_each)
+            .map(|(pid, cpu)| json!({"pid": pid, "cpu_secs": opt(*cpu), "cpu_cores": opt(self.cores(*cpu))}))
+            .collect();
+        let mut report = self.base_json(plan, args);
+        report["nodes"] = json!(plan.nodes);
+        report["appends_per_sec"] = json!(round(self.acked as f64 / self.send_secs));
+        report["deliveries_per_append"] =
+            json!((self.acked > 0).then(|| round(self.deliveries as f64 / self.acked as f64)));
+        report["deliveries_per_relay_cpu_sec"] =
+            json!(per_cpu_sec(self.deliveries, self.relay_cpu));
+        report["appends_per_redis_cpu_sec"] = json!(per_cpu_sec(self.acked, self.redis_cpu));
+        report["relay_nodes"] = Value::Array(relay_nodes);
+        report["redis_nodes"] = Value::Array(redis_nodes);
+        report
+    }
+
+    /// The figures every run has reported since the first version (`scripts/bench.sh` reads
+    /// them by name).
+    fn base_json(&self, plan: &RunPlan, args: &RunArgs) -> Value {
         let round = |x: f64| (x * 1000.0).round() / 1000.0;
         let opt = |x: Option<f64>| x.map(round);
         json!({

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -50,6 +51,65 @@ impl Target {
     fn room_url(&self, sid: &str) -> String {
         format!("ws://{}/v1/session/chat?sid={sid}&role=A", self.authority)
     }
+}
+
+/// The relay nodes under test (one per `--url`) with their PIDs at the same positions, and the
+/// Redis processes behind them.
+#[derive(Debug, Clone)]
+pub struct Nodes {
+    pub targets: Vec<Arc<Target>>,
+    pub relay_pids: Vec<u32>,
+    pub redis_pids: Vec<u32>,
+}
+
+impl Nodes {
+    pub fn parse(
+        urls: &[String],
+        server: Server,
+        relay_pids: &[u32],
+        redis_pids: &[u32],
+    ) -> Result<Self> {
+        if urls.is_empty() {
+            bail!("--url must name at least one node");
+        }
+        let targets = urls
+            .iter()
+            .map(|u| Target::parse(u.trim(), server).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        // Per-node figures pair the i-th PID with the i-th URL; a different count would charge
+        // one node's CPU to another.
+        if !relay_pids.is_empty() && relay_pids.len() != targets.len() {
+            bail!(
+                "--relay-pid lists {} PIDs for {} --url nodes: give one per node, in --url order",
+                relay_pids.len(),
+                targets.len()
+            );
+        }
+        Ok(Self {
+            targets,
+            relay_pids: relay_pids.to_vec(),
+            redis_pids: redis_pids.to_vec(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    pub fn url(&self, node: usize) -> String {
+        format!("ws://{}", self.targets[node].authority)
+    }
+
+    pub fn relay_pid(&self, node: usize) -> Option<u32> {
+        self.relay_pids.get(node).copied()
+    }
+}
+
+/// The node that client `index` of room `room` connects to: round-robin within each room, so a
+/// room with at least as many clients as nodes has members on every node (its messages cross
+/// nodes), and shifted by the room so the nodes also share the load evenly overall.
+pub fn node_of(room: usize, index: usize, nodes: usize) -> usize {
+    (room + index) % nodes.max(1)
 }
 
 /// When a fresh connection counts as ready.
@@ -284,5 +344,39 @@ mod tests {
         assert!(!ok("wss://127.0.0.1:3000"));
         assert!(!ok("http://127.0.0.1:3000"));
         assert!(!ok("ws://127.0.0.1:3000/v1"));
+    }
+
+    #[test]
+    fn nodes_pair_pids_with_urls() {
+        let urls = |u: &[&str]| u.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let two = urls(&["ws://127.0.0.1:3001", " ws://127.0.0.1:3002"]);
+        let nodes = Nodes::parse(&two, Server::Relay, &[11, 12], &[21, 22, 23]).unwrap();
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes.url(1), "ws://127.0.0.1:3002");
+        assert_eq!(nodes.relay_pid(1), Some(12));
+        assert!(Nodes::parse(&two, Server::Relay, &[], &[]).is_ok());
+        assert!(Nodes::parse(&two, Server::Relay, &[11], &[]).is_err());
+        assert!(Nodes::parse(&[], Server::Relay, &[], &[]).is_err());
+    }
+
+    #[test]
+    fn every_room_spans_every_node_and_nodes_share_evenly() {
+        let (rooms, clients, nodes) = (50, 4, 3);
+        let mut per_node = vec![0; nodes];
+        for room in 0..rooms {
+            let mut seen = vec![false; nodes];
+            for index in 0..clients {
+                let node = node_of(room, index, nodes);
+                seen[node] = true;
+                per_node[node] += 1;
+            }
+            assert!(seen.iter().all(|s| *s), "room {room} misses a node");
+        }
+        let (min, max) = (
+            per_node.iter().min().unwrap(),
+            per_node.iter().max().unwrap(),
+        );
+        assert!(max - min <= 1, "{per_node:?}");
+        assert_eq!(node_of(7, 3, 1), 0);
     }
 }
