@@ -56,7 +56,8 @@ pub async fn run(
         });
     }
     let rooms = Rooms::start(store.clone(), &tracker, token.clone())?;
-    let presence = Presence::start(store.clone(), &tracker, token.clone());
+    let node = node_id();
+    let presence = Presence::start(store.clone(), &node, &tracker, token.clone());
     let ingress = Ingress::new(
         store.clone(),
         RolePolicy::new(&cfg.roles),
@@ -98,7 +99,7 @@ pub async fn run(
         token: token.clone(),
         tracker: tracker.clone(),
         next_conn: AtomicU64::new(1),
-        node_id: node_id(),
+        node_id: node,
     });
 
     let http = HttpSettings {
@@ -128,13 +129,16 @@ pub async fn run(
     Ok(())
 }
 
+/// A name for this process, unique among the nodes with a margin: it keys the node's presence
+/// entries and prefixes its connection ids. 48 random bits (the standard library seeds its hash
+/// keys randomly per process), mixed with the pid and the clock.
 fn node_id() -> String {
+    use std::hash::BuildHasher;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
+        .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!(
-        "{:06x}",
-        (nanos ^ std::process::id().rotate_left(16)) & 0xff_ffff
-    )
+    let random =
+        std::collections::hash_map::RandomState::new().hash_one((nanos, std::process::id()));
+    format!("{:012x}", random & 0xffff_ffff_ffff)
 }

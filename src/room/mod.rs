@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 pub(crate) use cursor::{Cursor, CursorEnd};
 pub(crate) use follow::{usage_counts, Failure, Reply, TurnFollow, TurnStep};
 pub use members::{ConnId, Outbound, Room};
-pub(crate) use presence::Presence;
+pub(crate) use presence::{Member, Presence};
 pub(crate) use turn_reader::TurnReader;
 
 use crate::store::{Feed, FeedEvent, FeedHandle, Live, Store, StoreError};

@@ -1,7 +1,8 @@
-//! Who is in a room now, on any node: each node records its connections in Redis (see
-//! `store::presence`) and refreshes them with a heartbeat, so a node killed with `kill -9`
-//! loses its connections after [`PRESENCE_TTL`] at most. Every change is told to the room as a
-//! `presence` frame carrying the whole, versioned snapshot; a member gets one when it joins.
+//! Who is in a room now, on any node: each node records in Redis, per room, how many
+//! connections each member has on it (see `store::presence`), and refreshes that entry with a
+//! heartbeat, so a node killed with `kill -9` drops out after [`PRESENCE_TTL`] at most. Every
+//! change is told to the room as a `presence` frame carrying the whole, versioned snapshot; a
+//! member gets one when it joins.
 //!
 //! One person with two tabs is one member with two connections: members are counted per
 //! (role, token subject). The same heartbeat keeps a room with live members from expiring
@@ -17,19 +18,30 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::protocol::transient_frame;
-use crate::store::{PresenceChange, PresenceSet, Present, Store, StoreError};
+use crate::room::ConnId;
+use crate::store::{PresenceChange, PresenceCount, PresenceSet, Store, StoreError};
 
-/// A connection not refreshed for this long no longer counts (its node died).
+/// A node's entry not refreshed for this long no longer counts (the node died).
 pub(crate) const PRESENCE_TTL: Duration = Duration::from_secs(20);
-/// How often a node refreshes its connections (and notices others' that expired).
+/// How often a node refreshes its entries (and notices others' that expired).
 const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Who a connection is, for presence.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Member {
+    pub(crate) role: String,
+    /// The token subject, when authenticated.
+    pub(crate) sub: Option<String>,
+}
 
 /// This node's side of presence. Cheap to share (`Arc`).
 #[derive(Debug)]
 pub(crate) struct Presence {
     store: Store,
+    /// Names this node's entries.
+    node: String,
     /// Connections on this node, per room.
-    local: DashMap<String, HashMap<String, Present>>,
+    local: DashMap<String, HashMap<ConnId, Member>>,
     /// The newest version this node told each room about.
     told: DashMap<String, u64>,
     tracker: TaskTracker,
@@ -40,27 +52,29 @@ pub(crate) struct Presence {
 pub(crate) struct PresenceGuard {
     presence: Arc<Presence>,
     sid: String,
-    me: Present,
+    conn: ConnId,
 }
 
 impl Drop for PresenceGuard {
     fn drop(&mut self) {
-        let (presence, sid, me) = (self.presence.clone(), self.sid.clone(), self.me.clone());
+        let (presence, sid, conn) = (self.presence.clone(), self.sid.clone(), self.conn);
         self.presence.tracker.spawn(async move {
-            presence.leave(&sid, me).await;
+            presence.leave(&sid, conn).await;
         });
     }
 }
 
 impl Presence {
-    /// Starts the heartbeat on `tracker`.
+    /// Starts the heartbeat on `tracker`. `node` names this node's entries.
     pub(crate) fn start(
         store: Store,
+        node: &str,
         tracker: &TaskTracker,
         token: CancellationToken,
     ) -> Arc<Self> {
         let presence = Arc::new(Presence {
             store,
+            node: node.to_owned(),
             local: DashMap::new(),
             told: DashMap::new(),
             tracker: tracker.clone(),
@@ -71,44 +85,68 @@ impl Presence {
 
     /// Records a connection in its room and tells the room. Best effort: a Redis failure is
     /// logged, and the next heartbeat records the connection anyway.
-    pub(crate) async fn enter(self: &Arc<Self>, sid: &str, me: Present) -> PresenceGuard {
+    pub(crate) async fn enter(
+        self: &Arc<Self>,
+        sid: &str,
+        conn: ConnId,
+        who: Member,
+    ) -> PresenceGuard {
         self.local
             .entry(sid.to_owned())
             .or_default()
-            .insert(me.conn.clone(), me.clone());
-        let changed = self
-            .store
-            .presence(
-                sid,
-                PresenceChange::Enter(std::slice::from_ref(&me)),
-                PRESENCE_TTL,
-            )
-            .await;
-        self.tell(sid, changed).await;
+            .insert(conn, who);
+        self.publish_mine(sid).await;
         PresenceGuard {
             presence: self.clone(),
             sid: sid.to_owned(),
-            me,
+            conn,
         }
     }
 
-    async fn leave(&self, sid: &str, me: Present) {
+    async fn leave(&self, sid: &str, conn: ConnId) {
         self.local.remove_if_mut(sid, |_, conns| {
-            conns.remove(&me.conn);
+            conns.remove(&conn);
             conns.is_empty()
         });
-        let changed = self
-            .store
-            .presence(
-                sid,
-                PresenceChange::Leave(std::slice::from_ref(&me)),
-                PRESENCE_TTL,
-            )
-            .await;
-        self.tell(sid, changed).await;
+        self.publish_mine(sid).await;
         if !self.local.contains_key(sid) {
             self.told.remove(sid);
         }
+    }
+
+    /// This node's members in a room, counted (no guard is held past this call).
+    fn mine(&self, sid: &str) -> Vec<PresenceCount> {
+        let Some(conns) = self.local.get(sid) else {
+            return Vec::new();
+        };
+        let mut counts: BTreeMap<&Member, u64> = BTreeMap::new();
+        for who in conns.values() {
+            *counts.entry(who).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .map(|(who, connections)| PresenceCount {
+                role: who.role.clone(),
+                sub: who.sub.clone(),
+                connections,
+            })
+            .collect()
+    }
+
+    /// Writes this node's entry for a room (or removes it when no one is left) and tells the
+    /// room if that changed its presence.
+    async fn publish_mine(&self, sid: &str) {
+        let members = self.mine(sid);
+        let change = if members.is_empty() {
+            PresenceChange::Remove { node: &self.node }
+        } else {
+            PresenceChange::Set {
+                node: &self.node,
+                members: &members,
+            }
+        };
+        let changed = self.store.presence(sid, change, PRESENCE_TTL).await;
+        self.tell(sid, changed).await;
     }
 
     /// The room's presence now, as the `presence` frame's body.
@@ -145,8 +183,8 @@ impl Presence {
         }
     }
 
-    /// Refreshes this node's connections in every room it has some, which also drops the
-    /// expired connections of dead nodes; the rooms hear of every change.
+    /// Refreshes this node's entry in every room it has members in, which also drops the
+    /// expired entries of dead nodes; the rooms hear of every change.
     async fn heartbeat(self: Arc<Self>, token: CancellationToken) {
         // Often enough to keep a room with members from expiring, however short its idle ttl.
         let every = match self.store.idle_ttl() {
@@ -159,17 +197,9 @@ impl Presence {
                 _ = token.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let rooms: Vec<(String, Vec<Present>)> = self
-                .local
-                .iter()
-                .map(|r| (r.key().clone(), r.value().values().cloned().collect()))
-                .collect();
-            for (sid, conns) in rooms {
-                let changed = self
-                    .store
-                    .presence(&sid, PresenceChange::Refresh(&conns), PRESENCE_TTL)
-                    .await;
-                self.tell(&sid, changed).await;
+            let rooms: Vec<String> = self.local.iter().map(|r| r.key().clone()).collect();
+            for sid in rooms {
+                self.publish_mine(&sid).await;
                 // Live members keep their room from expiring (`--room-idle-ttl`).
                 if let Err(err) = self.store.keep_room_alive(&sid).await {
                     tracing::debug!(room = %sid, cause = %err, "room not kept alive");
@@ -180,12 +210,15 @@ impl Presence {
 }
 
 /// `{"version","connections","members":[{"role","sub"?,"connections"}]}`: one member per
-/// (role, subject), however many connections (tabs) it has.
+/// (role, subject), however many connections (tabs, nodes) it has.
 pub(crate) fn summary(set: &PresenceSet) -> Value {
     let mut members: BTreeMap<(&str, Option<&str>), u64> = BTreeMap::new();
-    for p in &set.present {
-        *members.entry((&p.role, p.sub.as_deref())).or_default() += 1;
+    for count in set.nodes.iter().flatten() {
+        *members
+            .entry((&count.role, count.sub.as_deref()))
+            .or_default() += count.connections;
     }
+    let connections: u64 = members.values().sum();
     let members: Vec<Value> = members
         .into_iter()
         .map(|((role, sub), connections)| {
@@ -198,7 +231,7 @@ pub(crate) fn summary(set: &PresenceSet) -> Value {
         .collect();
     json!({
         "version": set.version,
-        "connections": set.present.len(),
+        "connections": connections,
         "members": members,
     })
 }
@@ -212,22 +245,21 @@ pub(crate) fn presence_frame(sid: &str, summary: &Value) -> String {
 mod tests {
     use super::*;
 
-    fn p(conn: &str, role: &str, sub: Option<&str>) -> Present {
-        Present {
-            conn: conn.into(),
+    fn c(role: &str, sub: Option<&str>, connections: u64) -> PresenceCount {
+        PresenceCount {
             role: role.into(),
             sub: sub.map(str::to_owned),
+            connections,
         }
     }
 
     #[test]
-    fn two_tabs_are_one_member_with_two_connections() {
+    fn two_tabs_on_two_nodes_are_one_member_with_two_connections() {
         let set = PresenceSet {
             version: 7,
-            present: vec![
-                p("n1-1", "A", Some("alice")),
-                p("n2-4", "A", Some("alice")),
-                p("n1-2", "B", None),
+            nodes: vec![
+                vec![c("A", Some("alice"), 1), c("B", None, 1)],
+                vec![c("A", Some("alice"), 1)],
             ],
         };
         assert_eq!(

@@ -17,7 +17,8 @@
 //! | `chat:llm:active:{<room key>}` | sorted set | turns in progress in the room, by start time |
 //! | `chat:llm:attempts:{<room key>}` | hash | attempts started per unfinished turn |
 //! | `chat:awake:{<room key>}` | string | the room had an entry within `--room-wake-after` |
-//! | `chat:presence:{<room key>}` | sorted set | connections in the room now (`{"c","r","s"}` JSON), scored by when they expire unless their node refreshes them |
+//! | `chat:presence:{<room key>}` | hash | per node, its members in the room now (`[{"r","s","c"}]` JSON: role, subject, connections) |
+//! | `chat:presence:exp:{<room key>}` | sorted set | per node, when its entry expires unless its heartbeat refreshes it |
 //! | `chat:presence:v:{<room key>}` | string | version of the room's presence, bumped on every change |
 //! | `chat:llm:turns:{<room key>}` | string | turns finished in the room (each turn's ordinal) |
 //! | `chat:usage:outbox:{<room key>}` | sorted set | usage callbacks to deliver, by due time |
@@ -99,9 +100,14 @@ impl Keys {
         format!("{}llm:attempts:{{{}}}", self.root, self.room(sid))
     }
 
-    /// `chat:presence:{chat:session:<sid>}`: connections in the room now, by expiry.
+    /// `chat:presence:{chat:session:<sid>}`: per node, its members in the room now.
     pub fn presence(&self, sid: &str) -> String {
         format!("{}presence:{{{}}}", self.root, self.room(sid))
+    }
+
+    /// `chat:presence:exp:{chat:session:<sid>}`: when each node's presence entry expires.
+    pub fn presence_expiry(&self, sid: &str) -> String {
+        format!("{}presence:exp:{{{}}}", self.root, self.room(sid))
     }
 
     /// `chat:presence:v:{chat:session:<sid>}`: the version of the room's presence.

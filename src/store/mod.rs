@@ -27,7 +27,7 @@ pub use dialects::VoiceRate;
 pub use feed::{Feed, FeedEvent, FeedHandle};
 pub use keys::Keys;
 pub use llm_group::GroupEntry;
-pub use presence::{PresenceChange, PresenceSet, Present};
+pub use presence::{PresenceChange, PresenceCount, PresenceSet};
 pub use sessions::{merge_patch, Created, Session};
 pub use stats::RoomStats;
 pub use turns::{

@@ -23,9 +23,9 @@ use crate::dispatch::presence_body;
 use crate::ingress::{AppendRefused, Conn, Presence};
 use crate::limits::MemberSlot;
 use crate::protocol::{error_frame, Close, StreamId};
+use crate::room::Member;
 use crate::room::{ConnId, Cursor};
 use crate::state::Shared;
-use crate::store::Present;
 
 /// What the upgrade handler checked and hands to the session.
 #[derive(Debug)]
@@ -114,12 +114,11 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
     };
     tracing::info!(%role, last_id = ?params.last_id.map(|i| i.to_string()), "joined");
     // In the room's live presence until the session ends (the guard leaves on drop).
-    let me = Present {
-        conn: conn_label.clone(),
+    let me = Member {
         role: role.clone(),
         sub: params.conn.sender().map(str::to_owned),
     };
-    let _present = shared.presence.enter(&sid, me).await;
+    let _present = shared.presence.enter(&sid, params.conn_id, me).await;
     // A fresh client starts at its own join entry; a resuming one right after its last id.
     // Both read that start from the stream rather than trusting the live feed: in a brand-new
     // room the node's SUBSCRIBE may not be active in Redis yet when the join is published.
