@@ -79,13 +79,13 @@ pub enum AuthConfigError {
 /// `sid` claim: one room, or a list; an entry ending in `*` matches by prefix (`*` = any room).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
-pub enum RoomClaim {
+pub(crate) enum RoomClaim {
     One(String),
     Many(Vec<String>),
 }
 
 impl RoomClaim {
-    pub fn allows(&self, sid: &str) -> bool {
+    pub(crate) fn allows(&self, sid: &str) -> bool {
         let matches = |p: &String| match p.strip_suffix('*') {
             Some(prefix) => sid.starts_with(prefix),
             None => p == sid,
@@ -98,7 +98,7 @@ impl RoomClaim {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Claims {
+pub(crate) struct Claims {
     pub sub: String,
     pub sid: RoomClaim,
     pub role: String,
@@ -111,7 +111,7 @@ pub struct Claims {
 
 /// What a connection may do, once authenticated.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Grant {
+pub(crate) struct Grant {
     /// The token's subject: the sender identity for idempotent resends.
     pub sub: Option<String>,
     /// The role the connection speaks as; `hd.role` must match it.
@@ -123,7 +123,7 @@ pub struct Grant {
 impl Grant {
     /// When a connection (WebSocket or event stream) on this grant must end: the token's expiry
     /// as a tokio deadline. `None` for grants without a token.
-    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+    pub(crate) fn deadline(&self) -> Option<tokio::time::Instant> {
         let at_ms = self.expires_at_ms?;
         let left = at_ms.saturating_sub(now_ms());
         Some(tokio::time::Instant::now() + Duration::from_millis(left))
@@ -132,7 +132,7 @@ impl Grant {
 
 /// A refusal at the door: HTTP status plus a client error.
 #[derive(Debug, Clone)]
-pub struct Denied {
+pub(crate) struct Denied {
     pub status: StatusCode,
     pub error: ClientError,
 }
@@ -150,7 +150,7 @@ impl Denied {
 const LEEWAY_SECS: u64 = 30;
 
 #[derive(Clone)]
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     mode: AuthMode,
     key: Option<DecodingKey>,
     validation: Validation,
@@ -167,7 +167,7 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    pub fn from_args(args: &AuthArgs) -> Result<Self, AuthConfigError> {
+    pub(crate) fn from_args(args: &AuthArgs) -> Result<Self, AuthConfigError> {
         let allowed_origins = args
             .allowed_origins
             .iter()
@@ -225,12 +225,8 @@ impl Authenticator {
         })
     }
 
-    pub fn mode(&self) -> AuthMode {
-        self.mode
-    }
-
     /// Checks a token for a room. With `--auth none` every request gets an empty grant.
-    pub fn authorize(&self, token: Option<&str>, sid: &str) -> Result<Grant, Denied> {
+    pub(crate) fn authorize(&self, token: Option<&str>, sid: &str) -> Result<Grant, Denied> {
         let Some(claims) = self.verified(token)? else {
             return Ok(Grant::default());
         };
@@ -247,7 +243,7 @@ impl Authenticator {
     /// Checks a token before any room is named: a connection whose frames each name their
     /// session (the evaluation dialect's `/chat`) is let in here, and each frame's room is
     /// checked with [`Authenticator::authorize`].
-    pub fn authenticate(&self, token: Option<&str>) -> Result<Grant, Denied> {
+    pub(crate) fn authenticate(&self, token: Option<&str>) -> Result<Grant, Denied> {
         Ok(self.verified(token)?.map(grant).unwrap_or_default())
     }
 
@@ -316,7 +312,7 @@ impl Authenticator {
     /// page and are allowed. The `Host` header is never compared: a DNS-rebinding page at
     /// `evil.example` sends `Host: evil.example` too, so a relay that serves its page on a
     /// public name must list that origin.
-    pub fn origin_allowed(&self, headers: &HeaderMap) -> bool {
+    pub(crate) fn origin_allowed(&self, headers: &HeaderMap) -> bool {
         let Some(origin) = headers.get(header::ORIGIN) else {
             return true;
         };
@@ -360,7 +356,10 @@ fn grant(claims: Claims) -> Grant {
 
 /// The token of a request, from `?token=`, `Authorization: Bearer`, or the WebSocket protocol
 /// list. Returns it and whether it came as a protocol (then the `bearer` protocol is answered).
-pub fn request_token(query_token: Option<&str>, headers: &HeaderMap) -> (Option<String>, bool) {
+pub(crate) fn request_token(
+    query_token: Option<&str>,
+    headers: &HeaderMap,
+) -> (Option<String>, bool) {
     if let Some(t) = query_token.filter(|t| !t.is_empty()) {
         return (Some(t.to_owned()), false);
     }

@@ -4,12 +4,12 @@
 //! # Layout
 //!
 //! ```text
-//!  client ──ws──▶ ws::session reader ─┐                                  (XADD + PUBLISH,
+//!  client ──ws──▶ ws::session reader ─┐                                  (XADD + SPUBLISH,
 //!  client ─POST─▶ http::live publish ─┼▶ ingress::submit ──▶ store.append ──▶ Redis
 //!  voice / eval ─▶ dialect::{voice,eval}┘ (budgets, dispatch,                 one Lua script)
 //!                  (translate only)       append / publish)                    │
 //!  client ◀──ws── ws::session writer ─┐                                        │
-//!  client ◀─SSE── http::live events ──┼─ room::Cursor ◀── room::Room ◀── SUBSCRIBE chat:session:<sid>
+//!  client ◀─SSE── http::live events ──┼─ room::Cursor ◀── room::Room ◀── SSUBSCRIBE chat:session:<sid>
 //!  voice / eval ◀─ room::TurnReader ──┘ (resume_gap, replay    (fan-out; recovers from XRANGE
 //!   (and /api/chat: one turn)            after last_id, live,   when the subscription was lost)
 //!                                        skip ids already sent)
@@ -21,29 +21,36 @@
 //! timeouts and caps `axum::serve` lacks) and names each request's client address, which every
 //! per-address limit (`limits`, `ingress` budgets) uses.
 
-pub mod auth;
+#![warn(unreachable_pub)]
+
+mod auth;
 pub mod client;
 pub mod config;
-pub mod dialect;
+mod dialect;
 pub mod dispatch;
-pub mod http;
+mod http;
 mod ingress;
-pub mod limits;
-pub mod llm;
-pub mod metrics;
+mod limits;
+mod llm;
+mod metrics;
 mod net;
 pub mod protocol;
-pub mod relay;
+mod relay;
 mod retry;
-pub mod room;
+mod room;
 mod state;
-pub mod store;
+mod store;
 pub mod telemetry;
-pub mod ws;
+mod ws;
 
+// The library's surface: what the binary, the tests, the benchmarks and the tools use. Every
+// other item is `pub(crate)` at most (`unreachable_pub` is on), so this list is the API.
+pub use auth::{mint, parse_ttl, MintError};
 pub use config::ServeConfig;
+pub use llm::{run_worker, WorkerError};
 pub use net::BadProxy;
-pub use relay::run;
+pub use relay::{run, RelayError};
+pub use store::{lease_holder, Keys, RedisSettings, Store, StoreError, VoiceRate};
 
 /// Resolves when SIGINT or SIGTERM arrives.
 pub async fn shutdown_signal() {

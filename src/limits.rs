@@ -10,7 +10,7 @@ use dashmap::DashMap;
 
 /// How many slots each key holds. Cheap to clone (one map shared by all clones).
 #[derive(Debug)]
-pub struct Slots<K: Eq + Hash> {
+pub(crate) struct Slots<K: Eq + Hash> {
     counts: Arc<DashMap<K, usize>>,
 }
 
@@ -32,7 +32,7 @@ impl<K: Eq + Hash> Clone for Slots<K> {
 
 /// Holds one slot; dropping it frees the slot.
 #[derive(Debug)]
-pub struct Slot<K: Eq + Hash> {
+pub(crate) struct Slot<K: Eq + Hash> {
     counts: Arc<DashMap<K, usize>>,
     key: K,
 }
@@ -40,7 +40,7 @@ pub struct Slot<K: Eq + Hash> {
 impl<K: Eq + Hash + Clone> Slots<K> {
     /// A slot for `key`, or `None` when it already holds `max`. Check and count are one step, so
     /// concurrent callers cannot both take the last slot.
-    pub fn acquire(&self, key: K, max: usize) -> Option<Slot<K>> {
+    pub(crate) fn acquire(&self, key: K, max: usize) -> Option<Slot<K>> {
         let mut count = self.counts.entry(key.clone()).or_insert(0);
         if *count >= max {
             return None;
@@ -66,14 +66,14 @@ impl<K: Eq + Hash> Drop for Slot<K> {
 /// A long-lived member of a room: each kind has its own per-room and per-address count, so
 /// many event streams never fill a room for WebSockets (or the other way round).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MemberKind {
+pub(crate) enum MemberKind {
     WebSocket,
     EventStream,
 }
 
 /// Why a member was refused a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Full {
+pub(crate) enum Full {
     /// The room holds `--max-conns-per-room` members of this kind on this node.
     Room,
     /// The address holds `--max-conns-per-ip` members of this kind on this node.
@@ -82,7 +82,7 @@ pub enum Full {
 
 /// Member slots per room and per client address, by kind.
 #[derive(Debug, Clone)]
-pub struct MemberSlots {
+pub(crate) struct MemberSlots {
     per_room: Slots<(MemberKind, Arc<str>)>,
     per_addr: Slots<(MemberKind, IpAddr)>,
     max_per_room: usize,
@@ -92,13 +92,13 @@ pub struct MemberSlots {
 /// A member's slots (its room's, when it is bound to one, and its address's); dropping it frees
 /// them.
 #[derive(Debug)]
-pub struct MemberSlot {
+pub(crate) struct MemberSlot {
     _room: Option<Slot<(MemberKind, Arc<str>)>>,
     _addr: Slot<(MemberKind, IpAddr)>,
 }
 
 impl MemberSlots {
-    pub fn new(max_per_room: usize, max_per_addr: usize) -> Self {
+    pub(crate) fn new(max_per_room: usize, max_per_addr: usize) -> Self {
         Self {
             per_room: Slots::default(),
             per_addr: Slots::default(),
@@ -110,7 +110,7 @@ impl MemberSlots {
     /// The slots of a new member of `kind` in `room` (when it is bound to one: the evaluation
     /// dialect's socket names a session per frame) from `addr` (a limit key), or which limit is
     /// full.
-    pub fn acquire(
+    pub(crate) fn acquire(
         &self,
         kind: MemberKind,
         room: Option<&str>,

@@ -46,7 +46,7 @@ struct TokenArgs {
     #[arg(long)]
     sub: Option<String>,
     /// Lifetime: `90s`, `15m`, `1h`, `2d`.
-    #[arg(long, default_value = "1h", value_parser = chat_relay::auth::parse_ttl)]
+    #[arg(long, default_value = "1h", value_parser = chat_relay::parse_ttl)]
     ttl: std::time::Duration,
 }
 
@@ -66,8 +66,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Chat(args) => chat_relay::client::run(args).await?,
         Command::Token(args) => {
             let sub = args.sub.as_deref().unwrap_or(&args.role);
-            let token =
-                chat_relay::auth::mint(&args.jwt_secret, &args.sid, &args.role, sub, args.ttl)?;
+            let token = chat_relay::mint(&args.jwt_secret, &args.sid, &args.role, sub, args.ttl)?;
             use std::io::Write;
             writeln!(std::io::stdout(), "{token}")?;
         }
@@ -75,8 +74,7 @@ async fn main() -> anyhow::Result<()> {
             let token = shutdown_token();
             let store = cfg.redis.store().context("invalid Redis settings")?;
             let tracker = tokio_util::task::TaskTracker::new();
-            chat_relay::llm::run_worker(store.clone(), cfg.llm_args, token, tracker.clone())
-                .await?;
+            chat_relay::run_worker(store.clone(), cfg.llm_args, token, tracker.clone()).await?;
             tracker.close();
             // Turns in flight are left pending for another worker; give them a moment to end.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait()).await;

@@ -8,44 +8,44 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Open WebSocket connections (gauge).
-pub const CONNECTIONS: &str = "chat_relay_connections";
+pub(crate) const CONNECTIONS: &str = "chat_relay_connections";
 /// Rooms with a live subscription on this node (gauge).
-pub const ROOMS: &str = "chat_relay_rooms";
+pub(crate) const ROOMS: &str = "chat_relay_rooms";
 /// Text frames received from clients.
-pub const FRAMES_IN: &str = "chat_relay_frames_in_total";
+pub(crate) const FRAMES_IN: &str = "chat_relay_frames_in_total";
 /// Room frames queued to sockets (stored entries and live frames, per member).
-pub const FRAMES_OUT: &str = "chat_relay_frames_out_total";
+pub(crate) const FRAMES_OUT: &str = "chat_relay_frames_out_total";
 /// Entries appended to room streams, by `event`.
-pub const STORED: &str = "chat_relay_entries_stored_total";
+pub(crate) const STORED: &str = "chat_relay_entries_stored_total";
 /// Append latency (XADD + PUBLISH script), seconds.
-pub const APPEND_SECONDS: &str = "chat_relay_append_seconds";
+pub(crate) const APPEND_SECONDS: &str = "chat_relay_append_seconds";
 /// From an entry's stream id (its XADD time) to its fan-out on this node, seconds.
-pub const DELIVERY_LAG_SECONDS: &str = "chat_relay_delivery_lag_seconds";
+pub(crate) const DELIVERY_LAG_SECONDS: &str = "chat_relay_delivery_lag_seconds";
 /// Clients disconnected because their queue was full.
-pub const SLOW_DISCONNECTS: &str = "chat_relay_slow_disconnects_total";
+pub(crate) const SLOW_DISCONNECTS: &str = "chat_relay_slow_disconnects_total";
 /// Error frames and refusals sent to clients, by `code`.
-pub const ERRORS: &str = "chat_relay_errors_total";
+pub(crate) const ERRORS: &str = "chat_relay_errors_total";
 /// LLM turns ended, by `outcome` (`response`, `cancelled`, `error`, `rate_limited`).
-pub const LLM_TURNS: &str = "chat_relay_llm_turns_total";
+pub(crate) const LLM_TURNS: &str = "chat_relay_llm_turns_total";
 /// LLM tokens, by `kind` (`prompt`, `completion`).
-pub const LLM_TOKENS: &str = "chat_relay_llm_tokens_total";
+pub(crate) const LLM_TOKENS: &str = "chat_relay_llm_tokens_total";
 /// From asking the provider to its first token, seconds.
-pub const LLM_FIRST_TOKEN_SECONDS: &str = "chat_relay_llm_first_token_seconds";
+pub(crate) const LLM_FIRST_TOKEN_SECONDS: &str = "chat_relay_llm_first_token_seconds";
 /// A whole LLM turn at the provider, seconds.
-pub const LLM_TURN_SECONDS: &str = "chat_relay_llm_turn_seconds";
+pub(crate) const LLM_TURN_SECONDS: &str = "chat_relay_llm_turn_seconds";
 
 /// Rooms an LLM worker reads (gauge).
-pub const LLM_ROOMS: &str = "chat_relay_llm_rooms";
+pub(crate) const LLM_ROOMS: &str = "chat_relay_llm_rooms";
 /// Usage callbacks waiting in the outbox (gauge, as last seen by this worker).
-pub const USAGE_PENDING: &str = "chat_relay_usage_callbacks_pending";
+pub(crate) const USAGE_PENDING: &str = "chat_relay_usage_callbacks_pending";
 /// Usage callback attempts, by `outcome` (`delivered`, `retry`, `dead`).
-pub const USAGE_CALLBACKS: &str = "chat_relay_usage_callbacks_total";
+pub(crate) const USAGE_CALLBACKS: &str = "chat_relay_usage_callbacks_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the process-wide recorder once; later calls (more relays in one test process) share
 /// it. `None` if another recorder was installed first.
-pub fn install() -> Option<PrometheusHandle> {
+pub(crate) fn install() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new().set_buckets_for_metric(
@@ -111,7 +111,7 @@ fn describe() {
 }
 
 /// The Prometheus text exposition of every metric.
-pub fn render() -> String {
+pub(crate) fn render() -> String {
     match install() {
         Some(handle) => {
             handle.run_upkeep();
@@ -122,7 +122,7 @@ pub fn render() -> String {
 }
 
 /// Counts an error sent to a client.
-pub fn error(code: &'static str) {
+pub(crate) fn error(code: &'static str) {
     metrics::counter!(ERRORS, "code" => code).increment(1);
 }
 

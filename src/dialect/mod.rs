@@ -25,7 +25,7 @@ use axum::routing::get;
 use axum::Router;
 use clap::Args;
 
-pub use locale::Locale;
+pub(crate) use locale::Locale;
 
 use crate::config::ConfigError;
 use crate::state::Shared;

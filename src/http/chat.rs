@@ -38,7 +38,7 @@ use crate::room::{usage_counts, CursorEnd, Failure, Reply, TurnReader, TurnStep}
 use crate::state::Shared;
 
 #[derive(Debug, Deserialize)]
-pub struct ChatQuery {
+pub(super) struct ChatQuery {
     token: Option<String>,
 }
 
@@ -52,7 +52,7 @@ struct Asked {
 }
 
 /// `POST /api/chat`: the whole reply, once stored.
-pub async fn chat(
+pub(super) async fn chat(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(q): Query<ChatQuery>,
@@ -84,7 +84,7 @@ pub async fn chat(
 /// `POST /api/chat/stream`: the reply as Server-Sent Events. Refusals before the request is
 /// stored (bad body, unknown session, token, budgets) are plain JSON errors with their status;
 /// once the stream started, the end is `done` or `error`.
-pub async fn chat_stream(
+pub(super) async fn chat_stream(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(q): Query<ChatQuery>,

@@ -9,13 +9,13 @@ use crate::protocol::{ClientError, ErrorCode};
 use crate::store::StoreError;
 
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     pub status: StatusCode,
     pub error: ClientError,
 }
 
 impl ApiError {
-    pub fn new(
+    pub(crate) fn new(
         status: StatusCode,
         code: ErrorCode,
         message: impl Into<std::borrow::Cow<'static, str>>,
@@ -53,7 +53,7 @@ impl ApiError {
     }
 
     /// `404 not_found`: "session <sid> does not exist".
-    pub fn no_session(sid: &str) -> Self {
+    pub(crate) fn no_session(sid: &str) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,
             error: ClientError::no_session(sid),
@@ -86,7 +86,7 @@ impl ApiError {
         Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
     }
 
-    pub fn bad_request(
+    pub(crate) fn bad_request(
         code: ErrorCode,
         message: impl Into<std::borrow::Cow<'static, str>>,
     ) -> Self {

@@ -17,7 +17,7 @@ use crate::state::Shared;
 /// Longest wait for the LLM server's answer to the probe.
 const LLM_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub async fn health(State(shared): State<Arc<Shared>>) -> Response {
+pub(super) async fn health(State(shared): State<Arc<Shared>>) -> Response {
     let (redis, llm) = tokio::join!(shared.store.ping(), llm_reachable(&shared.api.llm_base_url));
     if let Err(err) = &redis {
         tracing::warn!(cause = %err, "health check: redis unreachable");

@@ -18,7 +18,7 @@ const DEFAULT_PAGE: u64 = 100;
 const MAX_PAGE: u64 = 1000;
 
 #[derive(Debug, Deserialize)]
-pub struct PageQuery {
+pub(super) struct PageQuery {
     after: Option<String>,
     before: Option<String>,
     limit: Option<String>,
@@ -26,7 +26,7 @@ pub struct PageQuery {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct TokenQuery {
+pub(super) struct TokenQuery {
     token: Option<String>,
 }
 
@@ -63,7 +63,7 @@ fn parse_id(name: &'static str, raw: Option<&str>) -> Result<Option<StreamId>, A
 /// Oldest first. With `after`: the page after it; with only `before`: the newest page before
 /// it (scrolling back); with neither: the newest `limit` entries. `next_after` continues forward.
 /// `404` for a room that does not exist.
-pub async fn messages(
+pub(super) async fn messages(
     State(shared): State<Arc<Shared>>,
     Path(sid): Path<String>,
     Query(q): Query<PageQuery>,
@@ -116,7 +116,7 @@ pub async fn messages(
 /// Whether the room exists, its length, first/last id, entries stored per participant and per
 /// event (from the room's counters: O(1) in the stream's length), and the session's fields as
 /// `GET /api/sessions/{id}` shows them (one model: [`crate::store::Session`]).
-pub async fn room_info(
+pub(super) async fn room_info(
     State(shared): State<Arc<Shared>>,
     Path(sid): Path<String>,
     Query(q): Query<TokenQuery>,
@@ -165,7 +165,7 @@ pub async fn room_info(
 
 /// `GET /v1/sessions/{sid}/presence`: who is connected now, on any node — one member per role
 /// and token subject, with its connections (tabs).
-pub async fn presence(
+pub(super) async fn presence(
     State(shared): State<Arc<Shared>>,
     Path(sid): Path<String>,
     Query(q): Query<TokenQuery>,

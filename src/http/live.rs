@@ -30,7 +30,7 @@ use crate::room::{Cursor, CursorEnd, Outbound};
 use crate::state::Shared;
 
 #[derive(Debug, Deserialize)]
-pub struct LiveQuery {
+pub(super) struct LiveQuery {
     token: Option<String>,
     role: Option<String>,
     last_id: Option<String>,
@@ -47,7 +47,7 @@ fn refused_with(err: ApiError) -> ApiError {
 }
 
 /// One envelope in, `201 {"id": "<stream id>"}` out; refusals are 4xx with `{code, message}`.
-pub async fn publish(
+pub(super) async fn publish(
     State(shared): State<Arc<Shared>>,
     Extension(client): Extension<ClientAddr>,
     Path(sid): Path<String>,
@@ -106,7 +106,7 @@ pub async fn publish(
 ///
 /// The stream is polled by the response body itself, with no task in between: a client that
 /// stops reading stops the cursor, its member queue fills, and the room drops it.
-pub async fn events(
+pub(super) async fn events(
     State(shared): State<Arc<Shared>>,
     Extension(client): Extension<ClientAddr>,
     Path(sid): Path<String>,

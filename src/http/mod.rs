@@ -16,7 +16,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-pub use error::ApiError;
+pub(crate) use error::ApiError;
 pub(crate) use middleware::{guarded, observed, HttpSettings};
 
 use crate::protocol::{valid_sid, ErrorCode};
@@ -64,7 +64,7 @@ pub(crate) fn router(settings: &HttpSettings) -> Router<Arc<Shared>> {
 }
 
 /// Checks a room id from a path or query, as every entry point does.
-pub fn checked_sid(sid: Option<&str>) -> Result<&str, ApiError> {
+pub(crate) fn checked_sid(sid: Option<&str>) -> Result<&str, ApiError> {
     match sid {
         Some(s) if valid_sid(s) => Ok(s),
         Some(_) => Err(ApiError::bad_request(

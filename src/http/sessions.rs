@@ -35,7 +35,7 @@ const MAX_PAGE: u64 = 1000;
 const SCAN_PAGE: u64 = 500;
 
 #[derive(Debug, Deserialize)]
-pub struct ApiQuery {
+pub(super) struct ApiQuery {
     token: Option<String>,
     limit: Option<String>,
     after: Option<String>,
@@ -44,7 +44,7 @@ pub struct ApiQuery {
 /// `POST /api/sessions`: creates the record and the room's stream (first entry
 /// `session.created`) in one script, then answers `201` — the session exists in Redis when the
 /// client reads the answer.
-pub async fn create(
+pub(super) async fn create(
     State(shared): State<Arc<Shared>>,
     Query(q): Query<ApiQuery>,
     headers: HeaderMap,
@@ -111,7 +111,7 @@ pub async fn create(
 }
 
 /// `GET /api/sessions/{id}`.
-pub async fn read(
+pub(super) async fn read(
     State(shared): State<Arc<Shared>>,
     Path(sid): Path<String>,
     Query(q): Query<ApiQuery>,
@@ -124,7 +124,7 @@ pub async fn read(
 }
 
 /// `PATCH /api/sessions/{id}` with `{"metadata": {...}}`, merged into the session's metadata.
-pub async fn patch(
+pub(super) async fn patch(
     State(shared): State<Arc<Shared>>,
     Path(sid): Path<String>,
     Query(q): Query<ApiQuery>,
@@ -163,7 +163,7 @@ pub async fn patch(
 
 /// `DELETE /api/sessions/{id}`: everything the session owns in Redis goes, and its members on
 /// every node get `session_deleted` and a close.
-pub async fn delete(
+pub(super) async fn delete(
     State(shared): State<Arc<Shared>>,
     Path(sid): Path<String>,
     Query(q): Query<ApiQuery>,
@@ -182,7 +182,7 @@ pub async fn delete(
 /// requests, replies and errors; no joins, leaves, typing or acks), oldest first. Without
 /// `after`: the newest `limit` messages; with it, the `limit` messages after that id.
 /// `next_after` continues forward.
-pub async fn messages(
+pub(super) async fn messages(
     State(shared): State<Arc<Shared>>,
     Path(sid): Path<String>,
     Query(q): Query<ApiQuery>,

@@ -38,8 +38,6 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-pub use prompt::{Emotions, EmotionsError};
-pub use provider::{LlmError, Usage};
 pub use worker::{run_worker, WorkerError};
 
 /// Which chat messages the LLM answers (`llm.request` always is).

@@ -14,12 +14,13 @@ use crate::protocol::{EMOTIONS, LLM_ROLE};
 use crate::store::Entry;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ChatMessage {
+pub(super) struct ChatMessage {
     pub role: &'static str,
     pub content: String,
 }
 
-pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful third participant in a group chat. \
+pub(super) const DEFAULT_SYSTEM_PROMPT: &str =
+    "You are a helpful third participant in a group chat. \
 Each message from a person starts with their name, like \"A: ...\". Reply to the latest \
 message in two or three short sentences, plainly and kindly. Never pretend to be one of the \
 people and never write their names as speakers.";
@@ -61,7 +62,7 @@ const BUILTIN_GUIDANCE: [(&str, &str); 8] = [
 /// How the system prompt answers each emotion of a request (`bd.emotion`): the built-in lines,
 /// or for the emotions it names those of `--llm-emotion-prompts FILE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Emotions {
+pub(crate) struct Emotions {
     guidance: BTreeMap<String, String>,
 }
 
@@ -90,7 +91,7 @@ impl Default for Emotions {
 impl Emotions {
     /// The built-in lines, with those of a JSON object `{"anxious": "...", ...}` instead for the
     /// emotions it names (an empty string: no guidance for that emotion).
-    pub fn with_overrides(json: &str) -> Result<Self, EmotionsError> {
+    pub(crate) fn with_overrides(json: &str) -> Result<Self, EmotionsError> {
         let overrides: BTreeMap<String, String> =
             serde_json::from_str(json).map_err(EmotionsError::Json)?;
         let mut emotions = Self::default();
@@ -104,12 +105,12 @@ impl Emotions {
     }
 
     /// [`Emotions::with_overrides`] from a file.
-    pub fn from_file(path: &Path) -> Result<Self, EmotionsError> {
+    pub(crate) fn from_file(path: &Path) -> Result<Self, EmotionsError> {
         Self::with_overrides(&std::fs::read_to_string(path).map_err(EmotionsError::Read)?)
     }
 
     /// What to tell the model about someone who feels `emotion`, if anything.
-    pub fn guidance(&self, emotion: &str) -> Option<&str> {
+    pub(crate) fn guidance(&self, emotion: &str) -> Option<&str> {
         self.guidance
             .get(emotion)
             .map(String::as_str)
@@ -118,7 +119,7 @@ impl Emotions {
 }
 
 /// The text of an entry people or the LLM said, if it is one.
-pub fn spoken_text(entry: &Entry) -> Option<(String, bool)> {
+pub(super) fn spoken_text(entry: &Entry) -> Option<(String, bool)> {
     let said = matches!(
         entry.event.as_str(),
         "chat.message" | "llm.request" | "llm.response"
@@ -135,7 +136,7 @@ pub fn spoken_text(entry: &Entry) -> Option<(String, bool)> {
 }
 
 /// System prompt (plus the guidance for the asker's emotion) and the conversation, oldest first.
-pub fn build(system: &str, guidance: Option<&str>, history: &[Entry]) -> Vec<ChatMessage> {
+pub(super) fn build(system: &str, guidance: Option<&str>, history: &[Entry]) -> Vec<ChatMessage> {
     let mut system = system.to_owned();
     if let Some(g) = guidance {
         system.push_str("\n\n");
@@ -165,7 +166,7 @@ pub fn build(system: &str, guidance: Option<&str>, history: &[Entry]) -> Vec<Cha
 }
 
 /// Speakers whose `Name:` prefix the prompt uses, most recent first, then the LLM's own.
-pub fn speakers(history: &[Entry]) -> Vec<String> {
+pub(super) fn speakers(history: &[Entry]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for entry in history.iter().rev() {
         if entry.participant != LLM_ROLE
@@ -184,7 +185,7 @@ const MAX_STOPS: usize = 4;
 
 /// Stop sequences for a reply: a new line opening with a speaker's prefix means the model has
 /// started writing the transcript's next line, someone else's words.
-pub fn stop_sequences(speakers: &[String]) -> Vec<String> {
+pub(super) fn stop_sequences(speakers: &[String]) -> Vec<String> {
     let mut stops: Vec<String> = speakers
         .iter()
         .filter(|s| s.as_str() != LLM_ROLE)
@@ -198,7 +199,7 @@ pub fn stop_sequences(speakers: &[String]) -> Vec<String> {
 /// How much of the start of `text` is a speaker prefix of the model's own making ("A: ",
 /// "llm: ", "assistant:"), to be dropped. `None` while the text so far could still become one
 /// (and `done` is false): only then is the start of a reply held back.
-pub fn speaker_prefix_len(text: &str, speakers: &[String], done: bool) -> Option<usize> {
+pub(super) fn speaker_prefix_len(text: &str, speakers: &[String], done: bool) -> Option<usize> {
     let lead = text.len() - text.trim_start().len();
     let rest = &text[lead..];
     let names = || speakers.iter().map(String::as_str).chain(["assistant"]);
@@ -222,7 +223,7 @@ pub fn speaker_prefix_len(text: &str, speakers: &[String], done: bool) -> Option
 
 /// A rough prompt size in tokens, for turns whose provider never reported usage: a token per
 /// four bytes of text (about right for English, generous for CJK) plus a few per message.
-pub fn estimate_tokens(messages: &[ChatMessage]) -> u64 {
+pub(super) fn estimate_tokens(messages: &[ChatMessage]) -> u64 {
     2 + messages
         .iter()
         .map(|m| 4 + m.content.len().div_ceil(4) as u64)

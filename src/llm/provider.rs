@@ -68,7 +68,7 @@ impl LlmError {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Usage {
+pub(crate) struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
@@ -76,14 +76,14 @@ pub struct Usage {
 
 /// What the stream yields.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Event {
+pub(super) enum Event {
     Delta(String),
     Finish(String),
     Usage(Usage),
 }
 
 #[derive(Debug, Clone)]
-pub struct ProviderSettings {
+pub(super) struct ProviderSettings {
     pub base_url: String,
     pub api_key: Option<String>,
     pub model: String,
@@ -95,13 +95,13 @@ pub struct ProviderSettings {
 }
 
 #[derive(Debug, Clone)]
-pub struct Provider {
+pub(super) struct Provider {
     http: reqwest::Client,
     settings: ProviderSettings,
 }
 
 impl Provider {
-    pub fn new(settings: ProviderSettings) -> Result<Provider, LlmError> {
+    pub(super) fn new(settings: ProviderSettings) -> Result<Provider, LlmError> {
         let http = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout)
             .build()
@@ -109,12 +109,12 @@ impl Provider {
         Ok(Provider { http, settings })
     }
 
-    pub fn model(&self) -> &str {
+    pub(super) fn model(&self) -> &str {
         &self.settings.model
     }
 
     /// Starts a streamed completion, retrying connection failures, 429 and 5xx with backoff.
-    pub async fn stream(
+    pub(super) async fn stream(
         &self,
         messages: &[ChatMessage],
         stop: &[String],
@@ -220,7 +220,7 @@ type EventStream = std::pin::Pin<
 >;
 
 /// A streamed completion in progress.
-pub struct Completion {
+pub(super) struct Completion {
     events: EventStream,
     queue: std::collections::VecDeque<Event>,
     idle_timeout: Duration,
@@ -242,7 +242,7 @@ impl std::fmt::Debug for Completion {
 
 impl Completion {
     /// The next event, or `None` after `[DONE]` (or a clean end of the body).
-    pub async fn next(&mut self) -> Result<Option<Event>, LlmError> {
+    pub(super) async fn next(&mut self) -> Result<Option<Event>, LlmError> {
         loop {
             if let Some(ev) = self.queue.pop_front() {
                 return Ok(Some(ev));

@@ -19,7 +19,7 @@ use super::worker::Ctx;
 use crate::store::PendingCallback;
 
 /// The signature header, `sha256=<hex of HMAC-SHA256(secret, body)>`.
-pub const SIGNATURE_HEADER: &str = "X-Chat-Relay-Signature-256";
+pub(super) const SIGNATURE_HEADER: &str = "X-Chat-Relay-Signature-256";
 /// Callbacks in flight per worker.
 const CONCURRENCY: usize = 8;
 /// How often the outbox is checked for due callbacks when no turn ends.
@@ -154,7 +154,7 @@ async fn post(ctx: &Ctx, url: &str, cb: &PendingCallback) -> Result<(), Failed> 
 }
 
 /// `sha256=<hex>` of HMAC-SHA256 over the body.
-pub fn signature(secret: &str, body: &[u8]) -> String {
+pub(super) fn signature(secret: &str, body: &[u8]) -> String {
     // HMAC takes keys of any length: the `else` cannot run.
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
         return String::new();

@@ -13,7 +13,7 @@ use crate::store::{Live, Store, StoreError, TurnMark};
 /// A frame queued for one socket. `id` is set for stored entries so the session can skip what
 /// it already sent during a replay; transient frames have none.
 #[derive(Debug, Clone)]
-pub struct Outbound {
+pub(crate) struct Outbound {
     pub id: Option<StreamId>,
     /// Set for a live LLM frame: which turn, attempt and delta it carries.
     pub turn: Option<TurnMark>,
@@ -21,7 +21,7 @@ pub struct Outbound {
 }
 
 /// A connection's number on this node.
-pub type ConnId = u64;
+pub(crate) type ConnId = u64;
 
 /// Live entries held while the room catches up from the stream; beyond this the buffer is
 /// dropped and the catch-up simply reads further (the stream is the real buffer).
@@ -30,7 +30,7 @@ const RECOVERY_BUFFER: usize = 4096;
 const RECOVERY_PAGE: u64 = 1000;
 
 #[derive(Debug)]
-pub struct Room {
+pub(crate) struct Room {
     sid: Arc<str>,
     state: Mutex<RoomState>,
     pub(super) subscribed: tokio::sync::OnceCell<()>,
@@ -78,7 +78,7 @@ impl Room {
         }
     }
 
-    pub fn sid(&self) -> &str {
+    pub(crate) fn sid(&self) -> &str {
         &self.sid
     }
 
@@ -108,11 +108,11 @@ impl Room {
     }
 
     /// Whether the session was deleted (its members were closed for that reason).
-    pub fn is_deleted(&self) -> bool {
+    pub(crate) fn is_deleted(&self) -> bool {
         self.lock().deleted
     }
 
-    pub fn member_count(&self) -> usize {
+    pub(crate) fn member_count(&self) -> usize {
         self.lock().members.len()
     }
 

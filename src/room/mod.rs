@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 pub(crate) use cursor::{Cursor, CursorEnd};
 pub(crate) use follow::{usage_counts, Failure, Reply, TurnFollow, TurnStep};
-pub use members::{ConnId, Outbound, Room};
+pub(crate) use members::{ConnId, Outbound, Room};
 pub(crate) use presence::{Member, Presence};
 pub(crate) use turn_reader::TurnReader;
 
@@ -41,7 +41,7 @@ const RECOVERY_CONCURRENCY: usize = 32;
 
 /// Registry of the rooms with members on this node. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct Rooms {
+pub(crate) struct Rooms {
     inner: Arc<Inner>,
 }
 
@@ -55,7 +55,7 @@ struct Inner {
 
 impl Rooms {
     /// Connects the subscriber and starts the live-feed and idle-room tasks on `tracker`.
-    pub fn start(
+    pub(crate) fn start(
         store: Store,
         tracker: &TaskTracker,
         token: CancellationToken,
@@ -76,7 +76,7 @@ impl Rooms {
 
     /// Adds a member to a room, subscribing this node to the room when needed. Frames for the
     /// member arrive on `tx`; the room drops `tx` if the member cannot keep up.
-    pub async fn join(
+    pub(crate) async fn join(
         &self,
         sid: &str,
         conn: ConnId,
@@ -101,16 +101,16 @@ impl Rooms {
         }
     }
 
-    pub fn leave(&self, room: &Room, conn: ConnId) {
+    pub(crate) fn leave(&self, room: &Room, conn: ConnId) {
         room.remove_member(conn);
     }
 
     /// Rooms with at least one subscription on this node.
-    pub fn room_count(&self) -> usize {
+    pub(crate) fn room_count(&self) -> usize {
         self.inner.map.len()
     }
 
-    pub fn get(&self, sid: &str) -> Option<Arc<Room>> {
+    pub(crate) fn get(&self, sid: &str) -> Option<Arc<Room>> {
         self.inner.map.get(sid).map(|r| r.value().clone())
     }
 

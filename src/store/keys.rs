@@ -239,14 +239,14 @@ impl Keys {
 }
 
 /// Stream entry field names, as the prior design wrote them (redis-cli shows these).
-pub mod field {
-    pub const PARTICIPANT: &str = "participant";
-    pub const EVENT: &str = "event";
-    pub const BODY: &str = "body";
+pub(crate) mod field {
+    pub(crate) const PARTICIPANT: &str = "participant";
+    pub(crate) const EVENT: &str = "event";
+    pub(crate) const BODY: &str = "body";
 }
 
 /// First line of a pub/sub payload for a frame that is not stored (typing, LLM deltas).
-pub const TRANSIENT_MARK: &str = "-";
+pub(crate) const TRANSIENT_MARK: &str = "-";
 
 #[cfg(test)]
 mod tests {

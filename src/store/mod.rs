@@ -15,7 +15,7 @@
 
 mod dialects;
 mod feed;
-pub mod keys;
+pub(crate) mod keys;
 mod llm_group;
 mod presence;
 mod sessions;
@@ -24,17 +24,17 @@ mod turns;
 mod usage;
 
 pub use dialects::VoiceRate;
-pub use feed::{Feed, FeedEvent, FeedHandle};
+pub(crate) use feed::{Feed, FeedEvent, FeedHandle};
 pub use keys::Keys;
-pub use llm_group::GroupEntry;
-pub use presence::{PresenceChange, PresenceCount, PresenceSet};
-pub use sessions::{merge_patch, Created, Session};
-pub use stats::RoomStats;
-pub use turns::{
-    lease_holder, lease_token, turn_state_ttl, Finished, TurnBegin, TurnEnd, TurnLock,
-    TurnProgress, TurnState,
+pub(crate) use llm_group::GroupEntry;
+pub(crate) use presence::{PresenceChange, PresenceCount, PresenceSet};
+pub(crate) use sessions::{merge_patch, Created, Session};
+pub(crate) use stats::RoomStats;
+pub use turns::lease_holder;
+pub(crate) use turns::{
+    lease_token, turn_state_ttl, Finished, TurnBegin, TurnEnd, TurnLock, TurnProgress, TurnState,
 };
-pub use usage::PendingCallback;
+pub(crate) use usage::PendingCallback;
 
 use std::time::Duration;
 

@@ -259,7 +259,7 @@ impl Store {
 }
 
 /// JSON merge patch (RFC 7396).
-pub fn merge_patch(target: &mut Json, patch: &Json) {
+pub(crate) fn merge_patch(target: &mut Json, patch: &Json) {
     let Json::Object(patch) = patch else {
         *target = patch.clone();
         return;

@@ -26,7 +26,7 @@ pub enum TurnLock {
 
 /// The value a worker's lease puts in a turn key: `<consumer>/<turn>` (until the finish script
 /// replaces it with `done:<reply id>`).
-pub fn lease_token(consumer: &str, turn: StreamId) -> String {
+pub(crate) fn lease_token(consumer: &str, turn: StreamId) -> String {
     format!("{consumer}/{turn}")
 }
 
@@ -112,7 +112,7 @@ const DONE_TTL_SECS: u64 = 24 * 3600;
 /// How long a turn's live state lives without a refresh (the lease renewals and every batch of
 /// deltas refresh it): past any Redis restart, and until another worker takes a dead worker's
 /// turn over, which reads what the dead attempt spent.
-pub fn turn_state_ttl(lease: Duration) -> Duration {
+pub(crate) fn turn_state_ttl(lease: Duration) -> Duration {
     (lease * 4).max(Duration::from_secs(600))
 }
 

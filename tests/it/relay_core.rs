@@ -242,9 +242,6 @@ async fn run_refuses_an_invalid_configuration() {
     let err = chat_relay::run(listener, cfg, tokio_util::sync::CancellationToken::new())
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, chat_relay::relay::RelayError::Config(_)),
-        "{err}"
-    );
+    assert!(matches!(err, chat_relay::RelayError::Config(_)), "{err}");
     assert!(err.to_string().contains("--ping-secs"), "{err}");
 }

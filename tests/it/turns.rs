@@ -299,7 +299,7 @@ async fn only_the_requester_cancels_and_a_cut_turn_stores_what_the_room_saw() {
     .await;
     let sid = unique_sid("cancel");
     let token = |sub: &str| {
-        chat_relay::auth::mint(
+        chat_relay::mint(
             SECRET,
             std::slice::from_ref(&sid),
             "A",

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use chat_relay::protocol::Close;
-use chat_relay::store::{Keys, RedisSettings, Store, VoiceRate};
+use chat_relay::{Keys, RedisSettings, Store, VoiceRate};
 
 use crate::chat::{relay_with, stored};
 use crate::dialects::{voice_ask, voice_reply, voice_request, voice_url};

@@ -299,7 +299,7 @@ impl World {
                     let Ok(Some(value)) = redis::get(&client, &key).await else {
                         continue;
                     };
-                    let Some((consumer, turn)) = chat_relay::store::lease_holder(&value) else {
+                    let Some((consumer, turn)) = chat_relay::lease_holder(&value) else {
                         continue;
                     };
                     let worker = match consumer {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use chat_relay::config::RedisArgs;
-use chat_relay::store::Keys;
+use chat_relay::Keys;
 use clap::Parser;
 use fred::interfaces::ClientLike;
 use fred::prelude::{Builder, Client, Config, ServerConfig};
