@@ -17,6 +17,21 @@ use crate::state::Shared;
 const DEFAULT_PAGE: u64 = 100;
 const MAX_PAGE: u64 = 1000;
 
+/// A page size from `?limit=`: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when absent. Every history
+/// route pages the same way.
+pub(super) fn page_limit(raw: Option<&str>) -> Result<u64, ApiError> {
+    match raw {
+        None | Some("") => Ok(DEFAULT_PAGE),
+        Some(l) => match l.parse::<u64>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(
+                ErrorCode::InvalidBody,
+                format!("limit must be a number from 1 to {MAX_PAGE}"),
+            )),
+        },
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub(super) struct PageQuery {
     after: Option<String>,
@@ -73,18 +88,7 @@ pub(super) async fn messages(
     authorize(&shared, &headers, q.token.as_deref(), sid)?;
     let after = parse_id("after", q.after.as_deref())?;
     let before = parse_id("before", q.before.as_deref())?;
-    let limit = match q.limit.as_deref() {
-        None | Some("") => DEFAULT_PAGE,
-        Some(l) => match l.parse::<u64>() {
-            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad_request(
-                    ErrorCode::InvalidBody,
-                    format!("limit must be a number from 1 to {MAX_PAGE}"),
-                ))
-            }
-        },
-    };
+    let limit = page_limit(q.limit.as_deref())?;
     let entries = match after {
         Some(_) => {
             let until = before.map(StreamId::prev);

@@ -28,8 +28,6 @@ use crate::protocol::{new_body, ErrorCode, EventKind, StreamId, DEFAULT_ROLE};
 use crate::state::Shared;
 use crate::store::{Created, Entry, Session, Store, StoreError};
 
-const DEFAULT_PAGE: u64 = 100;
-const MAX_PAGE: u64 = 1000;
 /// Entries read per `XRANGE` while collecting a page of the conversation (joins, leaves and
 /// notices in between are skipped).
 const SCAN_PAGE: u64 = 500;
@@ -190,18 +188,7 @@ pub(super) async fn messages(
 ) -> Result<Json<Value>, ApiError> {
     let sid = checked_sid(Some(&sid))?;
     authorize(&shared, &headers, q.token.as_deref(), sid)?;
-    let limit = match q.limit.as_deref() {
-        None | Some("") => DEFAULT_PAGE,
-        Some(l) => match l.parse::<u64>() {
-            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad_request(
-                    ErrorCode::InvalidBody,
-                    format!("limit must be a number from 1 to {MAX_PAGE}"),
-                ))
-            }
-        },
-    };
+    let limit = super::history::page_limit(q.limit.as_deref())?;
     let after = match q.after.as_deref() {
         None | Some("") => None,
         Some(a) => Some(a.parse::<StreamId>().map_err(|_| {
