@@ -84,7 +84,7 @@ pub(super) async fn upgrade(
         .with_budget(shared.ingress.connection_budget());
     let slot = take_slot(&shared, None, client)?;
     let ws = accept(&shared, &door, ws)?;
-    let expires_at_ms = door.grant.expires_at_ms;
+    let expires = door.grant.deadline();
     let conn_id = shared.next_conn_id();
     let tracker = shared.tracker.clone();
     let response = ws.on_upgrade(move |socket| async move {
@@ -100,7 +100,7 @@ pub(super) async fn upgrade(
             following: HashSet::new(),
             tasks: JoinSet::new(),
         };
-        tracker.spawn(eval.run(socket, expires_at_ms, slot).instrument(span));
+        tracker.spawn(eval.run(socket, expires, slot).instrument(span));
     });
     Ok(response.into_response())
 }
@@ -234,7 +234,12 @@ fn eval_header() -> Map<String, Value> {
 }
 
 impl Eval {
-    async fn run(self, socket: WebSocket, expires_at_ms: Option<u64>, _slot: MemberSlot) {
+    async fn run(
+        self,
+        socket: WebSocket,
+        expires: Option<tokio::time::Instant>,
+        _slot: MemberSlot,
+    ) {
         let shared = self.shared.clone();
         let max_bytes = shared.session.limits.max_frame_bytes;
         let notice = move |close: Close| {
@@ -247,10 +252,7 @@ impl Eval {
             };
             Some(error_frame(&Value::Null, &error))
         };
-        socket::serve(socket, &shared, expires_at_ms, notice, |link| {
-            self.read(link)
-        })
-        .await;
+        socket::serve(socket, &shared, expires, notice, |link| self.read(link)).await;
     }
 
     async fn read(mut self, mut link: Link) -> (Link, Close) {

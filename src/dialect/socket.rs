@@ -3,9 +3,8 @@
 //! the dialect reads what the client sends. Every queue is bounded: a client that reads slowly
 //! makes whoever sends to it wait, until a write times out and the socket closes.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use crate::ws::heartbeat::{Heard, Heartbeat};
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
@@ -55,9 +54,8 @@ pub(super) enum Incoming {
 pub(super) struct Link {
     pub(super) out: Outbox,
     stream: SplitStream<WebSocket>,
-    /// When the peer was last heard from, in ms since `started` (read by the writer's pings).
-    heard: Arc<AtomicU64>,
-    started: Instant,
+    /// When the peer was last heard from (read by the writer's heartbeat).
+    heard: Heard,
     /// Fires when the writer ended.
     stop: CancellationToken,
 }
@@ -70,19 +68,18 @@ impl Link {
                 _ = self.stop.cancelled() => return Incoming::Gone,
                 msg = self.stream.next() => msg,
             };
-            let heard = self.started.elapsed().as_millis() as u64;
             match msg {
                 Some(Ok(Message::Text(text))) => {
-                    self.heard.store(heard, Ordering::Relaxed);
+                    self.heard.now();
                     metrics::counter!(crate::metrics::FRAMES_IN).increment(1);
                     return Incoming::Text(text);
                 }
                 Some(Ok(Message::Binary(_))) => {
-                    self.heard.store(heard, Ordering::Relaxed);
+                    self.heard.now();
                     return Incoming::Binary;
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
-                    self.heard.store(heard, Ordering::Relaxed);
+                    self.heard.now();
                 }
                 Some(Ok(Message::Close(_))) | None => return Incoming::Gone,
                 Some(Err(err)) => {
@@ -109,7 +106,7 @@ impl Link {
 pub(super) async fn serve<D, F>(
     socket: WebSocket,
     shared: &Shared,
-    expires_at_ms: Option<u64>,
+    expires: Option<tokio::time::Instant>,
     notice: impl Fn(Close) -> Option<String>,
     dialect: D,
 ) where
@@ -120,19 +117,16 @@ pub(super) async fn serve<D, F>(
     let (mut sink, stream) = socket.split();
     let (tx, rx) = mpsc::channel(OUT_QUEUE);
     let stop = CancellationToken::new();
-    let heard = Arc::new(AtomicU64::new(0));
+    let heard = Heard::new();
     let link = Link {
         out: Outbox(tx),
         stream,
         heard: heard.clone(),
-        started: Instant::now(),
         stop: stop.clone(),
     };
     let writer = Writer {
         shared,
-        heard,
-        started: link.started,
-        expires: expires_at_ms.map(deadline_from_epoch_ms),
+        heartbeat: Heartbeat::new(heard, shared.session.ping_interval, expires),
     };
     let write = async {
         let close = writer.run(&mut sink, rx).await;
@@ -170,45 +164,30 @@ pub(super) async fn serve<D, F>(
 
 struct Writer<'a> {
     shared: &'a Shared,
-    heard: Arc<AtomicU64>,
-    started: Instant,
-    expires: Option<tokio::time::Instant>,
+    heartbeat: Heartbeat,
 }
 
 impl Writer<'_> {
     /// Writes until something ends the socket; returns the close to send.
     async fn run(
-        self,
+        mut self,
         sink: &mut SplitSink<WebSocket, Message>,
         mut rx: mpsc::Receiver<Out>,
     ) -> Close {
         let settings = &self.shared.session;
-        let ping_every = settings.ping_interval;
-        let mut ping =
-            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-        // Far enough to never fire when the token does not expire.
-        let expires = self.expires.unwrap_or_else(|| {
-            tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400)
-        });
         loop {
             let msg = tokio::select! {
                 biased;
                 _ = self.shared.token.cancelled() => return Close::Shutdown,
-                _ = tokio::time::sleep_until(expires) => return Close::TokenExpired,
+                beat = self.heartbeat.next() => match beat {
+                    Ok(()) => Message::Ping(Default::default()),
+                    Err(close) => return close,
+                },
                 out = rx.recv() => match out {
                     Some(Out::Text(frame)) => Message::Text(frame.into()),
                     Some(Out::Close(close)) => return close,
                     None => return Close::Normal,
                 },
-                _ = ping.tick() => {
-                    let alive = self.started.elapsed().as_millis() as u64;
-                    let silent_for = alive - self.heard.load(Ordering::Relaxed).min(alive);
-                    if silent_for > 3 * ping_every.as_millis() as u64 {
-                        tracing::info!(silent_ms = silent_for, "peer stopped answering pings");
-                        return Close::NoPong;
-                    }
-                    Message::Ping(Default::default())
-                }
             };
             // What else is queued goes out in the same flush.
             let mut closing = None;
@@ -237,10 +216,4 @@ impl Writer<'_> {
             }
         }
     }
-}
-
-/// A tokio deadline for a wall-clock time in ms since the epoch.
-fn deadline_from_epoch_ms(at_ms: u64) -> tokio::time::Instant {
-    let left = at_ms.saturating_sub(crate::protocol::now_ms());
-    tokio::time::Instant::now() + Duration::from_millis(left)
 }

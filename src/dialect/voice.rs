@@ -87,7 +87,7 @@ pub(super) async fn upgrade(
         .require_room();
     let slot = take_slot(&shared, Some(&sid), client)?;
     let ws = accept(&shared, &door, ws)?;
-    let expires_at_ms = door.grant.expires_at_ms;
+    let expires = door.grant.deadline();
     let conn_id = shared.next_conn_id();
     let tracker = shared.tracker.clone();
     let response = ws.on_upgrade(move |socket| async move {
@@ -98,7 +98,7 @@ pub(super) async fn upgrade(
             conn,
             addr: client.0,
         };
-        tracker.spawn(voice.run(socket, expires_at_ms, slot).instrument(span));
+        tracker.spawn(voice.run(socket, expires, slot).instrument(span));
     });
     Ok(response.into_response())
 }
@@ -195,14 +195,16 @@ fn close_notice(close: Close, locale: Locale, max_chars: usize) -> Option<String
 }
 
 impl Voice {
-    async fn run(self, socket: WebSocket, expires_at_ms: Option<u64>, _slot: MemberSlot) {
+    async fn run(
+        self,
+        socket: WebSocket,
+        expires: Option<tokio::time::Instant>,
+        _slot: MemberSlot,
+    ) {
         let shared = self.shared.clone();
         let (locale, max_chars) = (self.locale, shared.session.limits.max_text_chars);
         let notice = move |close| close_notice(close, locale, max_chars);
-        socket::serve(socket, &shared, expires_at_ms, notice, |link| {
-            self.read(link)
-        })
-        .await;
+        socket::serve(socket, &shared, expires, notice, |link| self.read(link)).await;
     }
 
     /// Reads requests until the client leaves; a task of its own answers them in order.

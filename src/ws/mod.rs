@@ -6,6 +6,7 @@
 //! JSON body: a WebSocket client sees those as a failed handshake it can read. The dialect
 //! sockets (`crate::dialect`) pass the same door: [`open_door`], [`take_slot`], [`accept`].
 
+pub(crate) mod heartbeat;
 mod session;
 
 use std::sync::Arc;

@@ -8,9 +8,8 @@
 mod reader;
 mod writer;
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::SplitSink;
@@ -26,6 +25,7 @@ use crate::protocol::{error_frame, Close, StreamId};
 use crate::room::Member;
 use crate::room::{ConnId, Cursor};
 use crate::state::Shared;
+use crate::ws::heartbeat::{Heard, Heartbeat};
 
 /// What the upgrade handler checked and hands to the session.
 #[derive(Debug)]
@@ -127,15 +127,12 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
         None => cursor.replay_after(joined.prev()),
     };
 
-    let last_pong = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
+    let heard = Heard::new();
     let stop = CancellationToken::new();
     let (ctrl_tx, ctrl_rx) = mpsc::channel::<Ctrl>(CONTROL_QUEUE);
     let writer = writer::Writer {
         shared: shared.clone(),
-        last_pong: last_pong.clone(),
-        started,
-        expires: params.expires,
+        heartbeat: Heartbeat::new(heard.clone(), shared.session.ping_interval, params.expires),
     };
     let reader = reader::Reader {
         shared: shared.clone(),
@@ -144,8 +141,7 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
         // without persistence) comes back with the next message, as rooms always have.
         conn: params.conn,
         ctrl: ctrl_tx,
-        last_pong,
-        started,
+        heard,
     };
     let read = reader.run(stream, stop.clone());
     let write = async {

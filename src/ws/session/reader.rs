@@ -2,9 +2,7 @@
 //! to `--send-window` submits in flight (pipelined on the shared Redis client) and hands their
 //! acks and errors to the writer in the order the frames came.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::stream::{FuturesOrdered, SplitStream};
@@ -18,14 +16,14 @@ use super::Ctrl;
 use crate::ingress::{Conn, Refused, Submission, Submitted};
 use crate::protocol::{ack_frame, error_frame, ClientError, Close, ErrorCode};
 use crate::state::Shared;
+use crate::ws::heartbeat::Heard;
 
 pub(super) struct Reader {
     pub(super) shared: Arc<Shared>,
     pub(super) conn: Conn,
     pub(super) ctrl: mpsc::Sender<Ctrl>,
-    /// When the peer was last heard from, in ms since `started` (read by the writer's pings).
-    pub(super) last_pong: Arc<AtomicU64>,
-    pub(super) started: Instant,
+    /// When the peer was last heard from (read by the writer's heartbeat).
+    pub(super) heard: Heard,
 }
 
 impl Reader {
@@ -51,10 +49,9 @@ impl Reader {
                     }
                 }
                 msg = stream.next(), if inflight.len() < window => {
-                    let alive = self.started.elapsed().as_millis() as u64;
                     let ctrl = match msg {
                         Some(Ok(Message::Text(text))) => {
-                            self.last_pong.store(alive, Ordering::Relaxed);
+                            self.heard.now();
                             metrics::counter!(crate::metrics::FRAMES_IN).increment(1);
                             match self.shared.ingress.submit_text(&mut self.conn, text.as_str()) {
                                 Ok(submission) => {
@@ -79,7 +76,7 @@ impl Reader {
                             Ctrl::Frame(error_frame(&err, None))
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
-                            self.last_pong.store(alive, Ordering::Relaxed);
+                            self.heard.now();
                             // Control frames cost a read and (a ping) a pong: they are paid
                             // from the same budget, without an error frame per refusal.
                             match self.shared.ingress.admit(&mut self.conn) {
