@@ -47,6 +47,7 @@ use crate::limits::MemberSlot;
 use crate::net::ClientAddr;
 use crate::protocol::{check_frame, parse_client_frame, ClientError, Close, ErrorCode, StreamId};
 use crate::room::{usage_counts, CursorEnd, TurnStep};
+use crate::room::{ConnId, Member};
 use crate::state::Shared;
 use crate::store::VoiceRate;
 use crate::ws::{accept, open_door, take_slot};
@@ -98,7 +99,7 @@ pub(super) async fn upgrade(
             conn,
             addr: client.0,
         };
-        tracker.spawn(voice.run(socket, expires, slot).instrument(span));
+        tracker.spawn(voice.run(socket, conn_id, expires, slot).instrument(span));
     });
     Ok(response.into_response())
 }
@@ -198,10 +199,17 @@ impl Voice {
     async fn run(
         self,
         socket: WebSocket,
+        conn_id: ConnId,
         expires: Option<tokio::time::Instant>,
         _slot: MemberSlot,
     ) {
         let shared = self.shared.clone();
+        // A voice client is in the room's live presence like any member, while it is connected.
+        let me = Member {
+            role: self.conn.default_role().to_owned(),
+            sub: self.conn.sender().map(str::to_owned),
+        };
+        let _present = shared.presence.enter(self.conn.sid(), conn_id, me).await;
         let (locale, max_chars) = (self.locale, shared.session.limits.max_text_chars);
         let notice = move |close| close_notice(close, locale, max_chars);
         socket::serve(socket, &shared, expires, notice, |link| self.read(link)).await;

@@ -498,3 +498,33 @@ async fn a_session_created_again_mid_turn_gets_no_reply_from_the_old_one() {
     assert_eq!(events, ["session.created"]);
     ws.close().await;
 }
+
+/// `GET .../presence` on `relay` until it shows `connections` connections.
+async fn presence_becomes(relay: &Relay, sid: &str, connections: u64) -> Value {
+    let url = relay.http(&format!("/v1/sessions/{sid}/presence"));
+    for _ in 0..50 {
+        let p: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        if p["connections"] == connections {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("presence of {sid} never reached {connections}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voice_client_is_present_while_connected() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(FakeLlm::tokens(&["ok"], Duration::ZERO)).await;
+    let relay = relay_with(&redis, &fake, &[]).await;
+    let sid = unique_sid("voicepresence");
+    create_session(&relay, json!({"session_id": sid})).await;
+
+    let ws = WsClient::connect(&voice_url(&relay, &sid, "?role=B")).await;
+    let p = presence_becomes(&relay, &sid, 1).await;
+    assert_eq!(p["members"][0]["role"], "B", "{p}");
+    assert_eq!(p["members"][0]["connections"], 1, "{p}");
+
+    drop(ws);
+    presence_becomes(&relay, &sid, 0).await;
+}
