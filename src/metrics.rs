@@ -19,6 +19,8 @@ pub(crate) const FRAMES_OUT: &str = "chat_relay_frames_out_total";
 pub(crate) const STORED: &str = "chat_relay_entries_stored_total";
 /// Append latency (XADD + PUBLISH script), seconds.
 pub(crate) const APPEND_SECONDS: &str = "chat_relay_append_seconds";
+/// Entries per append script call (group commit), a histogram.
+pub(crate) const APPEND_BATCH_ENTRIES: &str = "chat_relay_append_batch_entries";
 /// From an entry's stream id (its XADD time) to its fan-out on this node, seconds.
 pub(crate) const DELIVERY_LAG_SECONDS: &str = "chat_relay_delivery_lag_seconds";
 /// Clients disconnected because their queue was full.
@@ -81,7 +83,11 @@ fn describe() {
     describe_histogram!(
         APPEND_SECONDS,
         Unit::Seconds,
-        "Append (XADD + PUBLISH) latency"
+        "Append (one group-commit script call) latency"
+    );
+    describe_histogram!(
+        APPEND_BATCH_ENTRIES,
+        "Entries stored per append script call (group commit)"
     );
     describe_histogram!(
         DELIVERY_LAG_SECONDS,

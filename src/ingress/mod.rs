@@ -281,13 +281,12 @@ impl Ingress {
         }
         let (sid, role, event) = (&conn.ctx.sid, conn.default_role(), presence.event());
         // A leave never brings back a room that is gone (deleted, or expired).
+        let queued = Box::pin(self.store.append_existing(sid, role, event, body, None));
         let appended = if conn.existing_room || presence == Presence::Leave {
-            self.store
-                .append_existing(sid, role, event, body, None)
-                .await?
-                .ok_or(AppendRefused::NoRoom)?
+            queued.await?.ok_or(AppendRefused::NoRoom)?
         } else {
             append_charged(
+                queued,
                 &self.store,
                 &self.creations,
                 &conn.client,
@@ -400,31 +399,43 @@ impl Ingress {
                 let client = conn.client.clone();
                 let sid = conn.ctx.sid.clone();
                 let sender = conn.ctx.sender.clone();
-                let check_cancel = self.cancel_policy == CancelPolicy::Requester;
+                let check_cancel =
+                    envelope.cancels.is_some() && self.cancel_policy == CancelPolicy::Requester;
+                // Queued now, so a connection's envelopes are stored in the order it submitted
+                // them; a cancel is queued once its sender is known to be allowed.
+                let queued = (!check_cancel)
+                    .then(|| queue_envelope(&store, &sid, sender.as_deref(), &envelope));
                 let existing = conn.existing_room;
                 Ok(Box::pin(async move {
-                    if let (Some(turn), true) = (envelope.cancels, check_cancel) {
-                        let who = Speaker {
-                            role: &envelope.role,
-                            sub: sender.as_deref(),
-                        };
-                        match may_cancel(&store, &sid, turn, who).await {
-                            Ok(None) => {}
-                            Ok(Some(error)) => {
-                                crate::metrics::error(error.code.as_str());
-                                return Err(Refused::new(error, envelope.cid));
+                    let queued = match queued {
+                        Some(queued) => queued,
+                        None => {
+                            if let Some(turn) = envelope.cancels {
+                                let who = Speaker {
+                                    role: &envelope.role,
+                                    sub: sender.as_deref(),
+                                };
+                                match may_cancel(&store, &sid, turn, who).await {
+                                    Ok(None) => {}
+                                    Ok(Some(error)) => {
+                                        crate::metrics::error(error.code.as_str());
+                                        return Err(Refused::new(error, envelope.cid));
+                                    }
+                                    Err(err) => {
+                                        tracing::warn!(room = %sid, cause = %err, "cannot check who may cancel");
+                                        crate::metrics::error(ErrorCode::StoreUnavailable.as_str());
+                                        return Err(Refused::new(
+                                            ClientError::store_unavailable(),
+                                            envelope.cid,
+                                        ));
+                                    }
+                                }
                             }
-                            Err(err) => {
-                                tracing::warn!(room = %sid, cause = %err, "cannot check who may cancel");
-                                crate::metrics::error(ErrorCode::StoreUnavailable.as_str());
-                                return Err(Refused::new(
-                                    ClientError::store_unavailable(),
-                                    envelope.cid,
-                                ));
-                            }
+                            queue_envelope(&store, &sid, sender.as_deref(), &envelope)
                         }
-                    }
+                    };
                     let stored = store_envelope(
+                        queued,
                         &store,
                         &creations,
                         &client,
@@ -579,10 +590,15 @@ impl AppendRefused {
     }
 }
 
-/// Appends to the room if it exists; otherwise charges the client's room-creation budget and,
-/// if it has some left, appends creating the room. (One more round trip, only for new rooms.)
+/// The first try of an append, queued when called: to the room if it exists (`None` if not).
+type Queued = Pin<Box<dyn Future<Output = Result<Option<Appended>, StoreError>> + Send>>;
+
+/// Finishes an append queued as [`Queued`]: when the room does not exist, charges the client's
+/// room-creation budget and, if it has some left, appends creating the room. (One more round
+/// trip, only for new rooms.)
 #[allow(clippy::too_many_arguments, reason = "one append, spelled out")]
 async fn append_charged(
+    queued: Queued,
     store: &Store,
     creations: &Buckets<ClientKey>,
     client: &ClientKey,
@@ -592,7 +608,7 @@ async fn append_charged(
     body: &str,
     dedup: Option<(&str, &str)>,
 ) -> Result<Appended, AppendRefused> {
-    if let Some(appended) = store.append_existing(sid, role, event, body, dedup).await? {
+    if let Some(appended) = queued.await? {
         return Ok(appended);
     }
     if !creations.try_take(client) {
@@ -601,10 +617,38 @@ async fn append_charged(
     Ok(store.append(sid, role, event, body, dedup).await?)
 }
 
-/// Append (idempotent on the sender's `cid`; the sender is the token's subject, else the role),
-/// then tell the LLM workers about a cancel. With `existing`, only to a room that exists;
-/// otherwise a new room is paid from the client's room-creation budget.
+/// Whose an envelope is for idempotence: the token's subject, else the role.
+fn dedup_pair<'a>(
+    sender: Option<&'a str>,
+    envelope: &'a StoreEnvelope,
+) -> Option<(&'a str, &'a str)> {
+    let sender = sender.unwrap_or(envelope.role.as_str());
+    envelope.cid.as_deref().map(|c| (sender, c))
+}
+
+/// Queues an envelope's append to its room if the room exists (idempotent on the sender's
+/// `cid`), now.
+fn queue_envelope(
+    store: &Store,
+    sid: &str,
+    sender: Option<&str>,
+    envelope: &StoreEnvelope,
+) -> Queued {
+    Box::pin(store.append_existing(
+        sid,
+        envelope.role.as_str(),
+        envelope.event,
+        envelope.body.as_str(),
+        dedup_pair(sender, envelope),
+    ))
+}
+
+/// Finishes an envelope's append queued by [`queue_envelope`], then tells the LLM workers about
+/// a cancel. With `existing`, only to a room that exists; otherwise a new room is paid from the
+/// client's room-creation budget.
+#[allow(clippy::too_many_arguments, reason = "one append, spelled out")]
 async fn store_envelope(
+    queued: Queued,
     store: &Store,
     creations: &Buckets<ClientKey>,
     client: &ClientKey,
@@ -613,20 +657,19 @@ async fn store_envelope(
     envelope: &StoreEnvelope,
     existing: bool,
 ) -> Result<Appended, AppendRefused> {
-    let sender = sender.unwrap_or(envelope.role.as_str());
-    let dedup = envelope.cid.as_deref().map(|c| (sender, c));
     let (role, event, body) = (
         envelope.role.as_str(),
         envelope.event,
         envelope.body.as_str(),
     );
     let appended = if existing {
-        store
-            .append_existing(sid, role, event, body, dedup)
-            .await?
-            .ok_or(AppendRefused::NoRoom)?
+        queued.await?.ok_or(AppendRefused::NoRoom)?
     } else {
-        append_charged(store, creations, client, sid, role, event, body, dedup).await?
+        let dedup = dedup_pair(sender, envelope);
+        append_charged(
+            queued, store, creations, client, sid, role, event, body, dedup,
+        )
+        .await?
     };
     if store.is_clustered() && asks_llm(envelope) {
         if let Err(err) = store.wake_llm(sid).await {

@@ -154,24 +154,31 @@ impl Room {
                 let mut st = self.lock();
                 self.fan_out(&mut st, &out);
             }
-            Live::Entry { id, body } => {
-                let out = Outbound {
-                    id: Some(id),
-                    turn: None,
-                    frame: delivery_frame(id, "", "", &body).into(),
-                };
+            Live::Entries(entries) => {
+                // Frames built before taking the lock; one lock for a whole batch.
+                let outs: Vec<Outbound> = entries
+                    .iter()
+                    .map(|(id, body)| Outbound {
+                        id: Some(*id),
+                        turn: None,
+                        frame: delivery_frame(*id, "", "", body).into(),
+                    })
+                    .collect();
                 let mut st = self.lock();
-                tracing::trace!(room = %self.sid, id = %id, recovering = st.recovering.is_some(), last = %st.last_id, "live entry");
-                if let Some(rec) = st.recovering.as_mut() {
-                    if rec.buffer.len() < RECOVERY_BUFFER {
-                        rec.buffer.push((id, out));
-                    } else {
-                        rec.overflowed = true;
-                        rec.buffer.clear();
+                for out in outs {
+                    let Some(id) = out.id else { continue };
+                    tracing::trace!(room = %self.sid, id = %id, recovering = st.recovering.is_some(), last = %st.last_id, "live entry");
+                    if let Some(rec) = st.recovering.as_mut() {
+                        if rec.buffer.len() < RECOVERY_BUFFER {
+                            rec.buffer.push((id, out));
+                        } else {
+                            rec.overflowed = true;
+                            rec.buffer.clear();
+                        }
+                        continue;
                     }
-                    return;
+                    self.deliver_entry(&mut st, id, &out);
                 }
-                self.deliver_entry(&mut st, id, &out);
             }
             Live::Deleted => {
                 // Dropping the senders ends every member's cursor once it has read what was

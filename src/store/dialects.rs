@@ -31,9 +31,9 @@ impl Store {
         window: Duration,
     ) -> Result<VoiceRate, StoreError> {
         let keys = vec![
-            self.keys.room(sid),
-            self.keys.session_record(sid),
-            self.keys.voice_rate(sid),
+            self.inner.keys.room(sid),
+            self.inner.keys.session_record(sid),
+            self.inner.keys.voice_rate(sid),
         ];
         let member = uuid::Uuid::new_v4().simple().to_string();
         let args = vec![
@@ -42,7 +42,7 @@ impl Store {
             member,
         ];
         let reply = self
-            .eval_script(&self.scripts.voice_rate, keys, args)
+            .eval_script(&self.inner.scripts.voice_rate, keys, args)
             .await?;
         let Value::Array(parts) = reply else {
             return Err(StoreError::Reply("voice rate reply is not an array"));
@@ -67,7 +67,11 @@ impl Store {
         sid: &str,
         turn: StreamId,
     ) -> Result<Option<StreamId>, StoreError> {
-        let marker: Option<String> = self.client.get(self.keys.turn(sid, turn)).await?;
+        let marker: Option<String> = self
+            .inner
+            .client
+            .get(self.inner.keys.turn(sid, turn))
+            .await?;
         Ok(marker
             .as_deref()
             .and_then(|m| m.strip_prefix("done:"))

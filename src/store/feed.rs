@@ -178,11 +178,18 @@ impl FeedHandle {
                 mark,
                 frame: rest.to_owned(),
             }
-        } else {
-            Live::Entry {
-                id: head.parse().ok()?,
-                body: rest.to_owned(),
+        } else if head == BATCH_MARK {
+            match decode_batch(rest) {
+                Some(entries) => Live::Entries(entries),
+                None => {
+                    // Cannot happen (the script writes lengths it measured); if it did, the
+                    // rooms catch up from their streams rather than miss the batch.
+                    tracing::warn!(room = %sid, "malformed batch on a room channel");
+                    return Some(FeedEvent::Resync);
+                }
             }
+        } else {
+            Live::Entries(vec![(head.parse().ok()?, rest.to_owned())])
         };
         Some(FeedEvent::Live {
             sid: sid.to_owned(),
@@ -265,6 +272,24 @@ fn decode_turn_mark(head: &str) -> Option<TurnMark> {
 /// non-entry marks it starts with `-`, which no stream id does.
 const DELETED_MARK: &str = "-x";
 
+/// First line of a group commit's batch of entries (more than one), published by `append.lua`:
+/// then, per entry, `<id> <body length in bytes>\n<body>`, with nothing in between.
+const BATCH_MARK: &str = "-b";
+
+/// The entries of a batch, or `None` when it is malformed.
+fn decode_batch(mut rest: &str) -> Option<Vec<(StreamId, String)>> {
+    let mut entries = Vec::new();
+    while !rest.is_empty() {
+        let (head, tail) = rest.split_once('\n')?;
+        let (id, len) = head.split_once(' ')?;
+        let len: usize = len.parse().ok()?;
+        let body = tail.get(..len)?;
+        entries.push((id.parse().ok()?, body.to_owned()));
+        rest = &tail[len..];
+    }
+    Some(entries)
+}
+
 /// The payload of the room-deleted notice, which `session_delete.lua` publishes on the room's
 /// channel in the script that deletes the room.
 pub(super) fn encode_deleted() -> String {
@@ -284,6 +309,24 @@ fn decode_cancel(payload: &str) -> Option<(&str, StreamId)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_split_into_their_entries() {
+        // As append.lua writes it: bodies may hold anything, newlines and spaces included.
+        let a = "{\"bd\":{\"text\":\"one\\n\"}}";
+        let b = "{\"bd\": {\"text\": \"two\nlines é\"}}";
+        let payload = format!("1-0 {}\n{a}2-5 {}\n{b}", a.len(), b.len());
+        let entries = decode_batch(&payload).unwrap();
+        assert_eq!(
+            entries,
+            vec![
+                ("1-0".parse().unwrap(), a.to_owned()),
+                ("2-5".parse().unwrap(), b.to_owned())
+            ]
+        );
+        assert_eq!(decode_batch("1-0 99\n{}"), None, "a length past the end");
+        assert_eq!(decode_batch("1-0 x\n{}"), None, "no length");
+    }
 
     #[test]
     fn turn_frames_round_trip() {

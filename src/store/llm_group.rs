@@ -22,9 +22,10 @@ impl Store {
     /// Records that a room exists, for workers that discover rooms by tailing the registry.
     pub async fn announce_room(&self, sid: &str) -> Result<(), StoreError> {
         let _: Value = self
+            .inner
             .client
             .xadd(
-                self.keys.rooms_registry(),
+                self.inner.keys.rooms_registry(),
                 false,
                 ("MAXLEN", "~", 10_000),
                 "*",
@@ -48,7 +49,7 @@ impl Store {
             "BLOCK".into(),
             (block.as_millis() as i64).into(),
             "STREAMS".into(),
-            self.keys.rooms_registry().into(),
+            self.inner.keys.rooms_registry().into(),
             after.into(),
         ];
         let reply: Value = conn.0.custom(cmd, args).await?;
@@ -71,8 +72,9 @@ impl Store {
     /// The newest registry id, so a worker can start tailing from "now".
     pub async fn registry_tail(&self) -> Result<String, StoreError> {
         let reply: Value = self
+            .inner
             .client
-            .xrevrange(self.keys.rooms_registry(), "+", "-", Some(1))
+            .xrevrange(self.inner.keys.rooms_registry(), "+", "-", Some(1))
             .await?;
         Ok(super::parse_entries(reply)?
             .first()
@@ -82,13 +84,13 @@ impl Store {
     /// Every room stream, by `SCAN` on every primary (used once at worker start, for rooms from
     /// before it).
     pub async fn scan_rooms(&self) -> Result<Vec<String>, StoreError> {
-        let pattern = format!("{}*", self.keys.prefix());
+        let pattern = format!("{}*", self.inner.keys.prefix());
         let keys = self
             .scan_keys(&pattern, Some(fred::types::scan::ScanType::Stream))
             .await?;
         Ok(keys
             .iter()
-            .filter_map(|k| self.keys.sid_of(k).map(str::to_owned))
+            .filter_map(|k| self.inner.keys.sid_of(k).map(str::to_owned))
             .collect())
     }
 
@@ -96,8 +98,14 @@ impl Store {
     /// `Err` if the stream does not exist.
     pub async fn ensure_group(&self, sid: &str, start: &str) -> Result<bool, StoreError> {
         let res: Result<Value, _> = self
+            .inner
             .client
-            .xgroup_create(self.keys.room(sid), self.llm_group.as_str(), start, false)
+            .xgroup_create(
+                self.inner.keys.room(sid),
+                self.inner.llm_group.as_str(),
+                start,
+                false,
+            )
             .await;
         match res {
             Ok(_) => Ok(true),
@@ -125,7 +133,7 @@ impl Store {
             CustomCommand::new_static("XREADGROUP", ClusterHash::Offset(offset), block.is_some());
         let mut args: Vec<Value> = vec![
             "GROUP".into(),
-            self.llm_group.as_str().into(),
+            self.inner.llm_group.as_str().into(),
             consumer.into(),
             "COUNT".into(),
             (count as i64).into(),
@@ -136,14 +144,14 @@ impl Store {
         }
         args.push("STREAMS".into());
         for sid in sids {
-            args.push(self.keys.room(sid).into());
+            args.push(self.inner.keys.room(sid).into());
         }
         let from = if pending { "0" } else { ">" };
         args.extend(sids.iter().map(|_| Value::from(from)));
         let reply: Value = conn.0.custom(cmd, args).await?;
         let mut out = Vec::new();
         for (key, entries) in stream_pairs(reply) {
-            let Some(sid) = self.keys.sid_of(&key).map(str::to_owned) else {
+            let Some(sid) = self.inner.keys.sid_of(&key).map(str::to_owned) else {
                 continue;
             };
             for (id, entry) in entries.into_iter().filter_map(parse_item) {
@@ -159,8 +167,13 @@ impl Store {
 
     pub async fn ack(&self, sid: &str, id: StreamId) -> Result<(), StoreError> {
         let _: Value = self
+            .inner
             .client
-            .xack(self.keys.room(sid), self.llm_group.as_str(), id.to_string())
+            .xack(
+                self.inner.keys.room(sid),
+                self.inner.llm_group.as_str(),
+                id.to_string(),
+            )
             .await?;
         Ok(())
     }
@@ -173,15 +186,16 @@ impl Store {
         consumer: &str,
         min_idle: Duration,
     ) -> Result<Vec<(GroupEntry, u64)>, StoreError> {
-        let key = self.keys.room(sid);
+        let key = self.inner.keys.room(sid);
         let mut start = "0-0".to_owned();
         let mut out = Vec::new();
         loop {
             let reply: Value = self
+                .inner
                 .client
                 .xautoclaim(
                     key.as_str(),
-                    self.llm_group.as_str(),
+                    self.inner.llm_group.as_str(),
                     consumer,
                     min_idle.as_millis() as u64,
                     start.as_str(),
@@ -231,8 +245,11 @@ impl Store {
     /// How many entries of the room's LLM group are pending (read, not yet answered).
     pub async fn pending_count(&self, sid: &str) -> Result<u64, StoreError> {
         let cmd = CustomCommand::new_static("XPENDING", ClusterHash::FirstKey, false);
-        let args: Vec<Value> = vec![self.keys.room(sid).into(), self.llm_group.as_str().into()];
-        let reply: Value = self.client.custom(cmd, args).await?;
+        let args: Vec<Value> = vec![
+            self.inner.keys.room(sid).into(),
+            self.inner.llm_group.as_str().into(),
+        ];
+        let reply: Value = self.inner.client.custom(cmd, args).await?;
         match reply {
             Value::Array(parts) => Ok(parts.first().and_then(Value::as_u64).unwrap_or(0)),
             _ => Err(StoreError::Reply("XPENDING summary is not an array")),
@@ -243,13 +260,13 @@ impl Store {
         let cmd = CustomCommand::new_static("XPENDING", ClusterHash::FirstKey, false);
         let ids = id.to_string();
         let args: Vec<Value> = vec![
-            self.keys.room(sid).into(),
-            self.llm_group.as_str().into(),
+            self.inner.keys.room(sid).into(),
+            self.inner.llm_group.as_str().into(),
             ids.as_str().into(),
             ids.as_str().into(),
             1.into(),
         ];
-        let reply: Value = self.client.custom(cmd, args).await?;
+        let reply: Value = self.inner.client.custom(cmd, args).await?;
         if let Value::Array(rows) = reply {
             if let Some(Value::Array(row)) = rows.into_iter().next() {
                 if let Some(Value::Integer(n)) = row.get(3) {
@@ -269,14 +286,14 @@ impl Store {
     ) -> Result<(), StoreError> {
         let cmd = CustomCommand::new_static("XCLAIM", ClusterHash::FirstKey, false);
         let args: Vec<Value> = vec![
-            self.keys.room(sid).into(),
-            self.llm_group.as_str().into(),
+            self.inner.keys.room(sid).into(),
+            self.inner.llm_group.as_str().into(),
             consumer.into(),
             0.into(),
             id.to_string().into(),
             "JUSTID".into(),
         ];
-        let _: Value = self.client.custom(cmd, args).await?;
+        let _: Value = self.inner.client.custom(cmd, args).await?;
         Ok(())
     }
 
@@ -284,9 +301,10 @@ impl Store {
     pub async fn dead_letter(&self, entry: &GroupEntry, deliveries: u64) -> Result<(), StoreError> {
         let body = entry.entry.as_ref().map(|e| e.body.as_str()).unwrap_or("");
         let _: Value = self
+            .inner
             .client
             .xadd(
-                self.keys.dead_letters(),
+                self.inner.keys.dead_letters(),
                 false,
                 ("MAXLEN", "~", 10_000),
                 "*",
@@ -299,8 +317,12 @@ impl Store {
             )
             .await?;
         let _: Value = self
+            .inner
             .client
-            .hdel(self.keys.turn_attempts(&entry.sid), entry.id.to_string())
+            .hdel(
+                self.inner.keys.turn_attempts(&entry.sid),
+                entry.id.to_string(),
+            )
             .await?;
         self.ack(&entry.sid, entry.id).await
     }

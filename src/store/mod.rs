@@ -13,6 +13,7 @@
 //! [`Store::dedicated_client`]): a blocked command stalls everything queued behind it.
 //! Every command has a timeout so a dead Redis turns into `store_unavailable`, not silence.
 
+mod commit;
 mod dialects;
 mod feed;
 pub(crate) mod keys;
@@ -36,6 +37,8 @@ pub(crate) use turns::{
 };
 pub(crate) use usage::PendingCallback;
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fred::clients::Client;
@@ -86,7 +89,7 @@ struct Scripts {
 
 /// What can go wrong talking to Redis. Callers map it to `store_unavailable` for clients; the
 /// cause is kept for logs.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("redis command failed")]
     Redis(#[from] fred::error::Error),
@@ -122,14 +125,14 @@ pub struct Appended {
 }
 
 /// Which room an append may write to (see `append.lua`).
-#[derive(Debug, Clone, Copy)]
-enum Target<'a> {
+#[derive(Debug, Clone)]
+enum Target {
     /// Any room; a new one is created.
     Any,
     /// Only a room that exists.
     Existing,
     /// Only a new room, whose session record is written with the entry.
-    New { metadata: &'a str },
+    New { metadata: String },
 }
 
 /// What `append.lua` answered.
@@ -145,8 +148,9 @@ enum AppendReply {
 /// A message from a room's live channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Live {
-    /// A stored entry, in stream order; `body` is the stored envelope.
-    Entry { id: StreamId, body: String },
+    /// Stored entries (one, or a group commit's batch), in stream order, with each one's id
+    /// and body (the stored envelope).
+    Entries(Vec<(StreamId, String)>),
     /// A frame that is not stored (typing), ready to send.
     Transient(String),
     /// An LLM turn's `llm.start` or `llm.delta`, ready to send, with where it belongs in the turn.
@@ -185,9 +189,14 @@ pub struct StreamInfo {
 #[derive(Debug)]
 pub struct BlockingConn(Client);
 
-/// Handle to the room streams. Cheap to clone.
+/// Handle to the room streams. Cheap to clone (one reference count): every submit clones it.
 #[derive(Clone, Debug)]
 pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Clone, Debug)]
+struct Inner {
     client: Client,
     builder: Builder,
     keys: Keys,
@@ -201,6 +210,8 @@ pub struct Store {
     idle_ttl_ms: u64,
     llm_group: String,
     scripts: Scripts,
+    /// Appends waiting for their room's next group commit.
+    commits: Arc<commit::Queues>,
 }
 
 impl Store {
@@ -236,75 +247,80 @@ impl Store {
         let client = builder.build()?;
         client.connect();
         Ok(Store {
-            client,
-            builder,
-            keys,
-            retention,
-            dedup_window_secs: 600,
-            wake_after: Duration::from_secs(600),
-            max_age_ms: 0,
-            idle_ttl_ms: 0,
-            llm_group: llm_group.into(),
-            scripts: Scripts {
-                append: Lua::new(include_str!("append.lua")),
-                session_patch: Lua::new(include_str!("session_patch.lua")),
-                session_delete: Lua::new(include_str!("session_delete.lua")),
-                turn_lock: Lua::new(include_str!("turn_lock.lua")),
-                turn_begin: Lua::new(include_str!("turn_begin.lua")),
-                turn_progress: Lua::new(include_str!("turn_progress.lua")),
-                active_turns: Lua::new(include_str!("active_turns.lua")),
-                finish: Lua::new(include_str!("finish.lua")),
-                usage_claim: Lua::new(include_str!("usage_claim.lua")),
-                usage_settle: Lua::new(include_str!("usage_settle.lua")),
-                usage_forget: Lua::new(include_str!("usage_forget.lua")),
-                voice_rate: Lua::new(include_str!("voice_rate.lua")),
-                presence: Lua::new(include_str!("presence.lua")),
-                room_touch: Lua::new(include_str!("room_touch.lua")),
-                retention_set: Lua::new(include_str!("retention_set.lua")),
-            },
+            inner: Arc::new(Inner {
+                client,
+                builder,
+                keys,
+                retention,
+                dedup_window_secs: 600,
+                wake_after: Duration::from_secs(600),
+                max_age_ms: 0,
+                idle_ttl_ms: 0,
+                llm_group: llm_group.into(),
+                scripts: Scripts {
+                    append: Lua::new(include_str!("append.lua")),
+                    session_patch: Lua::new(include_str!("session_patch.lua")),
+                    session_delete: Lua::new(include_str!("session_delete.lua")),
+                    turn_lock: Lua::new(include_str!("turn_lock.lua")),
+                    turn_begin: Lua::new(include_str!("turn_begin.lua")),
+                    turn_progress: Lua::new(include_str!("turn_progress.lua")),
+                    active_turns: Lua::new(include_str!("active_turns.lua")),
+                    finish: Lua::new(include_str!("finish.lua")),
+                    usage_claim: Lua::new(include_str!("usage_claim.lua")),
+                    usage_settle: Lua::new(include_str!("usage_settle.lua")),
+                    usage_forget: Lua::new(include_str!("usage_forget.lua")),
+                    voice_rate: Lua::new(include_str!("voice_rate.lua")),
+                    presence: Lua::new(include_str!("presence.lua")),
+                    room_touch: Lua::new(include_str!("room_touch.lua")),
+                    retention_set: Lua::new(include_str!("retention_set.lua")),
+                },
+                commits: Arc::default(),
+            }),
         })
     }
 
     /// How long a room may be silent before LLM workers stop reading it (`--room-wake-after`).
     pub fn with_wake_after(mut self, window: Duration) -> Self {
-        self.wake_after = window.max(Duration::from_secs(1));
+        Arc::make_mut(&mut self.inner).wake_after = window.max(Duration::from_secs(1));
         self
     }
 
     pub fn wake_after(&self) -> Duration {
-        self.wake_after
+        self.inner.wake_after
     }
 
     /// Retention by age and the rooms' idle expiry (`None`: off).
     pub fn with_expiry(mut self, max_age: Option<Duration>, idle_ttl: Option<Duration>) -> Self {
-        self.max_age_ms = max_age.map_or(0, |d| d.as_millis().max(1) as u64);
-        self.idle_ttl_ms = idle_ttl.map_or(0, |d| d.as_millis().max(1) as u64);
+        Arc::make_mut(&mut self.inner).max_age_ms =
+            max_age.map_or(0, |d| d.as_millis().max(1) as u64);
+        Arc::make_mut(&mut self.inner).idle_ttl_ms =
+            idle_ttl.map_or(0, |d| d.as_millis().max(1) as u64);
         self
     }
 
     /// `--room-idle-ttl`, if rooms expire.
     pub fn idle_ttl(&self) -> Option<Duration> {
-        (self.idle_ttl_ms > 0).then(|| Duration::from_millis(self.idle_ttl_ms))
+        (self.inner.idle_ttl_ms > 0).then(|| Duration::from_millis(self.inner.idle_ttl_ms))
     }
 
     /// Keeps a room with live members from expiring (`--room-idle-ttl`): a no-op without one.
     pub async fn keep_room_alive(&self, sid: &str) -> Result<(), StoreError> {
-        if self.idle_ttl_ms == 0 {
+        if self.inner.idle_ttl_ms == 0 {
             return Ok(());
         }
         let keys = vec![
-            self.keys.room(sid),
-            self.keys.stats(sid),
-            self.keys.session_record(sid),
-            self.keys.turn_counter(sid),
-            self.keys.turn_attempts(sid),
-            self.keys.active_turns(sid),
+            self.inner.keys.room(sid),
+            self.inner.keys.stats(sid),
+            self.inner.keys.session_record(sid),
+            self.inner.keys.turn_counter(sid),
+            self.inner.keys.turn_attempts(sid),
+            self.inner.keys.active_turns(sid),
         ];
         let _: Value = self
             .eval_script(
-                &self.scripts.room_touch,
+                &self.inner.scripts.room_touch,
                 keys,
-                vec![self.idle_ttl_ms.to_string()],
+                vec![self.inner.idle_ttl_ms.to_string()],
             )
             .await?;
         Ok(())
@@ -313,7 +329,7 @@ impl Store {
     /// A room key's time to live, no longer than a room lives when idle: a key of an expired
     /// room must not outlive it.
     pub(crate) fn room_ttl(&self, ttl: Duration) -> Duration {
-        match self.idle_ttl_ms {
+        match self.inner.idle_ttl_ms {
             0 => ttl,
             idle => ttl.min(Duration::from_millis(idle)),
         }
@@ -321,34 +337,34 @@ impl Store {
 
     /// How long a (sender, cid) pair is remembered for idempotent appends.
     pub fn with_dedup_window(mut self, window: Duration) -> Self {
-        self.dedup_window_secs = window.as_secs().max(1);
+        Arc::make_mut(&mut self.inner).dedup_window_secs = window.as_secs().max(1);
         self
     }
 
     /// Whether Redis is a cluster: multi-key reads must then stay within one hash slot.
     pub fn is_clustered(&self) -> bool {
-        self.client.is_clustered()
+        self.inner.client.is_clustered()
     }
 
     /// The hash slot of a room's keys (all of them share the room key's slot).
     pub fn room_slot(&self, sid: &str) -> u16 {
-        fred::util::redis_keyslot(self.keys.room(sid).as_bytes())
+        fred::util::redis_keyslot(self.inner.keys.room(sid).as_bytes())
     }
 
     pub fn keys(&self) -> &Keys {
-        &self.keys
+        &self.inner.keys
     }
 
     /// A live feed on its own subscriber connection (see [`Feed`]).
     pub fn feed(&self) -> Result<Feed, StoreError> {
-        let sub = self.builder.build_subscriber_client()?;
-        Ok(Feed::new(sub, self.keys.clone()))
+        let sub = self.inner.builder.build_subscriber_client()?;
+        Ok(Feed::new(sub, self.inner.keys.clone()))
     }
 
     /// A new, unshared connection for blocking reads (`XREAD`/`XREADGROUP BLOCK`), with the
     /// command timeout lifted above `block` so a quiet stream is not reported as a failure.
     pub fn blocking_conn(&self, block: Duration) -> Result<BlockingConn, StoreError> {
-        let mut builder = self.builder.clone();
+        let mut builder = self.inner.builder.clone();
         builder.with_performance_config(|p| {
             p.default_command_timeout += block;
         });
@@ -359,31 +375,32 @@ impl Store {
 
     /// `PING` — for readiness checks.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let _: Value = self.client.ping(None).await?;
+        let _: Value = self.inner.client.ping(None).await?;
         Ok(())
     }
 
-    /// Append an envelope to a room and publish it to every node, atomically (see `append.lua`).
-    /// Creates the room when it is new.
+    /// Append an envelope to a room and publish it to every node, atomically, in the room's
+    /// next group commit (see [`commit`]). Creates the room when it is new. Queued when called,
+    /// so a caller's appends are stored in the order it made the calls.
     ///
     /// With `dedup = Some((sender, cid))`, a second append of the same pair within the dedup
     /// window stores nothing and returns the original id: clients resend after a lost ack, and
     /// fred resends commands that were in flight when a connection dropped.
-    pub async fn append(
+    pub fn append(
         &self,
         sid: &str,
         participant: &str,
         event: &'static str,
         body: &str,
         dedup: Option<(&str, &str)>,
-    ) -> Result<Appended, StoreError> {
-        match self
-            .append_to(sid, participant, event, body, dedup, Target::Any)
-            .await?
-        {
-            AppendReply::Stored(appended) => Ok(appended),
-            AppendReply::Missing | AppendReply::Exists => {
-                Err(StoreError::Reply("append refused a room it may create"))
+    ) -> impl Future<Output = Result<Appended, StoreError>> + Send + 'static {
+        let queued = self.queue_append(sid, participant, event, body, dedup, Target::Any);
+        async move {
+            match queued.await? {
+                AppendReply::Stored(appended) => Ok(appended),
+                AppendReply::Missing | AppendReply::Exists => {
+                    Err(StoreError::Reply("append refused a room it may create"))
+                }
             }
         }
     }
@@ -392,105 +409,22 @@ impl Store {
     /// the same script: `None`, storing nothing, when there is no such room — it was never
     /// created (`--require-session`), it was deleted, which an append must not undo, or the
     /// append would create it and the caller wants to charge that first.
-    pub async fn append_existing(
+    pub fn append_existing(
         &self,
         sid: &str,
         participant: &str,
         event: &'static str,
         body: &str,
         dedup: Option<(&str, &str)>,
-    ) -> Result<Option<Appended>, StoreError> {
-        match self
-            .append_to(sid, participant, event, body, dedup, Target::Existing)
-            .await?
-        {
-            AppendReply::Stored(appended) => Ok(Some(appended)),
-            AppendReply::Missing => Ok(None),
-            AppendReply::Exists => Err(StoreError::Reply("append refused an existing room")),
-        }
-    }
-
-    async fn append_to(
-        &self,
-        sid: &str,
-        participant: &str,
-        event: &'static str,
-        body: &str,
-        dedup: Option<(&str, &str)>,
-        target: Target<'_>,
-    ) -> Result<AppendReply, StoreError> {
-        let mut keys = vec![
-            self.keys.room(sid),
-            self.keys.stats(sid),
-            self.keys.session_record(sid),
-            self.keys.awake(sid),
-            self.keys.turn_counter(sid),
-            self.keys.turn_attempts(sid),
-            self.keys.active_turns(sid),
-        ];
-        if let Some((sender, cid)) = dedup {
-            keys.push(self.keys.dedup(sid, sender, cid));
-            keys.push(self.keys.legacy_dedup(sid, sender, cid));
-        }
-        let window = self
-            .room_ttl(Duration::from_secs(self.dedup_window_secs))
-            .as_secs()
-            .max(1);
-        let (which, metadata) = match target {
-            Target::Any => ("any", ""),
-            Target::Existing => ("existing", ""),
-            Target::New { metadata } => ("new", metadata),
-        };
-        let args: Vec<String> = vec![
-            self.retention.to_string(),
-            participant.to_owned(),
-            event.to_owned(),
-            body.to_owned(),
-            self.llm_group.clone(),
-            window.to_string(),
-            which.to_owned(),
-            metadata.to_owned(),
-            self.max_age_ms.to_string(),
-            self.idle_ttl_ms.to_string(),
-            (self.room_ttl(self.wake_after).as_millis() as u64).to_string(),
-        ];
-        let started = std::time::Instant::now();
-        let reply = self.eval_script(&self.scripts.append, keys, args).await?;
-        metrics::histogram!(crate::metrics::APPEND_SECONDS).record(started.elapsed().as_secs_f64());
-        let parts = match reply {
-            Value::Array(parts) => parts,
-            other => {
-                return match other.as_str().as_deref() {
-                    Some("missing") => Ok(AppendReply::Missing),
-                    Some("exists") => Ok(AppendReply::Exists),
-                    _ => Err(StoreError::Reply("append script returned no array")),
-                }
-            }
-        };
-        let id = parts
-            .first()
-            .and_then(value_str)
-            .and_then(|s| s.parse().ok())
-            .ok_or(StoreError::Reply("append script returned no id"))?;
-        let created = matches!(parts.get(1), Some(Value::Integer(1)));
-        let duplicate = matches!(parts.get(2), Some(Value::Integer(1)));
-        let woke = matches!(parts.get(3), Some(Value::Integer(1)));
-        if !duplicate {
-            metrics::counter!(crate::metrics::STORED, "event" => event).increment(1);
-        }
-        if created || woke {
-            // Outside the script: the registry lives on another shard under Redis Cluster. A
-            // crash right here only delays discovery until a worker's next start-up scan (or
-            // the room's next wake-up).
-            if let Err(err) = self.announce_room(sid).await {
-                tracing::warn!(room = %sid, cause = %err, "could not announce the room");
+    ) -> impl Future<Output = Result<Option<Appended>, StoreError>> + Send + 'static {
+        let queued = self.queue_append(sid, participant, event, body, dedup, Target::Existing);
+        async move {
+            match queued.await? {
+                AppendReply::Stored(appended) => Ok(Some(appended)),
+                AppendReply::Missing => Ok(None),
+                AppendReply::Exists => Err(StoreError::Reply("append refused an existing room")),
             }
         }
-        Ok(AppendReply::Stored(Appended {
-            id,
-            created,
-            duplicate,
-        }))
     }
 
     /// Runs a script by hash. After a Redis restart the script cache is empty: falling back to
@@ -503,12 +437,13 @@ impl Store {
     {
         let args: Vec<Value> = args.into_iter().map(Into::into).collect();
         match self
+            .inner
             .client
             .evalsha(lua.script.sha1().clone(), keys.clone(), args.clone())
             .await
         {
             Err(err) if err.details().starts_with("NOSCRIPT") => {
-                Ok(self.client.eval(lua.src, keys, args).await?)
+                Ok(self.inner.client.eval(lua.src, keys, args).await?)
             }
             other => Ok(other?),
         }
@@ -525,20 +460,23 @@ impl Store {
         use fred::types::scan::Scanner;
         use futures_util::TryStreamExt;
 
-        let keys: Vec<fred::types::Key> = if self.client.is_clustered() && !pattern.contains('{') {
-            let mut pages = std::pin::pin!(self.client.scan_cluster(pattern, Some(1000), kind));
-            let mut keys = Vec::new();
-            while let Some(mut page) = pages.try_next().await? {
-                keys.extend(page.take_results().unwrap_or_default());
-                page.next();
-            }
-            keys
-        } else {
-            self.client
-                .scan_buffered(pattern, Some(1000), kind)
-                .try_collect()
-                .await?
-        };
+        let keys: Vec<fred::types::Key> =
+            if self.inner.client.is_clustered() && !pattern.contains('{') {
+                let mut pages =
+                    std::pin::pin!(self.inner.client.scan_cluster(pattern, Some(1000), kind));
+                let mut keys = Vec::new();
+                while let Some(mut page) = pages.try_next().await? {
+                    keys.extend(page.take_results().unwrap_or_default());
+                    page.next();
+                }
+                keys
+            } else {
+                self.inner
+                    .client
+                    .scan_buffered(pattern, Some(1000), kind)
+                    .try_collect()
+                    .await?
+            };
         Ok(keys
             .iter()
             .filter_map(|k| k.as_str().map(str::to_owned))
@@ -549,8 +487,9 @@ impl Store {
     pub async fn publish_transient(&self, sid: &str, frame: &str) -> Result<(), StoreError> {
         let payload = format!("{TRANSIENT_MARK}\n{frame}");
         let _: Value = self
+            .inner
             .client
-            .spublish(self.keys.channel(sid), payload)
+            .spublish(self.inner.keys.channel(sid), payload)
             .await?;
         Ok(())
     }
@@ -561,8 +500,9 @@ impl Store {
     pub async fn wake_llm(&self, sid: &str) -> Result<(), StoreError> {
         if self.is_clustered() {
             let _: Value = self
+                .inner
                 .client
-                .publish(self.keys.llm_wake_channel(), sid)
+                .publish(self.inner.keys.llm_wake_channel(), sid)
                 .await?;
         }
         Ok(())
@@ -584,8 +524,9 @@ impl Store {
         };
         let end = until.map_or_else(|| "+".to_owned(), |id| id.to_string());
         let reply: Value = self
+            .inner
             .client
-            .xrange(self.keys.room(sid), start, end, Some(count))
+            .xrange(self.inner.keys.room(sid), start, end, Some(count))
             .await?;
         parse_entries(reply)
     }
@@ -604,8 +545,9 @@ impl Store {
             None => "+".to_owned(),
         };
         let reply: Value = self
+            .inner
             .client
-            .xrevrange(self.keys.room(sid), end, "-", Some(count))
+            .xrevrange(self.inner.keys.room(sid), end, "-", Some(count))
             .await?;
         let mut entries = parse_entries(reply)?;
         entries.reverse();
@@ -614,17 +556,17 @@ impl Store {
 
     /// The room's stream summary, or `None` when the room has never been written.
     pub async fn info(&self, sid: &str) -> Result<Option<StreamInfo>, StoreError> {
-        let key = self.keys.room(sid);
-        let exists: i64 = self.client.exists(&key).await?;
+        let key = self.inner.keys.room(sid);
+        let exists: i64 = self.inner.client.exists(&key).await?;
         if exists == 0 {
             return Ok(None);
         }
-        let reply: Value = self.client.xinfo_stream(&key, false, None).await?;
+        let reply: Value = self.inner.client.xinfo_stream(&key, false, None).await?;
         parse_stream_info(reply).map(Some)
     }
 
     pub async fn quit(&self) {
-        let _ = self.client.quit().await;
+        let _ = self.inner.client.quit().await;
     }
 }
 

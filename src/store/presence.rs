@@ -64,9 +64,9 @@ impl Store {
             PresenceChange::Read => ("read", "", String::new()),
         };
         let keys = vec![
-            self.keys.presence(sid),
-            self.keys.presence_expiry(sid),
-            self.keys.presence_version(sid),
+            self.inner.keys.presence(sid),
+            self.inner.keys.presence_expiry(sid),
+            self.inner.keys.presence_version(sid),
         ];
         let args = vec![
             now.to_string(),
@@ -77,7 +77,9 @@ impl Store {
             members,
             (now + ttl.as_millis() as u64).to_string(),
         ];
-        let reply: Value = self.eval_script(&self.scripts.presence, keys, args).await?;
+        let reply: Value = self
+            .eval_script(&self.inner.scripts.presence, keys, args)
+            .await?;
         let Value::Array(items) = reply else {
             return Err(StoreError::Reply("presence reply is not an array"));
         };

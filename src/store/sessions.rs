@@ -80,11 +80,9 @@ impl Store {
         metadata: &Map<String, Json>,
     ) -> Result<Created, StoreError> {
         let metadata = Json::Object(metadata.clone()).to_string();
-        let target = Target::New {
-            metadata: &metadata,
-        };
+        let target = Target::New { metadata };
         let reply = self
-            .append_to(
+            .queue_append(
                 sid,
                 participant,
                 EventKind::SESSION_CREATED,
@@ -117,8 +115,8 @@ impl Store {
         ];
         let _: fred::types::Value = self
             .eval_script(
-                &self.scripts.retention_set,
-                self.keys.session_record(sid),
+                &self.inner.scripts.retention_set,
+                self.inner.keys.session_record(sid),
                 args,
             )
             .await?;
@@ -128,8 +126,12 @@ impl Store {
     /// Whether the room exists: its stream or its session record.
     pub async fn session_exists(&self, sid: &str) -> Result<bool, StoreError> {
         let n: i64 = self
+            .inner
             .client
-            .exists(vec![self.keys.room(sid), self.keys.session_record(sid)])
+            .exists(vec![
+                self.inner.keys.room(sid),
+                self.inner.keys.session_record(sid),
+            ])
             .await?;
         Ok(n > 0)
     }
@@ -189,9 +191,12 @@ impl Store {
                 now.to_string(),
                 session.created_ms.to_string(),
             ];
-            let keys = vec![self.keys.room(sid), self.keys.session_record(sid)];
+            let keys = vec![
+                self.inner.keys.room(sid),
+                self.inner.keys.session_record(sid),
+            ];
             let reply = self
-                .eval_script(&self.scripts.session_patch, keys, args)
+                .eval_script(&self.inner.scripts.session_patch, keys, args)
                 .await?;
             match reply.as_str().as_deref() {
                 Some("ok") => return self.session(sid).await,
@@ -210,7 +215,7 @@ impl Store {
     /// room: see `session_delete.lua`); then the keys with variable names, found by `SCAN` on
     /// every primary; then the room's entry in the usage index, which lives on another shard.
     pub async fn delete_session(&self, sid: &str) -> Result<bool, StoreError> {
-        let k = &self.keys;
+        let k = &self.inner.keys;
         let keys = vec![
             k.room(sid),
             k.session_record(sid),
@@ -222,15 +227,19 @@ impl Store {
             k.usage_records(sid),
         ];
         let reply = self
-            .eval_script(&self.scripts.session_delete, keys, vec![encode_deleted()])
+            .eval_script(
+                &self.inner.scripts.session_delete,
+                keys,
+                vec![encode_deleted()],
+            )
             .await?;
         let existed = matches!(reply, Value::Integer(1));
         // Also when it did not exist: a delete that failed half-way is finished by the retry.
         let rest = self.scan_keys(&k.room_pattern(sid), None).await?;
         for chunk in rest.chunks(500) {
-            let _: i64 = self.client.del(chunk.to_vec()).await?;
+            let _: i64 = self.inner.client.del(chunk.to_vec()).await?;
         }
-        let _: i64 = self.client.zrem(k.usage_rooms(), sid).await?;
+        let _: i64 = self.inner.client.zrem(k.usage_rooms(), sid).await?;
         if existed {
             tracing::info!(room = %sid, keys = rest.len(), "session deleted");
         }
@@ -238,8 +247,11 @@ impl Store {
     }
 
     async fn record(&self, sid: &str) -> Result<Option<Record>, StoreError> {
-        let fields: std::collections::HashMap<String, String> =
-            self.client.hgetall(self.keys.session_record(sid)).await?;
+        let fields: std::collections::HashMap<String, String> = self
+            .inner
+            .client
+            .hgetall(self.inner.keys.session_record(sid))
+            .await?;
         if fields.is_empty() {
             return Ok(None);
         }

@@ -22,8 +22,9 @@ impl Store {
     pub async fn room_stats(&self, sid: &str) -> Result<RoomStats, StoreError> {
         let cmd = CustomCommand::new_static("HGETALL", ClusterHash::FirstKey, false);
         let fields: HashMap<String, String> = self
+            .inner
             .client
-            .custom(cmd, vec![Value::from(self.keys.stats(sid))])
+            .custom(cmd, vec![Value::from(self.inner.keys.stats(sid))])
             .await?;
         Ok(RoomStats::from_fields(fields))
     }

@@ -129,12 +129,15 @@ impl Store {
         token: &str,
         lease: Duration,
     ) -> Result<TurnLock, StoreError> {
-        let keys = vec![self.keys.turn(sid, turn), self.keys.turn_state(sid, turn)];
+        let keys = vec![
+            self.inner.keys.turn(sid, turn),
+            self.inner.keys.turn_state(sid, turn),
+        ];
         let ttl = (turn_state_ttl(lease).as_millis() as u64).to_string();
         let lease = (lease.as_millis() as u64).to_string();
         let reply: Value = self
             .eval_script(
-                &self.scripts.turn_lock,
+                &self.inner.scripts.turn_lock,
                 keys,
                 vec![token, lease.as_str(), ttl.as_str()],
             )
@@ -159,8 +162,9 @@ impl Store {
     /// live state is gone. Call it holding the turn's lease.
     pub async fn next_attempt(&self, sid: &str, turn: StreamId) -> Result<u32, StoreError> {
         let n: i64 = self
+            .inner
             .client
-            .hincrby(self.keys.turn_attempts(sid), turn.to_string(), 1)
+            .hincrby(self.inner.keys.turn_attempts(sid), turn.to_string(), 1)
             .await?;
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
@@ -174,9 +178,9 @@ impl Store {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let keys = vec![
-            self.keys.room(sid),
-            self.keys.turn_state(sid, turn),
-            self.keys.active_turns(sid),
+            self.inner.keys.room(sid),
+            self.inner.keys.turn_state(sid, turn),
+            self.inner.keys.active_turns(sid),
         ];
         let mark = TurnMark {
             turn,
@@ -198,7 +202,7 @@ impl Store {
             encode_turn_frame(mark, begin.frame),
         ];
         let _: Value = self
-            .eval_script(&self.scripts.turn_begin, keys, args)
+            .eval_script(&self.inner.scripts.turn_begin, keys, args)
             .await?;
         Ok(())
     }
@@ -218,7 +222,10 @@ impl Store {
             text,
             frames,
         } = *progress;
-        let keys = vec![self.keys.room(sid), self.keys.turn_state(sid, turn)];
+        let keys = vec![
+            self.inner.keys.room(sid),
+            self.inner.keys.turn_state(sid, turn),
+        ];
         let mut args: Vec<String> = vec![
             attempt.to_string(),
             seq.to_string(),
@@ -235,19 +242,19 @@ impl Store {
             encode_turn_frame(mark, frame)
         }));
         let reply: Value = self
-            .eval_script(&self.scripts.turn_progress, keys, args)
+            .eval_script(&self.inner.scripts.turn_progress, keys, args)
             .await?;
         Ok(matches!(reply, Value::Integer(1)))
     }
 
     /// The room's turns in progress, oldest first.
     pub async fn active_turns(&self, sid: &str) -> Result<Vec<TurnState>, StoreError> {
-        let prefix = self.keys.turn_state(sid, StreamId::ZERO);
+        let prefix = self.inner.keys.turn_state(sid, StreamId::ZERO);
         let prefix = prefix.trim_end_matches(&StreamId::ZERO.to_string());
         let reply: Value = self
             .eval_script(
-                &self.scripts.active_turns,
-                self.keys.active_turns(sid),
+                &self.inner.scripts.active_turns,
+                self.inner.keys.active_turns(sid),
                 vec![prefix],
             )
             .await?;
@@ -271,7 +278,11 @@ impl Store {
         sid: &str,
         turn: StreamId,
     ) -> Result<Option<TurnState>, StoreError> {
-        let reply: Value = self.client.hgetall(self.keys.turn_state(sid, turn)).await?;
+        let reply: Value = self
+            .inner
+            .client
+            .hgetall(self.inner.keys.turn_state(sid, turn))
+            .await?;
         let state = turn_state(turn, reply);
         Ok((state.attempt > 0).then_some(state))
     }
@@ -285,16 +296,16 @@ impl Store {
         end: &TurnEnd<'_>,
     ) -> Result<Finished, StoreError> {
         let keys = vec![
-            self.keys.room(sid),
-            self.keys.turn(sid, turn),
-            self.keys.turn_state(sid, turn),
-            self.keys.active_turns(sid),
-            self.keys.turn_counter(sid),
-            self.keys.usage_outbox(sid),
-            self.keys.usage_records(sid),
-            self.keys.stats(sid),
-            self.keys.turn_attempts(sid),
-            self.keys.session_record(sid),
+            self.inner.keys.room(sid),
+            self.inner.keys.turn(sid, turn),
+            self.inner.keys.turn_state(sid, turn),
+            self.inner.keys.active_turns(sid),
+            self.inner.keys.turn_counter(sid),
+            self.inner.keys.usage_outbox(sid),
+            self.inner.keys.usage_records(sid),
+            self.inner.keys.stats(sid),
+            self.inner.keys.turn_attempts(sid),
+            self.inner.keys.session_record(sid),
         ];
         if end.usage_callback.is_some() {
             // Before the script: the index lives on another shard under Redis Cluster, and a
@@ -302,11 +313,11 @@ impl Store {
             self.note_usage_room(sid).await?;
         }
         let args: Vec<String> = vec![
-            self.retention.to_string(),
+            self.inner.retention.to_string(),
             end.participant.to_owned(),
             end.event.to_owned(),
             end.body.to_owned(),
-            self.llm_group.clone(),
+            self.inner.llm_group.clone(),
             turn.to_string(),
             self.room_ttl(Duration::from_secs(DONE_TTL_SECS))
                 .as_secs()
@@ -315,10 +326,12 @@ impl Store {
             STATE_LINGER_MS.to_string(),
             crate::protocol::now_ms().to_string(),
             end.usage_callback.unwrap_or("").to_owned(),
-            self.max_age_ms.to_string(),
-            self.idle_ttl_ms.to_string(),
+            self.inner.max_age_ms.to_string(),
+            self.inner.idle_ttl_ms.to_string(),
         ];
-        let reply: Value = self.eval_script(&self.scripts.finish, keys, args).await?;
+        let reply: Value = self
+            .eval_script(&self.inner.scripts.finish, keys, args)
+            .await?;
         let Value::Array(parts) = reply else {
             return Err(StoreError::Reply("finish reply is not an array"));
         };
@@ -339,9 +352,10 @@ impl Store {
     /// Records a cancel for a turn and tells every worker at once.
     pub async fn signal_cancel(&self, sid: &str, turn: StreamId) -> Result<(), StoreError> {
         let _: Value = self
+            .inner
             .client
             .set(
-                self.keys.cancel_flag(sid, turn),
+                self.inner.keys.cancel_flag(sid, turn),
                 1,
                 Some(fred::types::Expiration::EX(
                     self.room_ttl(Duration::from_secs(3600)).as_secs().max(1) as i64,
@@ -351,9 +365,10 @@ impl Store {
             )
             .await?;
         let _: Value = self
+            .inner
             .client
             .publish(
-                self.keys.cancel_channel(),
+                self.inner.keys.cancel_channel(),
                 super::feed::encode_cancel(sid, turn),
             )
             .await?;
@@ -361,7 +376,11 @@ impl Store {
     }
 
     pub async fn is_cancelled(&self, sid: &str, turn: StreamId) -> Result<bool, StoreError> {
-        let n: i64 = self.client.exists(self.keys.cancel_flag(sid, turn)).await?;
+        let n: i64 = self
+            .inner
+            .client
+            .exists(self.inner.keys.cancel_flag(sid, turn))
+            .await?;
         Ok(n > 0)
     }
 
@@ -369,14 +388,14 @@ impl Store {
     pub async fn count_turn(&self, sid: &str, window: Duration) -> Result<u64, StoreError> {
         let secs = window.as_secs().max(1);
         let bucket = crate::protocol::now_ms() / 1000 / secs;
-        let key = self.keys.turn_rate(sid, bucket);
-        let n: i64 = self.client.incr(&key).await?;
+        let key = self.inner.keys.turn_rate(sid, bucket);
+        let n: i64 = self.inner.client.incr(&key).await?;
         if n == 1 {
             let ttl = self
                 .room_ttl(Duration::from_secs(2 * secs))
                 .as_secs()
                 .max(1);
-            let _: Value = self.client.expire(&key, ttl as i64, None).await?;
+            let _: Value = self.inner.client.expire(&key, ttl as i64, None).await?;
         }
         Ok(n.max(0) as u64)
     }

@@ -31,9 +31,10 @@ impl Store {
     pub(super) async fn note_usage_room(&self, sid: &str) -> Result<(), StoreError> {
         let now = crate::protocol::now_ms() as f64;
         let _: Value = self
+            .inner
             .client
             .zadd(
-                self.keys.usage_rooms(),
+                self.inner.keys.usage_rooms(),
                 None,
                 None,
                 false,
@@ -47,9 +48,10 @@ impl Store {
     /// Rooms that may have callbacks to deliver (at most `count`).
     pub async fn usage_rooms(&self, count: i64) -> Result<Vec<String>, StoreError> {
         let reply: Value = self
+            .inner
             .client
             .zrange(
-                self.keys.usage_rooms(),
+                self.inner.keys.usage_rooms(),
                 0,
                 count - 1,
                 None,
@@ -72,14 +74,17 @@ impl Store {
         lease_ms: u64,
         count: u64,
     ) -> Result<(u64, Vec<PendingCallback>), StoreError> {
-        let keys = vec![self.keys.usage_outbox(sid), self.keys.usage_records(sid)];
+        let keys = vec![
+            self.inner.keys.usage_outbox(sid),
+            self.inner.keys.usage_records(sid),
+        ];
         let args = vec![
             crate::protocol::now_ms().to_string(),
             lease_ms.to_string(),
             count.to_string(),
         ];
         let reply: Value = self
-            .eval_script(&self.scripts.usage_claim, keys, args)
+            .eval_script(&self.inner.scripts.usage_claim, keys, args)
             .await?;
         let Value::Array(items) = reply else {
             return Err(StoreError::Reply("usage claim reply is not an array"));
@@ -125,9 +130,10 @@ impl Store {
         last_error: &str,
     ) -> Result<(), StoreError> {
         let _: Value = self
+            .inner
             .client
             .xadd(
-                self.keys.usage_dead(),
+                self.inner.keys.usage_dead(),
                 false,
                 ("MAXLEN", "~", 100_000),
                 "*",
@@ -150,12 +156,12 @@ impl Store {
         due_ms: u64,
     ) -> Result<(), StoreError> {
         let keys = vec![
-            self.keys.usage_outbox(&cb.sid),
-            self.keys.usage_records(&cb.sid),
+            self.inner.keys.usage_outbox(&cb.sid),
+            self.inner.keys.usage_records(&cb.sid),
         ];
         let args = vec![cb.turn.clone(), how.to_owned(), due_ms.to_string()];
         let _: Value = self
-            .eval_script(&self.scripts.usage_settle, keys, args)
+            .eval_script(&self.inner.scripts.usage_settle, keys, args)
             .await?;
         Ok(())
     }
@@ -165,7 +171,11 @@ impl Store {
         let stale_before = crate::protocol::now_ms().saturating_sub(INDEX_GRACE_MS);
         let args = vec![sid.to_owned(), stale_before.to_string()];
         let _: Value = self
-            .eval_script(&self.scripts.usage_forget, self.keys.usage_rooms(), args)
+            .eval_script(
+                &self.inner.scripts.usage_forget,
+                self.inner.keys.usage_rooms(),
+                args,
+            )
             .await?;
         Ok(())
     }

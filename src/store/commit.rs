@@ -1,0 +1,274 @@
+//! Group commit: the appends that are ready for one room go to Redis as one `append.lua` call.
+//!
+//! Each room has at most one batch in flight per node. An append joins its room's queue; when no
+//! batch is in flight it starts a committer task for the room, which takes everything queued (up
+//! to [`MAX_BATCH_ENTRIES`] / [`MAX_BATCH_BYTES`]), stores it with one script call — one set of
+//! checks, counters, expiries and one `SPUBLISH` for the batch — answers every append, and goes
+//! on until the queue is empty. At low load a batch is the one append that started it, sent at
+//! once: there is no timer and no added latency. Under load, whatever arrived during one round
+//! trip forms the next batch, so the cost per entry falls as the load rises.
+//!
+//! Order: appends are queued when they are called (not when their future is first polled), and
+//! a room's batches are stored one after the other, so a room's stream holds a node's appends in
+//! the order they were called — a socket's frames in the order it sent them.
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use fred::types::Value;
+use tokio::sync::oneshot;
+
+use super::{value_str, AppendReply, Appended, Store, StoreError, Target};
+
+/// Most entries in one script call: a bound on how long Redis is busy with one room.
+const MAX_BATCH_ENTRIES: usize = 64;
+/// Most body bytes in one script call (a batch always takes at least one entry).
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// The rooms with a committer running, and what waits for it.
+#[derive(Debug, Default)]
+pub(super) struct Queues {
+    rooms: Mutex<HashMap<String, VecDeque<Pending>>>,
+}
+
+impl Queues {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, VecDeque<Pending>>> {
+        self.rooms.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One append waiting for its batch.
+#[derive(Debug)]
+struct Pending {
+    target: Target,
+    participant: String,
+    event: &'static str,
+    body: String,
+    /// The dedup keys (see `append.lua`): none, or the injective key and the legacy one.
+    dedup: Option<[String; 2]>,
+    reply: oneshot::Sender<Result<AppendReply, StoreError>>,
+}
+
+impl Store {
+    /// Queues an append for its room's next batch, now; the future answers once the batch is
+    /// stored. Dropping the future does not withdraw the append.
+    pub(super) fn queue_append(
+        &self,
+        sid: &str,
+        participant: &str,
+        event: &'static str,
+        body: &str,
+        dedup: Option<(&str, &str)>,
+        target: Target,
+    ) -> impl Future<Output = Result<AppendReply, StoreError>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            target,
+            participant: participant.to_owned(),
+            event,
+            body: body.to_owned(),
+            dedup: dedup.map(|(sender, cid)| {
+                let keys = &self.inner.keys;
+                [
+                    keys.dedup(sid, sender, cid),
+                    keys.legacy_dedup(sid, sender, cid),
+                ]
+            }),
+            reply,
+        };
+        let start = {
+            let mut rooms = self.inner.commits.lock();
+            match rooms.get_mut(sid) {
+                Some(queue) => {
+                    queue.push_back(pending);
+                    false
+                }
+                None => {
+                    rooms.insert(sid.to_owned(), VecDeque::from([pending]));
+                    true
+                }
+            }
+        };
+        if start {
+            tokio::spawn(self.clone().commit_room(sid.to_owned()));
+        }
+        async move {
+            answer
+                .await
+                .unwrap_or(Err(StoreError::Reply("the append was abandoned")))
+        }
+    }
+
+    /// The committer of one room: batches until its queue is empty, then leaves the map (in the
+    /// same critical section that finds it empty, so an append queued later starts a new one).
+    async fn commit_room(self, sid: String) {
+        loop {
+            let batch = {
+                let mut rooms = self.inner.commits.lock();
+                let MapEntry::Occupied(mut queue) = rooms.entry(sid.clone()) else {
+                    return;
+                };
+                if queue.get().is_empty() {
+                    queue.remove();
+                    return;
+                }
+                take_batch(queue.get_mut())
+            };
+            self.commit(&sid, batch).await;
+        }
+    }
+
+    /// Stores one batch and answers each of its appends.
+    async fn commit(&self, sid: &str, batch: Vec<Pending>) {
+        let started = std::time::Instant::now();
+        let outcome = self.run_batch(sid, &batch).await;
+        metrics::histogram!(crate::metrics::APPEND_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(crate::metrics::APPEND_BATCH_ENTRIES).record(batch.len() as f64);
+        let replies: Vec<Result<AppendReply, StoreError>> = match outcome {
+            Ok((woke, replies)) => {
+                let created = replies
+                    .iter()
+                    .any(|r| matches!(r, AppendReply::Stored(a) if a.created));
+                if created || woke {
+                    // Outside the script: the registry lives on another shard under Redis
+                    // Cluster. A crash right here only delays discovery until a worker's next
+                    // start-up scan (or the room's next wake-up).
+                    if let Err(err) = self.announce_room(sid).await {
+                        tracing::warn!(room = %sid, cause = %err, "could not announce the room");
+                    }
+                }
+                replies.into_iter().map(Ok).collect()
+            }
+            Err(err) => batch.iter().map(|_| Err(err.clone())).collect(),
+        };
+        for (pending, reply) in batch.into_iter().zip(replies) {
+            if let Ok(AppendReply::Stored(Appended {
+                duplicate: false, ..
+            })) = reply
+            {
+                metrics::counter!(crate::metrics::STORED, "event" => pending.event).increment(1);
+            }
+            // The caller may have gone (its connection closed): the entry is stored regardless.
+            let _ = pending.reply.send(reply);
+        }
+    }
+
+    /// One `append.lua` call: whether the room woke, and each entry's reply, in order.
+    async fn run_batch(
+        &self,
+        sid: &str,
+        batch: &[Pending],
+    ) -> Result<(bool, Vec<AppendReply>), StoreError> {
+        let keys = &self.inner.keys;
+        let mut script_keys = vec![
+            keys.room(sid),
+            keys.stats(sid),
+            keys.session_record(sid),
+            keys.awake(sid),
+            keys.turn_counter(sid),
+            keys.turn_attempts(sid),
+            keys.active_turns(sid),
+        ];
+        let window = self
+            .room_ttl(std::time::Duration::from_secs(self.inner.dedup_window_secs))
+            .as_secs()
+            .max(1);
+        let mut args: Vec<Value> = Vec::with_capacity(6 + 6 * batch.len());
+        args.extend([
+            int(self.inner.retention),
+            Value::from(self.inner.llm_group.as_str()),
+            int(window),
+            int(self.inner.max_age_ms),
+            int(self.inner.idle_ttl_ms),
+            int(self.room_ttl(self.inner.wake_after).as_millis() as u64),
+        ]);
+        for p in batch {
+            let (which, metadata) = match &p.target {
+                Target::Any => ("any", ""),
+                Target::Existing => ("existing", ""),
+                Target::New { metadata } => ("new", metadata.as_str()),
+            };
+            let dedup_keys = match &p.dedup {
+                Some(pair) => {
+                    script_keys.extend(pair.iter().cloned());
+                    2
+                }
+                None => 0,
+            };
+            args.extend([
+                Value::from(which),
+                Value::from(p.participant.as_str()),
+                Value::from(p.event),
+                Value::from(p.body.as_str()),
+                int(dedup_keys),
+                Value::from(metadata),
+            ]);
+        }
+        let reply = self
+            .eval_script(&self.inner.scripts.append, script_keys, args)
+            .await?;
+        parse_batch_reply(reply, batch.len())
+    }
+}
+
+/// A number as a script argument (Redis hands every argument to Lua as a string anyway).
+fn int(n: u64) -> Value {
+    Value::Integer(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// Takes the next batch from the front of a room's queue.
+fn take_batch(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
+    let mut bytes = 0;
+    let mut n = 0;
+    for p in queue.iter().take(MAX_BATCH_ENTRIES) {
+        if n > 0 && bytes + p.body.len() > MAX_BATCH_BYTES {
+            break;
+        }
+        bytes += p.body.len();
+        n += 1;
+    }
+    queue.drain(..n).collect()
+}
+
+/// `{woke, r1, r2, …}` from `append.lua`.
+fn parse_batch_reply(reply: Value, entries: usize) -> Result<(bool, Vec<AppendReply>), StoreError> {
+    let Value::Array(parts) = reply else {
+        return Err(StoreError::Reply("append script returned no array"));
+    };
+    let mut parts = parts.into_iter();
+    let woke = matches!(parts.next(), Some(Value::Integer(1)));
+    let replies = parts
+        .map(parse_entry_reply)
+        .collect::<Result<Vec<_>, _>>()?;
+    if replies.len() != entries {
+        return Err(StoreError::Reply(
+            "append script answered another number of entries",
+        ));
+    }
+    Ok((woke, replies))
+}
+
+fn parse_entry_reply(reply: Value) -> Result<AppendReply, StoreError> {
+    let parts = match reply {
+        Value::Array(parts) => parts,
+        other => {
+            return match other.as_str().as_deref() {
+                Some("missing") => Ok(AppendReply::Missing),
+                Some("exists") => Ok(AppendReply::Exists),
+                _ => Err(StoreError::Reply("append script returned no entry reply")),
+            }
+        }
+    };
+    let id = parts
+        .first()
+        .and_then(value_str)
+        .and_then(|s| s.parse().ok())
+        .ok_or(StoreError::Reply("append script returned no id"))?;
+    Ok(AppendReply::Stored(Appended {
+        id,
+        created: matches!(parts.get(1), Some(Value::Integer(1))),
+        duplicate: matches!(parts.get(2), Some(Value::Integer(1))),
+    }))
+}
