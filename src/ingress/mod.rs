@@ -395,65 +395,25 @@ impl Ingress {
                 Err(Refused::new(error, cid))
             }
             Ok(Action::Store(envelope)) => {
-                let (store, creations) = (self.store.clone(), self.creations.clone());
-                let client = conn.client.clone();
-                let sid = conn.ctx.sid.clone();
-                let sender = conn.ctx.sender.clone();
                 let check_cancel =
                     envelope.cancels.is_some() && self.cancel_policy == CancelPolicy::Requester;
+                let job = StoreJob {
+                    store: self.store.clone(),
+                    creations: self.creations.clone(),
+                    client: conn.client.clone(),
+                    sid: conn.ctx.sid.clone(),
+                    sender: conn.ctx.sender.clone(),
+                    envelope,
+                    existing: conn.existing_room,
+                };
+                if check_cancel {
+                    // Queued once its sender is known to be allowed.
+                    return Ok(Box::pin(job.check_cancel_then_store()));
+                }
                 // Queued now, so a connection's envelopes are stored in the order it submitted
-                // them; a cancel is queued once its sender is known to be allowed.
-                let queued = (!check_cancel)
-                    .then(|| queue_envelope(&store, &sid, sender.as_deref(), &envelope));
-                let existing = conn.existing_room;
-                Ok(Box::pin(async move {
-                    let queued = match queued {
-                        Some(queued) => queued,
-                        None => {
-                            if let Some(turn) = envelope.cancels {
-                                let who = Speaker {
-                                    role: &envelope.role,
-                                    sub: sender.as_deref(),
-                                };
-                                match may_cancel(&store, &sid, turn, who).await {
-                                    Ok(None) => {}
-                                    Ok(Some(error)) => {
-                                        crate::metrics::error(error.code.as_str());
-                                        return Err(Refused::new(error, envelope.cid));
-                                    }
-                                    Err(err) => {
-                                        tracing::warn!(room = %sid, cause = %err, "cannot check who may cancel");
-                                        crate::metrics::error(ErrorCode::StoreUnavailable.as_str());
-                                        return Err(Refused::new(
-                                            ClientError::store_unavailable(),
-                                            envelope.cid,
-                                        ));
-                                    }
-                                }
-                            }
-                            queue_envelope(&store, &sid, sender.as_deref(), &envelope)
-                        }
-                    };
-                    let stored = store_envelope(
-                        queued,
-                        &store,
-                        &creations,
-                        &client,
-                        &sid,
-                        sender.as_deref(),
-                        &envelope,
-                        existing,
-                    )
-                    .await;
-                    match stored {
-                        Ok(appended) => Ok(Submitted::Stored {
-                            id: appended.id,
-                            cid: envelope.cid,
-                            duplicate: appended.duplicate,
-                        }),
-                        Err(refused) => Err(Refused::new(refused.client_error(&sid), envelope.cid)),
-                    }
-                }))
+                // them.
+                let queued = job.queue();
+                Ok(Box::pin(job.finish(queued)))
             }
             Ok(Action::Publish { frame }) => {
                 let store = self.store.clone();
@@ -611,6 +571,21 @@ async fn append_charged(
     if let Some(appended) = queued.await? {
         return Ok(appended);
     }
+    create_charged(store, creations, client, sid, role, event, body, dedup).await
+}
+
+/// An append that creates its room, paid from the client's room-creation budget.
+#[allow(clippy::too_many_arguments, reason = "one append, spelled out")]
+async fn create_charged(
+    store: &Store,
+    creations: &Buckets<ClientKey>,
+    client: &ClientKey,
+    sid: &str,
+    role: &str,
+    event: &'static str,
+    body: &str,
+    dedup: Option<(&str, &str)>,
+) -> Result<Appended, AppendRefused> {
     if !creations.try_take(client) {
         return Err(AppendRefused::NewRoomLimited);
     }
@@ -626,60 +601,130 @@ fn dedup_pair<'a>(
     envelope.cid.as_deref().map(|c| (sender, c))
 }
 
-/// Queues an envelope's append to its room if the room exists (idempotent on the sender's
-/// `cid`), now.
-fn queue_envelope(
-    store: &Store,
-    sid: &str,
-    sender: Option<&str>,
-    envelope: &StoreEnvelope,
-) -> Queued {
-    Box::pin(store.append_existing(
-        sid,
-        envelope.role.as_str(),
-        envelope.event,
-        envelope.body.as_str(),
-        dedup_pair(sender, envelope),
-    ))
+/// An envelope on its way into its room's stream, with what its append needs (idempotent on
+/// the sender's `cid`; the sender is the token's subject, else the role).
+///
+/// The common case — the room exists and there is nothing to signal — awaits only the queued
+/// append: the future each frame keeps in flight stays small (it was 5.7 KiB, allocated and
+/// moved per frame, with every rare step inline), and the rare steps are boxed apart when they
+/// happen.
+struct StoreJob {
+    store: Store,
+    creations: Buckets<ClientKey>,
+    client: ClientKey,
+    sid: String,
+    sender: Option<String>,
+    envelope: StoreEnvelope,
+    /// Only to a room that exists; otherwise a new room is paid from the client's
+    /// room-creation budget.
+    existing: bool,
 }
 
-/// Finishes an envelope's append queued by [`queue_envelope`], then tells the LLM workers about
-/// a cancel. With `existing`, only to a room that exists; otherwise a new room is paid from the
-/// client's room-creation budget.
-#[allow(clippy::too_many_arguments, reason = "one append, spelled out")]
-async fn store_envelope(
-    queued: Queued,
-    store: &Store,
-    creations: &Buckets<ClientKey>,
-    client: &ClientKey,
-    sid: &str,
-    sender: Option<&str>,
-    envelope: &StoreEnvelope,
-    existing: bool,
-) -> Result<Appended, AppendRefused> {
-    let (role, event, body) = (
-        envelope.role.as_str(),
-        envelope.event,
-        envelope.body.as_str(),
-    );
-    let appended = if existing {
-        queued.await?.ok_or(AppendRefused::NoRoom)?
-    } else {
-        let dedup = dedup_pair(sender, envelope);
-        append_charged(
-            queued, store, creations, client, sid, role, event, body, dedup,
-        )
-        .await?
-    };
-    if store.is_clustered() && asks_llm(envelope) {
-        if let Err(err) = store.wake_llm(sid).await {
-            tracing::debug!(room = %sid, cause = %err, "LLM wake-up not sent; a worker polls");
+impl StoreJob {
+    /// Queues the append to the room if it exists, now.
+    fn queue(&self) -> Queued {
+        let envelope = &self.envelope;
+        Box::pin(self.store.append_existing(
+            &self.sid,
+            envelope.role.as_str(),
+            envelope.event,
+            envelope.body.as_str(),
+            dedup_pair(self.sender.as_deref(), envelope),
+        ))
+    }
+
+    /// Whether a stored append still has something to tell the LLM workers: a cancel, or (on
+    /// a cluster, where they do not follow every room) a request.
+    fn signals(&self) -> bool {
+        self.envelope.cancels.is_some() || (self.store.is_clustered() && asks_llm(&self.envelope))
+    }
+
+    async fn finish(self, queued: Queued) -> Result<Submitted, Refused> {
+        match queued.await {
+            Ok(Some(appended)) if !self.signals() => Ok(self.stored(appended)),
+            first => Box::pin(self.finish_rare(first)).await,
         }
     }
-    if let Some(turn) = envelope.cancels {
-        if let Err(err) = store.signal_cancel(sid, turn).await {
-            tracing::warn!(room = %sid, cause = %err, "cancel stored but not signalled");
+
+    fn stored(self, appended: Appended) -> Submitted {
+        Submitted::Stored {
+            id: appended.id,
+            cid: self.envelope.cid,
+            duplicate: appended.duplicate,
         }
     }
-    Ok(appended)
+
+    /// A room to create (or refuse), a cancel or a wake-up to send.
+    async fn finish_rare(
+        self,
+        first: Result<Option<Appended>, StoreError>,
+    ) -> Result<Submitted, Refused> {
+        let done = async {
+            let appended = match first? {
+                Some(appended) => appended,
+                None if self.existing => return Err(AppendRefused::NoRoom),
+                None => {
+                    let envelope = &self.envelope;
+                    create_charged(
+                        &self.store,
+                        &self.creations,
+                        &self.client,
+                        &self.sid,
+                        envelope.role.as_str(),
+                        envelope.event,
+                        envelope.body.as_str(),
+                        dedup_pair(self.sender.as_deref(), envelope),
+                    )
+                    .await?
+                }
+            };
+            let (store, sid) = (&self.store, self.sid.as_str());
+            if store.is_clustered() && asks_llm(&self.envelope) {
+                if let Err(err) = store.wake_llm(sid).await {
+                    tracing::debug!(room = %sid, cause = %err, "LLM wake-up not sent; a worker polls");
+                }
+            }
+            if let Some(turn) = self.envelope.cancels {
+                if let Err(err) = store.signal_cancel(sid, turn).await {
+                    tracing::warn!(room = %sid, cause = %err, "cancel stored but not signalled");
+                }
+            }
+            Ok(appended)
+        }
+        .await;
+        match done {
+            Ok(appended) => Ok(self.stored(appended)),
+            Err(refused) => Err(Refused::new(
+                refused.client_error(&self.sid),
+                self.envelope.cid,
+            )),
+        }
+    }
+
+    /// A cancel: only who asked for the turn may send it (`--llm-cancel requester`).
+    async fn check_cancel_then_store(self) -> Result<Submitted, Refused> {
+        if let Some(turn) = self.envelope.cancels {
+            let who = Speaker {
+                role: &self.envelope.role,
+                sub: self.sender.as_deref(),
+            };
+            match may_cancel(&self.store, &self.sid, turn, who).await {
+                Ok(None) => {}
+                Ok(Some(error)) => {
+                    crate::metrics::error(error.code.as_str());
+                    return Err(Refused::new(error, self.envelope.cid));
+                }
+                Err(err) => {
+                    tracing::warn!(room = %self.sid, cause = %err, "cannot check who may cancel");
+                    crate::metrics::error(ErrorCode::StoreUnavailable.as_str());
+                    return Err(Refused::new(
+                        ClientError::store_unavailable(),
+                        self.envelope.cid,
+                    ));
+                }
+            }
+        }
+        let queued = self.queue();
+        self.finish(queued).await
+    }
 }
