@@ -6,6 +6,12 @@ use tokio_util::sync::CancellationToken;
 
 use chat_relay::config::{LogArgs, ServeConfig, WorkerConfig};
 
+/// mimalloc rather than glibc's malloc, chosen by measurement (BENCHMARKS.md, #16): the hot
+/// path allocates small short-lived buffers per frame, and glibc spent ~30% of the relay's CPU
+/// in S1 on them (`_int_malloc`, `unlink_chunk`, `malloc_consolidate`).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "chat-relay",
