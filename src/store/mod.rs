@@ -36,6 +36,7 @@ pub(crate) use turns::{
 };
 pub(crate) use usage::PendingCallback;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fred::clients::Client;
@@ -189,7 +190,9 @@ pub struct BlockingConn(Client);
 #[derive(Clone, Debug)]
 pub struct Store {
     client: Client,
-    builder: Builder,
+    /// Shared, like the scripts: every room cursor holds a `Store`, and these two are ~1.8 KiB
+    /// inline (issue #16: idle connection memory).
+    builder: Arc<Builder>,
     keys: Keys,
     retention: u64,
     dedup_window_secs: u64,
@@ -200,7 +203,7 @@ pub struct Store {
     /// `--room-idle-ttl`, ms (0: rooms never expire).
     idle_ttl_ms: u64,
     llm_group: String,
-    scripts: Scripts,
+    scripts: Arc<Scripts>,
 }
 
 impl Store {
@@ -237,7 +240,7 @@ impl Store {
         client.connect();
         Ok(Store {
             client,
-            builder,
+            builder: Arc::new(builder),
             keys,
             retention,
             dedup_window_secs: 600,
@@ -245,7 +248,7 @@ impl Store {
             max_age_ms: 0,
             idle_ttl_ms: 0,
             llm_group: llm_group.into(),
-            scripts: Scripts {
+            scripts: Arc::new(Scripts {
                 append: Lua::new(include_str!("append.lua")),
                 session_patch: Lua::new(include_str!("session_patch.lua")),
                 session_delete: Lua::new(include_str!("session_delete.lua")),
@@ -261,7 +264,7 @@ impl Store {
                 presence: Lua::new(include_str!("presence.lua")),
                 room_touch: Lua::new(include_str!("room_touch.lua")),
                 retention_set: Lua::new(include_str!("retention_set.lua")),
-            },
+            }),
         })
     }
 
@@ -348,7 +351,7 @@ impl Store {
     /// A new, unshared connection for blocking reads (`XREAD`/`XREADGROUP BLOCK`), with the
     /// command timeout lifted above `block` so a quiet stream is not reported as a failure.
     pub fn blocking_conn(&self, block: Duration) -> Result<BlockingConn, StoreError> {
-        let mut builder = self.builder.clone();
+        let mut builder = Builder::clone(&self.builder);
         builder.with_performance_config(|p| {
             p.default_command_timeout += block;
         });

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::SplitSink;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -69,19 +69,22 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
     let role = params.conn.default_role().to_owned();
     let conn_label = format!("{}-{}", shared.node_id, params.conn_id);
 
-    let cursor = match Cursor::join(
+    // Every Redis round trip of the opening and the closing is awaited boxed: a task's future is
+    // as large as its largest state, and these states are several KiB each (fred's command
+    // futures), while the session spends its life in the small one that reads and writes
+    // (issue #16: the unboxed future was ~38 KiB per connection).
+    let joining = Cursor::join(
         &shared.rooms,
         &shared.store,
         &sid,
         params.conn_id,
         shared.session.outbound_queue,
-    )
-    .await
-    {
+    );
+    let cursor = match Box::pin(joining).await {
         Ok(cursor) => cursor,
         Err(err) => {
             tracing::warn!(cause = %err, "cannot join room: store unavailable");
-            send_close(&mut sink, Close::StoreUnavailable).await;
+            Box::pin(send_close(&mut sink, Close::StoreUnavailable)).await;
             return;
         }
     };
@@ -89,11 +92,10 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
     if shared.api.require_session {
         params.conn = params.conn.require_room();
     }
-    let joined = match shared
+    let recorded = shared
         .ingress
-        .record_presence(&params.conn, Presence::Join, &join)
-        .await
-    {
+        .record_presence(&params.conn, Presence::Join, &join);
+    let joined = match Box::pin(recorded).await {
         Ok(id) => id,
         Err(refused) => {
             let close = match refused {
@@ -108,17 +110,18 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
                 }
             };
             drop(cursor);
-            send_close(&mut sink, close).await;
+            Box::pin(send_close(&mut sink, close)).await;
             return;
         }
     };
+    drop(join);
     tracing::info!(%role, last_id = ?params.last_id.map(|i| i.to_string()), "joined");
     // In the room's live presence until the session ends (the guard leaves on drop).
     let me = Member {
         role: role.clone(),
         sub: params.conn.sender().map(str::to_owned),
     };
-    let _present = shared.presence.enter(&sid, params.conn_id, me).await;
+    let _present = Box::pin(shared.presence.enter(&sid, params.conn_id, me)).await;
     // A fresh client starts at its own join entry; a resuming one right after its last id.
     // Both read that start from the stream rather than trusting the live feed: in a brand-new
     // room the node's SUBSCRIBE may not be active in Redis yet when the join is published.
@@ -150,8 +153,34 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
         stop.cancel();
         close
     };
-    let (close, (mut stream, conn)) = tokio::join!(write, read);
+    let (close, (stream, conn)) = tokio::join!(write, read);
 
+    Box::pin(finish(
+        &shared,
+        sink,
+        stream,
+        close,
+        &conn,
+        &role,
+        &sid,
+        &conn_label,
+    ))
+    .await;
+}
+
+/// The end of a session: the close (with its notice), the client's close frame, the
+/// `session.leave` entry.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    shared: &Shared,
+    mut sink: SplitSink<WebSocket, Message>,
+    mut stream: SplitStream<WebSocket>,
+    close: Close,
+    conn: &Conn,
+    role: &str,
+    sid: &str,
+    conn_label: &str,
+) {
     send_close(&mut sink, close).await;
     // Read (and drop) what the client still sends until its close frame, briefly: closing a
     // socket with unread data resets it, and the client would lose our close frame and reason.
@@ -166,10 +195,10 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
     tracing::info!(?close, code = close.code(), "left");
 
     // Only into a room that still exists: a deleted session gets no entry back.
-    let leave = presence_body(Presence::Leave.event(), &role, &sid, &conn_label);
+    let leave = presence_body(Presence::Leave.event(), role, sid, conn_label);
     if let Err(err) = shared
         .ingress
-        .record_presence(&conn, Presence::Leave, &leave)
+        .record_presence(conn, Presence::Leave, &leave)
         .await
     {
         tracing::warn!(cause = %err, "could not record leave");
