@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_channel::mpsc;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -41,6 +41,8 @@ pub(crate) struct SessionParams {
 }
 
 /// Acks and errors waiting for the writer; when full, the reader stops reading this client.
+/// (A `futures` channel, not tokio's: tokio's allocates a 32-slot block and a cache-padded
+/// state up front, ~1.3 KiB per connection, where this one allocates per queued frame.)
 const CONTROL_QUEUE: usize = 64;
 /// How long the last frames of a session (notice, close, the client's close) may take.
 const CLOSING_TIMEOUT: Duration = Duration::from_secs(1);
@@ -73,14 +75,15 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
     // as large as its largest state, and these states are several KiB each (fred's command
     // futures), while the session spends its life in the small one that reads and writes
     // (issue #16: the unboxed future was ~38 KiB per connection).
-    let joining = Cursor::join(
+    let cursor = match Box::pin(Cursor::join(
         &shared.rooms,
         &shared.store,
         &sid,
         params.conn_id,
         shared.session.outbound_queue,
-    );
-    let cursor = match Box::pin(joining).await {
+    ))
+    .await
+    {
         Ok(cursor) => cursor,
         Err(err) => {
             tracing::warn!(cause = %err, "cannot join room: store unavailable");
@@ -92,10 +95,13 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
     if shared.api.require_session {
         params.conn = params.conn.require_room();
     }
-    let recorded = shared
-        .ingress
-        .record_presence(&params.conn, Presence::Join, &join);
-    let joined = match Box::pin(recorded).await {
+    let joined = match Box::pin(
+        shared
+            .ingress
+            .record_presence(&params.conn, Presence::Join, &join),
+    )
+    .await
+    {
         Ok(id) => id,
         Err(refused) => {
             let close = match refused {
@@ -133,27 +139,29 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
     let heard = Heard::new();
     let stop = CancellationToken::new();
     let (ctrl_tx, ctrl_rx) = mpsc::channel::<Ctrl>(CONTROL_QUEUE);
-    let writer = writer::Writer {
-        shared: shared.clone(),
-        heartbeat: Heartbeat::new(heard.clone(), shared.session.ping_interval, params.expires),
-    };
-    let reader = reader::Reader {
-        shared: shared.clone(),
-        // With --require-session a frame must not recreate the room once it is deleted
-        // (`require_room` above). Without it, a room whose stream vanished (Redis restarted
-        // without persistence) comes back with the next message, as rooms always have.
-        conn: params.conn,
-        ctrl: ctrl_tx,
-        heard,
-    };
-    let read = reader.run(stream, stop.clone());
-    let write = async {
-        // The cursor is dropped (the room left) as soon as the writer ends.
-        let close = writer.run(&mut sink, cursor, ctrl_rx).await;
-        stop.cancel();
-        close
-    };
-    let (close, (stream, conn)) = tokio::join!(write, read);
+    let heartbeat = Heartbeat::new(heard.clone(), shared.session.ping_interval, params.expires);
+    let (close, (stream, conn)) = tokio::join!(
+        async {
+            let writer = writer::Writer {
+                shared: shared.clone(),
+                heartbeat,
+            };
+            // The cursor is dropped (the room left) as soon as the writer ends.
+            let close = writer.run(&mut sink, cursor, ctrl_rx).await;
+            stop.cancel();
+            close
+        },
+        reader::Reader {
+            shared: shared.clone(),
+            // With --require-session a frame must not recreate the room once it is deleted
+            // (`require_room` above). Without it, a room whose stream vanished (Redis restarted
+            // without persistence) comes back with the next message, as rooms always have.
+            conn: params.conn,
+            ctrl: ctrl_tx,
+            heard,
+        }
+        .run(stream, stop.clone()),
+    );
 
     Box::pin(finish(
         &shared,
