@@ -8,6 +8,7 @@
 mod reader;
 mod writer;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,17 +57,29 @@ enum Ctrl {
     Close(Close),
 }
 
-pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) {
+/// The session's task. Not an `async fn`, and the socket is split before `session` starts: an
+/// async fn keeps its arguments in its state for its whole life, so a wrapper would hold a
+/// second copy of the socket and the parameters (~1 KiB) beside the session's own (#16).
+pub(crate) fn run(
+    socket: WebSocket,
+    shared: Arc<Shared>,
+    params: SessionParams,
+) -> impl Future<Output = ()> + Send {
     let client = params.conn.addr().map(tracing::field::display);
     let span =
         tracing::info_span!("session", room = %params.conn.sid(), conn = params.conn_id, client);
-    session(socket, shared, params).instrument(span).await;
+    let (sink, stream) = socket.split();
+    session(sink, stream, shared, params).instrument(span)
 }
 
-async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionParams) {
+async fn session(
+    mut sink: SplitSink<WebSocket, Message>,
+    stream: SplitStream<WebSocket>,
+    shared: Arc<Shared>,
+    mut params: SessionParams,
+) {
     let _connected = crate::metrics::Connected::open();
     let _slot = params.slot;
-    let (mut sink, stream) = socket.split();
     let sid = params.conn.sid().to_owned();
     let role = params.conn.default_role().to_owned();
     let conn_label = format!("{}-{}", shared.node_id, params.conn_id);
