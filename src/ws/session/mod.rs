@@ -8,13 +8,14 @@
 mod reader;
 mod writer;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::SplitSink;
+use futures_channel::mpsc;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -41,6 +42,8 @@ pub(crate) struct SessionParams {
 }
 
 /// Acks and errors waiting for the writer; when full, the reader stops reading this client.
+/// (A `futures` channel, not tokio's: tokio's allocates a 32-slot block and a cache-padded
+/// state up front, ~1.3 KiB per connection, where this one allocates per queued frame.)
 const CONTROL_QUEUE: usize = 64;
 /// How long the last frames of a session (notice, close, the client's close) may take.
 const CLOSING_TIMEOUT: Duration = Duration::from_secs(1);
@@ -54,34 +57,50 @@ enum Ctrl {
     Close(Close),
 }
 
-pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, params: SessionParams) {
+/// The session's task. Not an `async fn`, and the socket is split before `session` starts: an
+/// async fn keeps its arguments in its state for its whole life, so a wrapper would hold a
+/// second copy of the socket and the parameters (~1 KiB) beside the session's own (#16).
+pub(crate) fn run(
+    socket: WebSocket,
+    shared: Arc<Shared>,
+    params: SessionParams,
+) -> impl Future<Output = ()> + Send {
     let client = params.conn.addr().map(tracing::field::display);
     let span =
         tracing::info_span!("session", room = %params.conn.sid(), conn = params.conn_id, client);
-    session(socket, shared, params).instrument(span).await;
+    let (sink, stream) = socket.split();
+    session(sink, stream, shared, params).instrument(span)
 }
 
-async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionParams) {
+async fn session(
+    mut sink: SplitSink<WebSocket, Message>,
+    stream: SplitStream<WebSocket>,
+    shared: Arc<Shared>,
+    mut params: SessionParams,
+) {
     let _connected = crate::metrics::Connected::open();
     let _slot = params.slot;
-    let (mut sink, stream) = socket.split();
     let sid = params.conn.sid().to_owned();
     let role = params.conn.default_role().to_owned();
     let conn_label = format!("{}-{}", shared.node_id, params.conn_id);
 
-    let cursor = match Cursor::join(
+    // Every Redis round trip of the opening and the closing is awaited boxed: a task's future is
+    // as large as its largest state, and these states are several KiB each (fred's command
+    // futures), while the session spends its life in the small one that reads and writes
+    // (issue #16: the unboxed future was ~38 KiB per connection).
+    let cursor = match Box::pin(Cursor::join(
         &shared.rooms,
         &shared.store,
         &sid,
         params.conn_id,
         shared.session.outbound_queue,
-    )
+    ))
     .await
     {
         Ok(cursor) => cursor,
         Err(err) => {
             tracing::warn!(cause = %err, "cannot join room: store unavailable");
-            send_close(&mut sink, Close::StoreUnavailable).await;
+            Box::pin(send_close(&mut sink, Close::StoreUnavailable)).await;
             return;
         }
     };
@@ -89,10 +108,12 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
     if shared.api.require_session {
         params.conn = params.conn.require_room();
     }
-    let joined = match shared
-        .ingress
-        .record_presence(&params.conn, Presence::Join, &join)
-        .await
+    let joined = match Box::pin(
+        shared
+            .ingress
+            .record_presence(&params.conn, Presence::Join, &join),
+    )
+    .await
     {
         Ok(id) => id,
         Err(refused) => {
@@ -108,17 +129,18 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
                 }
             };
             drop(cursor);
-            send_close(&mut sink, close).await;
+            Box::pin(send_close(&mut sink, close)).await;
             return;
         }
     };
+    drop(join);
     tracing::info!(%role, last_id = ?params.last_id.map(|i| i.to_string()), "joined");
     // In the room's live presence until the session ends (the guard leaves on drop).
     let me = Member {
         role: role.clone(),
         sub: params.conn.sender().map(str::to_owned),
     };
-    let _present = shared.presence.enter(&sid, params.conn_id, me).await;
+    let _present = Box::pin(shared.presence.enter(&sid, params.conn_id, me)).await;
     // A fresh client starts at its own join entry; a resuming one right after its last id.
     // Both read that start from the stream rather than trusting the live feed: in a brand-new
     // room the node's SUBSCRIBE may not be active in Redis yet when the join is published.
@@ -130,28 +152,56 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
     let heard = Heard::new();
     let stop = CancellationToken::new();
     let (ctrl_tx, ctrl_rx) = mpsc::channel::<Ctrl>(CONTROL_QUEUE);
-    let writer = writer::Writer {
-        shared: shared.clone(),
-        heartbeat: Heartbeat::new(heard.clone(), shared.session.ping_interval, params.expires),
-    };
-    let reader = reader::Reader {
-        shared: shared.clone(),
-        // With --require-session a frame must not recreate the room once it is deleted
-        // (`require_room` above). Without it, a room whose stream vanished (Redis restarted
-        // without persistence) comes back with the next message, as rooms always have.
-        conn: params.conn,
-        ctrl: ctrl_tx,
-        heard,
-    };
-    let read = reader.run(stream, stop.clone());
-    let write = async {
-        // The cursor is dropped (the room left) as soon as the writer ends.
-        let close = writer.run(&mut sink, cursor, ctrl_rx).await;
-        stop.cancel();
-        close
-    };
-    let (close, (mut stream, conn)) = tokio::join!(write, read);
+    let heartbeat = Heartbeat::new(heard.clone(), shared.session.ping_interval, params.expires);
+    let (close, (stream, conn)) = tokio::join!(
+        async {
+            let writer = writer::Writer {
+                shared: shared.clone(),
+                heartbeat,
+            };
+            // The cursor is dropped (the room left) as soon as the writer ends.
+            let close = writer.run(&mut sink, cursor, ctrl_rx).await;
+            stop.cancel();
+            close
+        },
+        reader::Reader {
+            shared: shared.clone(),
+            // With --require-session a frame must not recreate the room once it is deleted
+            // (`require_room` above). Without it, a room whose stream vanished (Redis restarted
+            // without persistence) comes back with the next message, as rooms always have.
+            conn: params.conn,
+            ctrl: ctrl_tx,
+            heard,
+        }
+        .run(stream, stop.clone()),
+    );
 
+    Box::pin(finish(
+        &shared,
+        sink,
+        stream,
+        close,
+        &conn,
+        &role,
+        &sid,
+        &conn_label,
+    ))
+    .await;
+}
+
+/// The end of a session: the close (with its notice), the client's close frame, the
+/// `session.leave` entry.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    shared: &Shared,
+    mut sink: SplitSink<WebSocket, Message>,
+    mut stream: SplitStream<WebSocket>,
+    close: Close,
+    conn: &Conn,
+    role: &str,
+    sid: &str,
+    conn_label: &str,
+) {
     send_close(&mut sink, close).await;
     // Read (and drop) what the client still sends until its close frame, briefly: closing a
     // socket with unread data resets it, and the client would lose our close frame and reason.
@@ -166,10 +216,10 @@ async fn session(socket: WebSocket, shared: Arc<Shared>, mut params: SessionPara
     tracing::info!(?close, code = close.code(), "left");
 
     // Only into a room that still exists: a deleted session gets no entry back.
-    let leave = presence_body(Presence::Leave.event(), &role, &sid, &conn_label);
+    let leave = presence_body(Presence::Leave.event(), role, sid, conn_label);
     if let Err(err) = shared
         .ingress
-        .record_presence(&conn, Presence::Leave, &leave)
+        .record_presence(conn, Presence::Leave, &leave)
         .await
     {
         tracing::warn!(cause = %err, "could not record leave");

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket};
+use futures_channel::mpsc;
 use futures_util::stream::{FuturesOrdered, SplitStream};
-use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_util::sync::CancellationToken;

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket};
+use futures_channel::mpsc;
 use futures_util::stream::SplitSink;
-use futures_util::SinkExt;
-use tokio::sync::mpsc;
+use futures_util::{SinkExt, StreamExt};
 
 use super::Ctrl;
 use crate::protocol::Close;
@@ -40,7 +40,7 @@ impl Writer {
                     Ok(()) => Message::Ping(Default::default()),
                     Err(close) => return close,
                 },
-                ctrl = ctrl_rx.recv() => match ctrl {
+                ctrl = ctrl_rx.next() => match ctrl {
                     Some(Ctrl::Frame(frame)) => Message::Text(frame.into()),
                     Some(Ctrl::Close(close)) => return close,
                     None => return self.reader_done(),
