@@ -63,6 +63,6 @@ say "building the relay (release)"
 cargo build --release --quiet
 listen="${RELAY_LISTEN:-0.0.0.0:3000}"
 say "open http://127.0.0.1:${listen##*:}/ in two browser tabs (Ctrl-C stops everything)"
-target/release/chat-relay serve "$@" &
+"${CARGO_TARGET_DIR:-target}/release/chat-relay" serve "$@" &
 pids+=($!)
 wait "${pids[-1]}"
