@@ -4,9 +4,9 @@
 //! # Layout
 //!
 //! ```text
-//!  client ──ws──▶ ws::session reader ─┐                                  (XADD + SPUBLISH,
+//!  client ──ws──▶ ws::session reader ─┐                          (group commit per room: XADD each,
 //!  client ─POST─▶ http::live publish ─┼▶ ingress::submit ──▶ store.append ──▶ Redis
-//!  voice / eval ─▶ dialect::{voice,eval}┘ (budgets, dispatch,                 one Lua script)
+//!  voice / eval ─▶ dialect::{voice,eval}┘ (budgets, dispatch,       SPUBLISH once, one Lua script)
 //!                  (translate only)       append / publish)                    │
 //!  client ◀──ws── ws::session writer ─┐                                        │
 //!  client ◀─SSE── http::live events ──┼─ room::Cursor ◀── room::Room ◀── SSUBSCRIBE chat:session:<sid>
