@@ -156,17 +156,20 @@ impl Room {
             }
             Live::Entries(entries) => {
                 // Frames built before taking the lock; one lock for a whole batch.
-                let outs: Vec<Outbound> = entries
+                let outs: Vec<(StreamId, Outbound)> = entries
                     .iter()
-                    .map(|(id, body)| Outbound {
-                        id: Some(*id),
-                        turn: None,
-                        frame: delivery_frame(*id, "", "", body).into(),
+                    .map(|&(id, ref body)| {
+                        let frame = delivery_frame(id, "", "", body).into();
+                        let out = Outbound {
+                            id: Some(id),
+                            turn: None,
+                            frame,
+                        };
+                        (id, out)
                     })
                     .collect();
                 let mut st = self.lock();
-                for out in outs {
-                    let Some(id) = out.id else { continue };
+                for (id, out) in outs {
                     tracing::trace!(room = %self.sid, id = %id, recovering = st.recovering.is_some(), last = %st.last_id, "live entry");
                     if let Some(rec) = st.recovering.as_mut() {
                         if rec.buffer.len() < RECOVERY_BUFFER {

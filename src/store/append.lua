@@ -50,7 +50,7 @@ local maxlen = tonumber(redis.call('HGET', KEYS[3], 'ret_len') or ARGV[1])
 
 local replies = {0}
 local pieces = {}
-local single
+local last_id, last_body
 local counts = {}
 local stored, created_any, last_ms = 0, false, 0
 local k = 8
@@ -103,7 +103,7 @@ for i = 0, n - 1 do
       redis.call('SET', dedup, id, 'EX', ARGV[3])
     end
     stored = stored + 1
-    single = id .. '\n' .. body
+    last_id, last_body = id, body
     pieces[#pieces + 1] = id .. ' ' .. #body .. '\n' .. body
     replies[#replies + 1] = {id, created and 1 or 0, 0}
   end
@@ -135,7 +135,7 @@ if idle > 0 then
   end
 end
 if stored == 1 then
-  redis.call('SPUBLISH', KEYS[1], single)
+  redis.call('SPUBLISH', KEYS[1], last_id .. '\n' .. last_body)
 else
   redis.call('SPUBLISH', KEYS[1], '-b\n' .. table.concat(pieces))
 end

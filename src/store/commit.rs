@@ -12,7 +12,6 @@
 //! a room's batches are stored one after the other, so a room's stream holds a node's appends in
 //! the order they were called — a socket's frames in the order it sent them.
 
-use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -107,14 +106,13 @@ impl Store {
         loop {
             let batch = {
                 let mut rooms = self.inner.commits.lock();
-                let MapEntry::Occupied(mut queue) = rooms.entry(sid.clone()) else {
-                    return;
-                };
-                if queue.get().is_empty() {
-                    queue.remove();
-                    return;
+                match rooms.get_mut(&sid) {
+                    Some(queue) if !queue.is_empty() => take_batch(queue),
+                    _ => {
+                        rooms.remove(&sid);
+                        return;
+                    }
                 }
-                take_batch(queue.get_mut())
             };
             self.commit(&sid, batch).await;
         }

@@ -191,7 +191,10 @@ async fn session(
 
 /// The end of a session: the close (with its notice), the client's close frame, the
 /// `session.leave` entry.
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the session's parts, handed over as the session ends"
+)]
 async fn finish(
     shared: &Shared,
     mut sink: SplitSink<WebSocket, Message>,
