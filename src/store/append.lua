@@ -9,21 +9,24 @@
 -- KEYS[4]  the room's awake marker (set for the wake window by every batch that stores)
 -- KEYS[5]  the room's turn counter   KEYS[6]  its attempts per turn   KEYS[7]  its turns in
 --          progress (only kept alive here, with the idle ttl)
--- KEYS[8…] the dedup keys of the entries that have some, in entry order: per such entry the
---          injective key of (sender, cid), then optionally the same pair's key as named before it
---          was made injective: read, never written, so a resend of a message stored just before
---          the upgrade is still a duplicate. Drop it once the dedup window has passed since every
---          node writes the injective key only.
+-- KEYS[8], KEYS[9]  the room's two cid generations (hashes: cid field -> id, `_g` -> generation)
 -- ARGV[1]  MAXLEN ~ retention (0 = unbounded)
 -- ARGV[2]  consumer group to create with a new room ('' = none)
 -- ARGV[3]  dedup window in seconds
 -- ARGV[4]  retention by age, ms (0 = none)   ARGV[5]  room idle ttl, ms (0 = never expire)
 -- ARGV[6]  wake window, ms: a room with no entry for that long is announced again
--- then 6 per entry:
+-- then 7 per entry:
 --   which room: 'any' (create it if needed), 'existing' (the stream or the record must exist),
 --   'new' (neither may exist; the record is written with the entry); participant (role); event;
---   body (the envelope JSON); how many dedup keys it has (0, 1 or 2); with 'new', the
---   session's metadata (a JSON object)
+--   body (the envelope JSON); the body's length in bytes (decimal); its cid field
+--   (`<sender length>:<sender>:<cid>`, '' = not idempotent); with 'new', the session's metadata
+--   (a JSON object)
+--
+-- Dedup: time (Redis's clock) is cut into generations one dedup window long; generation g
+-- writes to KEYS[8 + g % 2], whose `_g` says which generation it holds, and a cid is looked up
+-- in the current and the previous generation, so a resend within the window is always found
+-- (and one up to two windows late may be). Each hash expires two windows after its last write.
+-- Per batch that is two HMGETs and one HSET, however many entries carry a cid.
 --
 -- Why a script: the SPUBLISH must leave Redis in stream order. Two relays appending to one room
 -- concurrently could otherwise publish in the opposite order of their XADDs, and every node
@@ -33,11 +36,49 @@
 -- counters, the expiries, the publish) is paid once for every entry that was ready.
 --
 -- Publishes `<id>\n<body>` for a single entry, else `-b\n` then `<id> <byte length>\n<body>` per
--- entry (see feed.rs). Returns {woke, r1, r2, …}: woke = 1 when the room had no entry for the
--- wake window (and this batch did not create it); per entry {id, created, duplicate}, where
--- created = 1 when it created the stream and duplicate = 1 when (sender, cid) was already stored
--- (id is then the original entry's), or the string 'missing' ('existing': no such room) or
+-- entry (see feed.rs), built with one table.concat: every string Lua makes is hashed in full, so
+-- the bodies are copied once, not once per piece. Returns {woke, r1, r2, …}: woke = 1 when the
+-- room had no entry for the wake window (and this batch did not create it); per entry its id,
+-- prefixed with `c` when it created the stream, or `d` and the original entry's id when
+-- (sender, cid) was already stored, or the string 'missing' ('existing': no such room) or
 -- 'exists' ('new': the room is already there).
+local PER_ENTRY = 7
+local ABOUT = 'cids stored in one dedup window: <sender length>:<sender>:<cid> -> stream id'
+local n = (#ARGV - 6) / PER_ENTRY
+local window_ms = tonumber(ARGV[3]) * 1000
+
+-- The cids already stored (field -> id), from both generations and then from this batch.
+local known = {}
+local fields = {}
+for i = 0, n - 1 do
+  local field = ARGV[6 + i * PER_ENTRY + 6]
+  if field ~= '' then
+    fields[#fields + 1] = field
+  end
+end
+local gen, current, current_gen
+if #fields > 0 then
+  local now = redis.call('TIME')
+  gen = math.floor((tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) / window_ms)
+  current = KEYS[8 + gen % 2]
+  local previous = KEYS[8 + (gen + 1) % 2]
+  for _, key in ipairs({previous, current}) do
+    local got = redis.call('HMGET', key, '_g', unpack(fields))
+    local g = tonumber(got[1])
+    if key == current then
+      current_gen = g
+    end
+    -- A hash left from an older generation is stale: its cids are outside the window.
+    if g and g >= gen - 1 then
+      for j = 1, #fields do
+        if got[j + 1] then
+          known[fields[j]] = got[j + 1]
+        end
+      end
+    end
+  end
+end
+
 local stream_exists = redis.call('EXISTS', KEYS[1]) == 1
 local record
 local function has_record()
@@ -46,29 +87,22 @@ local function has_record()
   end
   return record
 end
-local maxlen = tonumber(redis.call('HGET', KEYS[3], 'ret_len') or ARGV[1])
+local retention = redis.call('HMGET', KEYS[3], 'ret_len', 'ret_age_ms')
+local maxlen = tonumber(retention[1] or ARGV[1])
 
 local replies = {0}
-local pieces = {}
+local pieces = {'-b\n'}
+local writes = {}
 local last_id, last_body
 local counts = {}
-local stored, created_any, last_ms = 0, false, 0
-local k = 8
-local n = (#ARGV - 6) / 6
+local stored, created_any = 0, false
 for i = 0, n - 1 do
-  local a = 6 + i * 6
+  local a = 6 + i * PER_ENTRY
   local which, participant, event, body = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local nkeys = tonumber(ARGV[a + 5])
-  local dedup = nkeys > 0 and KEYS[k] or nil
-  local prev = false
-  for j = 0, nkeys - 1 do
-    if not prev then
-      prev = redis.call('GET', KEYS[k + j])
-    end
-  end
-  k = k + nkeys
-  if prev then
-    replies[#replies + 1] = {prev, 0, 1}
+  local field = ARGV[a + 6]
+  local original = field ~= '' and known[field]
+  if original then
+    replies[#replies + 1] = 'd' .. original
   elseif which == 'existing' and not stream_exists and not has_record() then
     replies[#replies + 1] = 'missing'
   elseif which == 'new' and (stream_exists or has_record()) then
@@ -90,34 +124,54 @@ for i = 0, n - 1 do
         redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[2], '0')
       end
     end
-    last_ms = tonumber(string.match(id, '^(%d+)'))
     if which == 'new' then
       -- Created when its first entry was: the time part of the entry's id.
-      redis.call('HSET', KEYS[3], 'created', last_ms, 'updated', last_ms,
-        'metadata', ARGV[a + 6], 'version', 1)
+      local ms = tonumber(string.match(id, '^(%d+)'))
+      redis.call('HSET', KEYS[3], 'created', ms, 'updated', ms,
+        'metadata', ARGV[a + 7], 'version', 1)
       record = true
     end
     counts['p:' .. participant] = (counts['p:' .. participant] or 0) + 1
     counts['e:' .. event] = (counts['e:' .. event] or 0) + 1
-    if dedup then
-      redis.call('SET', dedup, id, 'EX', ARGV[3])
+    if field ~= '' then
+      known[field] = id
+      writes[#writes + 1] = field
+      writes[#writes + 1] = id
     end
     stored = stored + 1
     last_id, last_body = id, body
-    pieces[#pieces + 1] = id .. ' ' .. #body .. '\n' .. body
-    replies[#replies + 1] = {id, created and 1 or 0, 0}
+    local p = #pieces
+    pieces[p + 1], pieces[p + 2], pieces[p + 3], pieces[p + 4], pieces[p + 5] =
+      id, ' ', ARGV[a + 5], '\n', body
+    replies[#replies + 1] = created and 'c' .. id or id
   end
 end
 if stored == 0 then
   return replies
 end
 
-local maxage = tonumber(redis.call('HGET', KEYS[3], 'ret_age_ms') or ARGV[4])
+if #writes > 0 then
+  if current_gen == gen then
+    redis.call('HSET', current, unpack(writes))
+  else
+    if current_gen then
+      redis.call('DEL', current)
+    end
+    -- A new generation. `_about` (for whoever reads the room with redis-cli) is longer than
+    -- hash-max-listpack-value's default 64 bytes, which makes Redis keep the hash as a hash
+    -- table from the start: a listpack (up to 512 fields by default) is searched linearly, and
+    -- every batch looks up and writes all its cids, so a busy room would pay that scan per cid.
+    redis.call('HSET', current, '_about', ABOUT, '_g', gen, unpack(writes))
+  end
+  redis.call('PEXPIRE', current, 2 * window_ms)
+end
+local maxage = tonumber(retention[2] or ARGV[4])
 if maxage > 0 then
+  local last_ms = tonumber(string.match(last_id, '^(%d+)'))
   redis.call('XTRIM', KEYS[1], 'MINID', '~', tostring(last_ms - maxage))
 end
-for field, count in pairs(counts) do
-  redis.call('HINCRBY', KEYS[2], field, count)
+for name, count in pairs(counts) do
+  redis.call('HINCRBY', KEYS[2], name, count)
 end
 -- SET ... GET answers the previous value: none means the room was silent for the window.
 local woke = not redis.call('SET', KEYS[4], '1', 'PX', ARGV[6], 'GET')
@@ -127,16 +181,17 @@ end
 local idle = tonumber(ARGV[5])
 if idle > 0 then
   -- Everything the room owns under a fixed name lives as long as the room has traffic; keys
-  -- with their own names (dedup, turn leases, flags) get ttls no longer than this.
+  -- with their own names (turn leases, flags) get ttls no longer than this, and the cid
+  -- generations two dedup windows, each clamped to it by the relay.
   for i = 1, 7 do
     if i ~= 4 then
-      redis.call('PEXPIRE', KEYS[i], idle)
+      redis.call('PEXPIRE', KEYS[i], ARGV[5])
     end
   end
 end
 if stored == 1 then
   redis.call('SPUBLISH', KEYS[1], last_id .. '\n' .. last_body)
 else
-  redis.call('SPUBLISH', KEYS[1], '-b\n' .. table.concat(pieces))
+  redis.call('SPUBLISH', KEYS[1], table.concat(pieces))
 end
 return replies

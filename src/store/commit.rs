@@ -19,7 +19,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use fred::types::Value;
 use tokio::sync::oneshot;
 
-use super::{value_str, AppendReply, Appended, Store, StoreError, Target};
+use super::{AppendReply, Appended, Keys, Store, StoreError, Target};
 
 /// Most entries in one script call: a bound on how long Redis is busy with one room.
 const MAX_BATCH_ENTRIES: usize = 64;
@@ -45,8 +45,9 @@ struct Pending {
     participant: String,
     event: &'static str,
     body: String,
-    /// The dedup keys (see `append.lua`): none, or the injective key and the legacy one.
-    dedup: Option<[String; 2]>,
+    /// The field naming (sender, cid) in the room's cid generations, when the append is
+    /// idempotent (see `append.lua`).
+    cid: Option<String>,
     reply: oneshot::Sender<Result<AppendReply, StoreError>>,
 }
 
@@ -68,13 +69,7 @@ impl Store {
             participant: participant.to_owned(),
             event,
             body: body.to_owned(),
-            dedup: dedup.map(|(sender, cid)| {
-                let keys = &self.inner.keys;
-                [
-                    keys.dedup(sid, sender, cid),
-                    keys.legacy_dedup(sid, sender, cid),
-                ]
-            }),
+            cid: dedup.map(|(sender, cid)| Keys::cid_field(sender, cid)),
             reply,
         };
         let start = {
@@ -160,7 +155,8 @@ impl Store {
         batch: &[Pending],
     ) -> Result<(bool, Vec<AppendReply>), StoreError> {
         let keys = &self.inner.keys;
-        let mut script_keys = vec![
+        let [cids_even, cids_odd] = keys.cid_generations(sid);
+        let script_keys = vec![
             keys.room(sid),
             keys.stats(sid),
             keys.session_record(sid),
@@ -168,12 +164,14 @@ impl Store {
             keys.turn_counter(sid),
             keys.turn_attempts(sid),
             keys.active_turns(sid),
+            cids_even,
+            cids_odd,
         ];
         let window = self
             .room_ttl(std::time::Duration::from_secs(self.inner.dedup_window_secs))
             .as_secs()
             .max(1);
-        let mut args: Vec<Value> = Vec::with_capacity(6 + 6 * batch.len());
+        let mut args: Vec<Value> = Vec::with_capacity(6 + 7 * batch.len());
         args.extend([
             int(self.inner.retention),
             Value::from(self.inner.llm_group.as_str()),
@@ -188,19 +186,13 @@ impl Store {
                 Target::Existing => ("existing", ""),
                 Target::New { metadata } => ("new", metadata.as_str()),
             };
-            let dedup_keys = match &p.dedup {
-                Some(pair) => {
-                    script_keys.extend(pair.iter().cloned());
-                    2
-                }
-                None => 0,
-            };
             args.extend([
                 Value::from(which),
                 Value::from(p.participant.as_str()),
                 Value::from(p.event),
                 Value::from(p.body.as_str()),
-                int(dedup_keys),
+                int(p.body.len() as u64),
+                Value::from(p.cid.as_deref().unwrap_or("")),
                 Value::from(metadata),
             ]);
         }
@@ -248,25 +240,25 @@ fn parse_batch_reply(reply: Value, entries: usize) -> Result<(bool, Vec<AppendRe
     Ok((woke, replies))
 }
 
+/// One entry's reply: `<id>`, `c<id>` (it created the stream), `d<id>` (a duplicate of the
+/// entry with that id), `missing` or `exists`.
 fn parse_entry_reply(reply: Value) -> Result<AppendReply, StoreError> {
-    let parts = match reply {
-        Value::Array(parts) => parts,
-        other => {
-            return match other.as_str().as_deref() {
-                Some("missing") => Ok(AppendReply::Missing),
-                Some("exists") => Ok(AppendReply::Exists),
-                _ => Err(StoreError::Reply("append script returned no entry reply")),
-            }
-        }
+    let reply = reply
+        .as_str()
+        .ok_or(StoreError::Reply("append script returned no entry reply"))?;
+    let (created, duplicate, id) = match reply.as_bytes().first() {
+        Some(b'c') => (true, false, &reply[1..]),
+        Some(b'd') => (false, true, &reply[1..]),
+        _ if reply == "missing" => return Ok(AppendReply::Missing),
+        _ if reply == "exists" => return Ok(AppendReply::Exists),
+        _ => (false, false, &*reply),
     };
-    let id = parts
-        .first()
-        .and_then(value_str)
-        .and_then(|s| s.parse().ok())
-        .ok_or(StoreError::Reply("append script returned no id"))?;
+    let id = id
+        .parse()
+        .map_err(|_| StoreError::Reply("append script returned no id"))?;
     Ok(AppendReply::Stored(Appended {
         id,
-        created: matches!(parts.get(1), Some(Value::Integer(1))),
-        duplicate: matches!(parts.get(2), Some(Value::Integer(1))),
+        created,
+        duplicate,
     }))
 }

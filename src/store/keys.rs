@@ -7,8 +7,7 @@
 //! | group `llm` on each room stream | consumer group | the LLM participant's read position, created at `0` with the room |
 //!
 //! | `chat:record:{<room key>}` | hash | the session record (`POST /api/sessions`): `created`, `updated` (ms), `metadata` (JSON object), `version` (bumped by every patch) |
-//! | `chat:cid:{<room key>}:<sender length>:<sender>:<cid>` | string | id stored for a client's cid (idempotent resend) |
-//! | `chat:dedup:{<room key>}:<sender>:<cid>` | string | the same, as written before the length prefix (read only, until they expire) |
+//! | `chat:cids:{<room key>}:0`, `…:1` | hash | ids stored for clients' cids (idempotent resend), two generations of the dedup window: field `<sender length>:<sender>:<cid>` → id, `_g` → the generation |
 //! | `chat:stats:{<room key>}` | hash | entries ever stored in the room: `p:<participant>` and `e:<event>` → count (`append.lua`, `finish.lua`) |
 //! | `chat:rooms` | stream | registry of rooms for LLM workers (`sid` field) |
 //! | `chat:llm:turn:{<room key>}:<turn>` | string | lease of a turn being answered, then `done:<reply id>` |
@@ -33,7 +32,7 @@
 //!
 //! Every key a room owns carries the room key as its hash tag (`{chat:session:<sid>}`), so
 //! deleting a session (`DELETE /api/sessions/{id}`) removes the fixed names in one script and
-//! finds the rest (dedup keys, per-turn keys, rate windows) with `SCAN MATCH
+//! finds the rest (per-turn keys, rate windows) with `SCAN MATCH
 //! *{chat:session:<sid>}*` ([`Keys::room_pattern`]); the global keys (`chat:rooms`,
 //! `chat:usage:rooms`, the dead-letter streams) only name the room inside their entries.
 //! A room-deleted notice (`-x`) on the room's channel tells every node to close its members.
@@ -151,31 +150,22 @@ impl Keys {
         format!("{}usage:dead", self.root)
     }
 
-    /// `chat:cid:{chat:session:<sid>}:<n>:<sender>:<cid>`: the stream id stored for a client's
-    /// `hd.cid`, so a resend is answered with the original id. Same hash tag as the room.
+    /// `chat:cids:{chat:session:<sid>}:<0|1>`: the room's recent cids, in two hashes that take
+    /// turns by dedup window (see `append.lua`). One hash per window instead of one key per
+    /// message: a batch checks and records all its cids with two `HMGET`s and one `HSET`, and
+    /// the keyspace does not grow with the traffic. Same hash tag as the room.
+    pub fn cid_generations(&self, sid: &str) -> [String; 2] {
+        let room = self.room(sid);
+        [0, 1].map(|g| format!("{}cids:{{{room}}}:{g}", self.root))
+    }
+
+    /// The field naming (sender, cid) in [`Keys::cid_generations`]: `<n>:<sender>:<cid>`.
     ///
     /// `<n>` is the sender's length in bytes, which makes the name injective: a sender may
     /// contain `:` (a JWT `sub` can), and without the length `bob` + `x:c1` and `bob:x` + `c1`
-    /// would share a key, so the second message would be taken for a resend of the first.
-    pub fn dedup(&self, sid: &str, sender: &str, cid: &str) -> String {
-        format!(
-            "{}cid:{{{}}}:{}:{sender}:{cid}",
-            self.root,
-            self.room(sid),
-            sender.len()
-        )
-    }
-
-    /// `chat:dedup:{chat:session:<sid>}:<sender>:<cid>`: the ambiguous name [`Keys::dedup`]
-    /// replaced. Still read (never written), so a resend of a message stored just before the
-    /// upgrade is answered as a duplicate; a different namespace (`dedup:` vs `cid:`), so the
-    /// two kinds of key can never be equal.
-    ///
-    /// Remove it (here and in `append.lua`) once `--dedup-window-secs` (default 10 min) has
-    /// passed since every node runs a version that writes [`Keys::dedup`]: by then every key of
-    /// this form has expired.
-    pub fn legacy_dedup(&self, sid: &str, sender: &str, cid: &str) -> String {
-        format!("{}dedup:{{{}}}:{sender}:{cid}", self.root, self.room(sid))
+    /// would share a field, so the second message would be taken for a resend of the first.
+    pub fn cid_field(sender: &str, cid: &str) -> String {
+        format!("{}:{sender}:{cid}", sender.len())
     }
 
     /// `chat:stats:{chat:session:<sid>}`: the room's counters (entries per participant and per
@@ -275,18 +265,19 @@ mod tests {
     }
 
     #[test]
-    fn dedup_keys_are_injective_and_apart_from_legacy_ones() {
+    fn cid_fields_are_injective() {
         let k = Keys::new("chat:session:");
-        assert_eq!(
-            k.dedup("r", "bob", "x:c1"),
-            "chat:cid:{chat:session:r}:3:bob:x:c1"
+        assert_eq!(Keys::cid_field("bob", "x:c1"), "3:bob:x:c1");
+        assert_ne!(
+            Keys::cid_field("bob", "x:c1"),
+            Keys::cid_field("bob:x", "c1")
         );
-        assert_ne!(k.dedup("r", "bob", "x:c1"), k.dedup("r", "bob:x", "c1"));
-        // The old names collide (that is the bug); they stay readable, never equal to a new one.
         assert_eq!(
-            k.legacy_dedup("r", "bob", "x:c1"),
-            k.legacy_dedup("r", "bob:x", "c1")
+            k.cid_generations("r"),
+            [
+                "chat:cids:{chat:session:r}:0",
+                "chat:cids:{chat:session:r}:1"
+            ]
         );
-        assert_ne!(k.dedup("r", "3", "a"), k.legacy_dedup("r", "3", "a"));
     }
 }

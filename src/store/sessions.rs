@@ -216,7 +216,7 @@ impl Store {
     /// every primary; then the room's entry in the usage index, which lives on another shard.
     pub async fn delete_session(&self, sid: &str) -> Result<bool, StoreError> {
         let k = &self.inner.keys;
-        let keys = vec![
+        let mut keys = vec![
             k.room(sid),
             k.session_record(sid),
             k.stats(sid),
@@ -226,6 +226,7 @@ impl Store {
             k.usage_outbox(sid),
             k.usage_records(sid),
         ];
+        keys.extend(k.cid_generations(sid));
         let reply = self
             .eval_script(
                 &self.inner.scripts.session_delete,

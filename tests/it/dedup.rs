@@ -1,5 +1,5 @@
-//! Idempotent resends: the dedup key names (sender, cid) injectively, and keys written before it
-//! did still answer resends within the window.
+//! Idempotent resends: the cid field names (sender, cid) injectively, and a resend is found in
+//! the previous generation of the dedup window, never in an older one.
 
 use fred::prelude::*;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -66,40 +66,124 @@ async fn senders_with_colons_do_not_collide() {
     );
 }
 
-/// A message stored just before the upgrade left a key in the old format; its resend after the
-/// upgrade is still answered with the original id, and nothing is stored twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resends_of_messages_stored_before_the_upgrade_are_duplicates() {
-    let redis = RedisServer::start();
-    let relay = Relay::start(&redis.url(), &["--auth", "jwt", "--jwt-secret", SECRET]).await;
-    let sid = unique_sid("legacy");
-    let (_, stored) = post_as(&relay, &sid, "carol", "before", "stored by the old version").await;
-    let id = stored["id"].as_str().unwrap().to_owned();
-    // What the old version wrote for (carol, old1), and nothing in the new format.
-    let client = redis.client().await;
-    let legacy = format!("chat:dedup:{{chat:session:{sid}}}:carol:old1");
-    let _: () = client
-        .set(&legacy, id.as_str(), Some(Expiration::EX(600)), None, false)
+/// Redis's clock in ms (the cid generations follow it, not the test's clock).
+async fn redis_ms(client: &Client) -> u64 {
+    let (secs, micros): (u64, u64) = client
+        .custom(
+            fred::types::CustomCommand::new_static("TIME", fred::types::ClusterHash::Random, false),
+            Vec::<String>::new(),
+        )
         .await
         .unwrap();
-    let len = crate::support::redis::xlen(&client, &format!("chat:session:{sid}")).await;
-    let (status, body) = post_as(&relay, &sid, "carol", "old1", "stored by the old version").await;
+    secs * 1000 + micros / 1000
+}
+
+/// Waits until Redis's clock is in generation `gen` of a `window_ms` window (or later).
+async fn wait_for_generation(client: &Client, window_ms: u64, gen: u64) {
+    loop {
+        let now = redis_ms(client).await;
+        if now / window_ms >= gen {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(gen * window_ms - now + 5)).await;
+    }
+}
+
+/// With a 1 s window: a resend in the next generation is still a duplicate (found in the
+/// previous hash), one two generations later is a new message (the stale hash is ignored and
+/// replaced), and the room never holds more than the two generation hashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resends_are_found_across_one_generation_and_not_beyond() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(
+        &redis.url(),
+        &[
+            "--auth",
+            "jwt",
+            "--jwt-secret",
+            SECRET,
+            "--dedup-window-secs",
+            "1",
+        ],
+    )
+    .await;
+    // A post that straddles a generation's end leaves the test unsure which generation holds
+    // what; such an attempt starts over in a new room.
+    for _ in 0..5 {
+        if across_generations(&redis, &relay).await {
+            return;
+        }
+    }
+    panic!("every attempt straddled a generation's end");
+}
+
+/// One attempt of the test above; false when a post straddled a generation's end.
+async fn across_generations(redis: &RedisServer, relay: &Relay) -> bool {
+    const WINDOW_MS: u64 = 1000;
+    let client = redis.client().await;
+    let sid = unique_sid("generations");
+    let stream = format!("chat:session:{sid}");
+
+    let stored_in = redis_ms(&client).await / WINDOW_MS;
+    let (status, first) = post_as(relay, &sid, "carol", "c1", "once").await;
+    assert_eq!(status, 201, "{first}");
+    let (status, again) = post_as(relay, &sid, "carol", "c1", "once").await;
+    if redis_ms(&client).await / WINDOW_MS != stored_in {
+        return false;
+    }
     assert_eq!(
-        (status, body["id"].as_str(), &body["duplicate"]),
-        (200, Some(id.as_str()), &json!(true))
+        (status, &again["id"]),
+        (200, &first["id"]),
+        "same generation"
     );
+
+    wait_for_generation(&client, WINDOW_MS, stored_in + 1).await;
+    let (status, again) = post_as(relay, &sid, "carol", "c1", "once").await;
+    if redis_ms(&client).await / WINDOW_MS != stored_in + 1 {
+        return false;
+    }
     assert_eq!(
-        crate::support::redis::xlen(&client, &format!("chat:session:{sid}")).await,
-        len
+        (status, &again["id"], &again["duplicate"]),
+        (200, &first["id"], &json!(true)),
+        "a resend in the next generation is found in the previous hash"
     );
-    // New messages write the new key only.
-    let (status, _) = post_as(&relay, &sid, "carol", "new1", "after the upgrade").await;
-    assert_eq!(status, 201);
-    let new_key = format!("chat:cid:{{chat:session:{sid}}}:5:carol:new1");
-    let old_key = format!("chat:dedup:{{chat:session:{sid}}}:carol:new1");
-    let (new, old): (Option<String>, Option<String>) = (
-        client.get(&new_key).await.unwrap(),
-        client.get(&old_key).await.unwrap(),
+    assert_eq!(crate::support::redis::xlen(&client, &stream).await, 1);
+
+    wait_for_generation(&client, WINDOW_MS, stored_in + 2).await;
+    let (status, late) = post_as(relay, &sid, "carol", "c1", "once more").await;
+    assert_eq!(
+        status, 201,
+        "two windows later the cid is new again: {late}"
     );
-    assert!(new.is_some() && old.is_none(), "{new:?} {old:?}");
+    assert_ne!(late["id"], first["id"]);
+    assert_eq!(crate::support::redis::xlen(&client, &stream).await, 2);
+    // And its own resend is a duplicate of it.
+    let (status, again) = post_as(relay, &sid, "carol", "c1", "once more").await;
+    assert_eq!((status, &again["id"]), (200, &late["id"]));
+
+    let keys = crate::sessions::keys_naming(&client, &sid).await;
+    let cids: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.starts_with("chat:cids:"))
+        .collect();
+    assert!(
+        (1..=2).contains(&cids.len()),
+        "the cids live in at most two hashes: {keys:?}"
+    );
+    // Kept as hash tables (see append.lua), not listpacks searched linearly.
+    for key in cids {
+        let encoding: String = client
+            .custom(
+                fred::types::CustomCommand::new_static(
+                    "OBJECT",
+                    fred::types::ClusterHash::Random,
+                    false,
+                ),
+                vec!["ENCODING".to_owned(), key.clone()],
+            )
+            .await
+            .unwrap();
+        assert_eq!(encoding, "hashtable", "{key}");
+    }
+    true
 }

@@ -431,7 +431,7 @@ async fn delete_closes_members_on_every_node_and_leaves_nothing() {
     let client = redis.client().await;
     let before = keys_naming(&client, &sid).await;
     assert!(
-        before.iter().any(|k| k.starts_with("chat:cid:")),
+        before.iter().any(|k| k.starts_with("chat:cids:")),
         "dedup keys exist before: {before:?}"
     );
 
