@@ -55,18 +55,38 @@ impl Writer {
                     }
                 },
             };
-            // Write what else is ready for this socket in the same flush: one syscall for a
-            // burst (or a history page) instead of one per frame.
+            // Write what else is ready for this socket in the same flush, from both queues:
+            // one syscall for a burst (a batch's deliveries, its acks, a history page)
+            // instead of one per frame. A close or the reader's end found on the way is acted
+            // on once what came before it is written.
+            let mut then = None;
             let batch = async {
                 sink.feed(msg).await?;
                 for _ in 1..WRITE_BATCH {
-                    let Some(out) = cursor.try_next() else { break };
-                    sink.feed(Message::Text(out.frame)).await?;
+                    if let Some(out) = cursor.try_next() {
+                        sink.feed(Message::Text(out.frame)).await?;
+                        continue;
+                    }
+                    match ctrl_rx.try_recv() {
+                        Ok(Ctrl::Frame(frame)) => sink.feed(Message::Text(frame.into())).await?,
+                        Ok(Ctrl::Close(close)) => {
+                            then = Some(close);
+                            break;
+                        }
+                        Err(mpsc::TryRecvError::Closed) => {
+                            then = Some(self.reader_done());
+                            break;
+                        }
+                        Err(mpsc::TryRecvError::Empty) => break,
+                    }
                 }
                 sink.flush().await
             };
             if !matches!(tokio::time::timeout(write_timeout, batch).await, Ok(Ok(()))) {
                 return Close::NoPong;
+            }
+            if let Some(close) = then {
+                return close;
             }
         }
     }
