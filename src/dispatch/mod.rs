@@ -122,7 +122,8 @@ pub fn dispatch(
                 event: event.name(),
                 cancels: (event == EventKind::LlmCancel)
                     .then(|| {
-                        body.get("turn_id")
+                        body.as_value()
+                            .and_then(|b| b.get("turn_id"))
                             .and_then(Value::as_str)
                             .and_then(|t| t.parse().ok())
                     })

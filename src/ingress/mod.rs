@@ -452,7 +452,14 @@ impl Ingress {
 /// mentions `@llm`); a wake-up for anything else only costs a worker an empty read.
 fn asks_llm(envelope: &StoreEnvelope) -> bool {
     envelope.event == "llm.request"
-        || (envelope.event == "chat.message" && envelope.body.to_ascii_lowercase().contains("@llm"))
+        || (envelope.event == "chat.message" && mentions_llm(&envelope.body))
+}
+
+/// Whether a stored body mentions `@llm`, in any case, without a lowercased copy per message.
+fn mentions_llm(body: &str) -> bool {
+    body.as_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"@llm"))
 }
 
 /// Who sends an envelope: the role it speaks as and, when authenticated, the token subject.

@@ -4,6 +4,10 @@
 //! linear byte scan, before serde recurses), JSON, envelope shape, event, then the event's body.
 //! Roles are checked later by the dispatcher, which knows what the connection was granted.
 
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::{ClientError, ErrorCode, EventKind, StreamId, EMOTIONS, SERVER_HEADER_FIELDS};
@@ -38,7 +42,52 @@ pub struct Inbound {
     /// Header fields the relay does not interpret, kept as the spec asks (minus server-owned ones).
     pub extra: Map<String, Value>,
     /// The body, normalised for the event (e.g. `bd.text` trimmed).
-    pub body: Value,
+    pub body: Body,
+}
+
+/// An envelope's body: parsed, or the client's own JSON when validation had nothing to change
+/// (a `chat.message` whose text needs no trimming) — the common message is then never built
+/// into a `Value` and serialised again, only copied.
+#[derive(Debug, Clone)]
+pub enum Body {
+    Value(Value),
+    Raw(Box<RawValue>),
+}
+
+impl Body {
+    /// The parsed body, if it was parsed (the events the relay reads fields of always are).
+    pub fn as_value(&self) -> Option<&Value> {
+        match self {
+            Body::Value(v) => Some(v),
+            Body::Raw(_) => None,
+        }
+    }
+
+    /// The body as a `Value`, parsing a raw one.
+    pub fn to_value(&self) -> Value {
+        match self {
+            Body::Value(v) => v.clone(),
+            Body::Raw(raw) => serde_json::from_str(raw.get()).unwrap_or(Value::Null),
+        }
+    }
+}
+
+impl PartialEq for Body {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Body::Raw(a), Body::Raw(b)) => a.get() == b.get(),
+            _ => self.to_value() == other.to_value(),
+        }
+    }
+}
+
+impl Serialize for Body {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Body::Value(v) => v.serialize(serializer),
+            Body::Raw(raw) => raw.serialize(serializer),
+        }
+    }
 }
 
 /// A refusal: the error plus the frame's `cid`, when one could be read, so the client can match
@@ -75,9 +124,71 @@ pub fn check_frame(text: &str, limits: &Limits) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// The envelope's two parts, located but not parsed.
+#[derive(Deserialize)]
+struct Parts<'a> {
+    #[serde(borrow)]
+    hd: Option<&'a RawValue>,
+    /// `None` only when absent: a `null` body is a body (one most events refuse).
+    #[serde(borrow, default, deserialize_with = "present")]
+    bd: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// What the fast path needs of a `chat.message` body: its text, borrowed when it has no escapes.
+#[derive(Deserialize)]
+struct Text<'a> {
+    #[serde(borrow)]
+    text: Cow<'a, str>,
+}
+
 /// Parse and validate one text frame.
+///
+/// The envelope is first split into its raw `hd` and `bd`; `hd` is parsed (it is small, and the
+/// stored header is rebuilt from its typed fields), and a `chat.message` body whose text is
+/// valid as sent is kept raw. Anything unusual (a repeated key, a body that is not an object, a
+/// text to trim) takes the general path, which parses everything into `Value`s and decides, so
+/// both paths accept and refuse the same frames.
 pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<Inbound, Refusal> {
     check_frame(text, limits)?;
+    // (serde would also read a struct from an array: `[{"event":…}]` is not an envelope.)
+    if !text.trim_start().starts_with('{') {
+        return parse_values(text, limits);
+    }
+    let parts = match serde_json::from_str::<Parts>(text) {
+        Ok(Parts { hd: Some(hd), bd }) if hd.get().starts_with('{') => (hd, bd),
+        _ => return parse_values(text, limits),
+    };
+    let (hd, bd) = parts;
+    let Ok(hd) = serde_json::from_str::<Map<String, Value>>(hd.get()) else {
+        return parse_values(text, limits);
+    };
+    let header = header(hd)?;
+    if header.event == EventKind::ChatMessage {
+        let kept = |raw: &&RawValue| raw.get().starts_with('{') && plain_json(raw.get());
+        if let Some(raw) = bd.filter(kept) {
+            if let Ok(Text { text: t }) = serde_json::from_str::<Text>(raw.get()) {
+                if checked_text_str(&t, limits).is_ok_and(|checked| checked.len() == t.len()) {
+                    return Ok(header.with_body(Body::Raw(raw.to_owned())));
+                }
+            }
+        }
+    }
+    let body = match bd {
+        Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
+            Ok(body) => body,
+            Err(_) => return parse_values(text, limits),
+        },
+        None => Value::Object(Map::new()),
+    };
+    header.validated(body, limits)
+}
+
+/// The general path: the whole frame parsed into `Value`s.
+fn parse_values(text: &str, limits: &Limits) -> Result<Inbound, Refusal> {
     let value: Value = serde_json::from_str(text)
         .map_err(|_| ClientError::new(ErrorCode::BadJson, "frame is not valid JSON"))?;
     let Value::Object(mut envelope) = value else {
@@ -87,14 +198,50 @@ pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<Inbound, Refusa
         )
         .into());
     };
-    let Some(Value::Object(mut hd)) = envelope.remove("hd") else {
+    let Some(Value::Object(hd)) = envelope.remove("hd") else {
         return Err(ClientError::new(
             ErrorCode::InvalidHeader,
             "envelope needs an object \"hd\" with at least \"event\"",
         )
         .into());
     };
+    let header = header(hd)?;
+    let body = envelope.remove("bd").unwrap_or(Value::Object(Map::new()));
+    header.validated(body, limits)
+}
 
+/// A validated header, waiting for its body.
+struct Header {
+    event: EventKind,
+    role: Option<String>,
+    cid: Option<String>,
+    extra: Map<String, Value>,
+}
+
+impl Header {
+    fn validated(self, body: Value, limits: &Limits) -> Result<Inbound, Refusal> {
+        match validate_body(self.event, body, limits) {
+            Ok(body) => Ok(self.with_body(Body::Value(body))),
+            Err(error) => Err(Refusal {
+                error,
+                cid: self.cid,
+            }),
+        }
+    }
+
+    fn with_body(self, body: Body) -> Inbound {
+        Inbound {
+            event: self.event,
+            role: self.role,
+            cid: self.cid,
+            extra: self.extra,
+            body,
+        }
+    }
+}
+
+/// Checks `hd`: its cid, event and role, minus the fields only the relay may set.
+fn header(mut hd: Map<String, Value>) -> Result<Header, Refusal> {
     // Read cid first so every later refusal can echo it.
     let cid = match hd.remove("cid") {
         None | Some(Value::Null) => None,
@@ -153,18 +300,11 @@ pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<Inbound, Refusa
         // shift_remove keeps the client's field order (remove would move the last one here).
         hd.shift_remove(*field);
     }
-
-    let body = envelope.remove("bd").unwrap_or(Value::Object(Map::new()));
-    let body = validate_body(event, body, limits).map_err(|e| Refusal {
-        error: e,
-        cid: cid.clone(),
-    })?;
-    Ok(Inbound {
+    Ok(Header {
         event,
         role,
         cid,
         extra: hd,
-        body,
     })
 }
 
@@ -243,6 +383,11 @@ fn checked_text(
     let Some(Value::String(text)) = raw else {
         return Err(ClientError::new(ErrorCode::InvalidBody, missing));
     };
+    checked_text_str(text, limits).map(str::to_owned)
+}
+
+/// [`checked_text`] of a string: the trimmed text, or why it is refused.
+fn checked_text_str<'t>(text: &'t str, limits: &Limits) -> Result<&'t str, ClientError> {
     let trimmed = text.trim();
     if trimmed.chars().all(invisible) {
         return Err(ClientError::new(
@@ -259,7 +404,7 @@ fn checked_text(
             ),
         ));
     }
-    Ok(trimmed.to_owned())
+    Ok(trimmed)
 }
 
 /// Characters that show nothing: whitespace, and Unicode's Default_Ignorable_Code_Point (zero
@@ -323,6 +468,44 @@ fn depth_exceeds(bytes: &[u8], max: usize) -> bool {
     false
 }
 
+/// True when the JSON holds nothing that serde_json refuses beyond syntax: no number with an
+/// exponent or 300 digits (it could overflow: `1e400`) and no `\uD800`-`\uDFFF` escape (it
+/// could be a lone surrogate). A raw body is syntax-checked only, so without this a body the
+/// general path refuses would be stored where the relay's own readers fail on it. Escaped
+/// surrogate pairs are valid but rare (clients send UTF-8), so they just take the general path.
+fn plain_json(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    let (mut in_string, mut escaped) = (false, false);
+    let mut digits = 0usize;
+    for (i, &b) in bytes.iter().enumerate() {
+        if in_string {
+            match (escaped, b) {
+                (true, b'u') if matches!(bytes.get(i + 1), Some(b'd' | b'D')) => return false,
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'0'..=b'9' => {
+                digits += 1;
+                if digits >= 300 {
+                    return false;
+                }
+                continue;
+            }
+            b'e' | b'E' if digits > 0 => return false,
+            b'.' if digits > 0 => continue,
+            _ => {}
+        }
+        digits = 0;
+    }
+    true
+}
+
 fn truncate(s: &str, max_chars: usize) -> String {
     s.chars().take(max_chars).collect()
 }
@@ -345,7 +528,7 @@ mod tests {
         let inb = parse(r#"{"hd":{"event":"chat.message","role":"A","timestamp":"2024-01-01T00:00:00Z"},"bd":{"text":" 안녕하세요! 🎉 "}}"#).unwrap();
         assert_eq!(inb.event, EventKind::ChatMessage);
         assert_eq!(inb.role.as_deref(), Some("A"));
-        assert_eq!(inb.body["text"], "안녕하세요! 🎉");
+        assert_eq!(inb.body.to_value()["text"], "안녕하세요! 🎉");
         assert_eq!(inb.extra["timestamp"], "2024-01-01T00:00:00Z");
     }
 
@@ -452,7 +635,85 @@ mod tests {
     #[test]
     fn prompt_is_accepted_as_text() {
         let inb = parse(r#"{"hd":{"event":"llm.request"},"bd":{"prompt":"hi"}}"#).unwrap();
-        assert_eq!(inb.body, serde_json::json!({"text": "hi"}));
+        assert_eq!(inb.body.to_value(), serde_json::json!({"text": "hi"}));
+    }
+
+    #[test]
+    fn a_plain_message_keeps_its_body_as_sent() {
+        let frame =
+            r#"{"hd":{"event":"chat.message","cid":"c1"},"bd":{"text":"caf\u00e9","seq":1}}"#;
+        let inb = parse(frame).unwrap();
+        assert!(
+            matches!(&inb.body, Body::Raw(raw) if raw.get() == r#"{"text":"caf\u00e9","seq":1}"#),
+            "{:?}",
+            inb.body
+        );
+        assert_eq!(inb.body.to_value(), json!({"text": "café", "seq": 1}));
+    }
+
+    /// The fast path and the general one accept and refuse the same frames, alike.
+    #[test]
+    fn both_paths_agree() {
+        let limits = Limits {
+            max_text_chars: 5,
+            ..Limits::default()
+        };
+        let frames = [
+            r#"{"hd":{"event":"chat.message"},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":"chat.message"},"bd":{"text":" hi "}}"#,
+            r#"{"hd":{"event":"chat.message"},"bd":{"text":"a","text":"b"}}"#,
+            r#"{"hd":{"event":"chat.message"},"bd":{"text":"a","text":"   "}}"#,
+            r#"{"hd":{"event":"chat.message"},"bd":["hi"]}"#,
+            r#"{"hd":{"event":"chat.message"},"bd":{"text":5}}"#,
+            r#"{"hd":{"event":"chat.message"},"bd":{"text":"\u200b"}}"#,
+            r#"{"hd":{"event":"chat.message"},"bd":{"text":"toolong"}}"#,
+            r#"{"hd":{"event":"chat.message"},"bd":{}}"#,
+            r#"{"hd":{"event":"chat.message"}}"#,
+            r#"{"hd":{"event":"chat.message"},"bd":null}"#,
+            r#"{"hd":{"event":"chat.message","cid":7},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":"nope"},"hd":{"event":"chat.message"},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":"chat.message","event":"chat.typing"},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":"chat.message","sid":"x","id":"1-1","x":[1]},"bd":{"text":"hi","n":1.5}}"#,
+            r#"{"hd":{"event":"chat.typing"},"bd":{}}"#,
+            r#"{"hd":{"event":"chat.typing"},"bd":null}"#,
+            r#"{"hd":{"event":"chat.typing"}}"#,
+            r#"{"hd":{"event":"llm.request"},"bd":{"prompt":"hi"}}"#,
+            r#"{"hd":"x","bd":{"text":"hi"}}"#,
+            r#"{"bd":{"text":"hi"}}"#,
+            r#"[{"hd":{"event":"chat.message"}}]"#,
+            r#"{"hd":{"event":"chat.message"},"bd":{"text":"x","n":1e400}}"#,
+            r#"{"hd":{"event":"chat.message"},"bd":{"text":"x","n":1e4,"m":-0.5E-3}}"#,
+            r#"{"hd":{"event":"chat.message"},"bd":{"text":"x","s":"\ud800"}}"#,
+            r#"{"hd":{"event":"chat.message"},"bd":{"text":"x","s":"\ud83c\udf89"}}"#,
+            r#"{"hd":{"event":"chat.message"},"bd":{"text":"x","t":true,"f":false,"z":null}}"#,
+        ];
+        for frame in frames {
+            let fast = parse_client_frame(frame, &limits);
+            let general = parse_values(frame, &limits);
+            match (&fast, &general) {
+                (Ok(a), Ok(b)) => {
+                    assert_eq!(
+                        (a.event, &a.role, &a.cid, &a.extra, a.body.to_value()),
+                        (b.event, &b.role, &b.cid, &b.extra, b.body.to_value()),
+                        "{frame}"
+                    );
+                    assert_eq!(
+                        serde_json::to_string(&a.body)
+                            .unwrap()
+                            .parse::<Value>()
+                            .unwrap(),
+                        b.body.to_value(),
+                        "{frame}: the serialised body"
+                    );
+                }
+                (Err(a), Err(b)) => assert_eq!(
+                    (a.error.code.as_str(), &a.cid),
+                    (b.error.code.as_str(), &b.cid),
+                    "{frame}"
+                ),
+                _ => panic!("{frame}: {fast:?} vs {general:?}"),
+            }
+        }
     }
 
     #[test]

@@ -11,9 +11,9 @@ use super::{ClientError, StreamId};
 
 /// The envelope as stored in the stream's `body` field (and sent for transient events).
 #[derive(Debug, Serialize)]
-pub struct StoredBody<'a> {
+pub struct StoredBody<'a, B: Serialize + ?Sized = Value> {
     pub hd: StoredHeader<'a>,
-    pub bd: &'a Value,
+    pub bd: &'a B,
 }
 
 #[derive(Debug, Serialize)]
@@ -29,13 +29,13 @@ pub struct StoredHeader<'a> {
 }
 
 /// Serialise an envelope for storage: `hd` first, server fields (`sid`, `ts`) added.
-pub fn new_body(
+pub fn new_body<B: Serialize + ?Sized>(
     event: &str,
     role: &str,
     cid: Option<&str>,
     sid: &str,
     extra: &Map<String, Value>,
-    bd: &Value,
+    bd: &B,
 ) -> String {
     let body = StoredBody {
         hd: StoredHeader {
@@ -53,12 +53,12 @@ pub fn new_body(
 }
 
 /// A transient (not stored) frame: same shape as a stored envelope, without `hd.id`.
-pub fn transient_frame(
+pub fn transient_frame<B: Serialize + ?Sized>(
     event: &str,
     role: &str,
     sid: &str,
     extra: &Map<String, Value>,
-    bd: &Value,
+    bd: &B,
 ) -> String {
     new_body(event, role, None, sid, extra, bd)
 }
