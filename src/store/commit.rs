@@ -116,7 +116,8 @@ impl Store {
     /// Stores one batch and answers each of its appends.
     async fn commit(&self, sid: &str, batch: Vec<Pending>) {
         let started = std::time::Instant::now();
-        let outcome = self.run_batch(sid, &batch).await;
+        let mut batch = batch;
+        let outcome = self.run_batch(sid, &mut batch).await;
         metrics::histogram!(crate::metrics::APPEND_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::histogram!(crate::metrics::APPEND_BATCH_ENTRIES).record(batch.len() as f64);
         let replies: Vec<Result<AppendReply, StoreError>> = match outcome {
@@ -148,11 +149,12 @@ impl Store {
         }
     }
 
-    /// One `append.lua` call: whether the room woke, and each entry's reply, in order.
+    /// One `append.lua` call: whether the room woke, and each entry's reply, in order. The
+    /// bodies move into the command (no copy); they are not needed once sent.
     async fn run_batch(
         &self,
         sid: &str,
-        batch: &[Pending],
+        batch: &mut [Pending],
     ) -> Result<(bool, Vec<AppendReply>), StoreError> {
         let keys = &self.inner.keys;
         let [cids_even, cids_odd] = keys.cid_generations(sid);
@@ -180,18 +182,19 @@ impl Store {
             int(self.inner.idle_ttl_ms),
             int(self.room_ttl(self.inner.wake_after).as_millis() as u64),
         ]);
-        for p in batch {
+        for p in batch.iter_mut() {
             let (which, metadata) = match &p.target {
                 Target::Any => ("any", ""),
                 Target::Existing => ("existing", ""),
                 Target::New { metadata } => ("new", metadata.as_str()),
             };
+            let len = p.body.len() as u64;
             args.extend([
                 Value::from(which),
                 Value::from(p.participant.as_str()),
                 Value::from(p.event),
-                Value::from(p.body.as_str()),
-                int(p.body.len() as u64),
+                Value::Bytes(std::mem::take(&mut p.body).into()),
+                int(len),
                 Value::from(p.cid.as_deref().unwrap_or("")),
                 Value::from(metadata),
             ]);
