@@ -190,13 +190,14 @@ impl Cursor {
                 self.fetch = None;
                 let page = page.map_err(CursorEnd::Store)?;
                 self.replaying = page.len() as u64 == REPLAY_PAGE;
-                self.page.extend(page);
+                // The page's own buffer (`next_buffered` drained the previous one).
+                self.page = page.into();
                 continue;
             }
             if let Some(prelude) = self.prelude.as_mut() {
                 let frames = prelude.await;
                 self.prelude = None;
-                self.caught_up.extend(frames.map_err(CursorEnd::Store)?);
+                self.caught_up = frames.map_err(CursorEnd::Store)?.into();
                 continue;
             }
             match self.rx.recv().await {
@@ -247,6 +248,13 @@ impl Cursor {
             if let Some(out) = self.unsent(out) {
                 return Some(out);
             }
+        }
+        // Both drained: free them, or a member idle after its replay keeps the page's buffer.
+        if self.page.capacity() > 0 {
+            self.page = VecDeque::new();
+        }
+        if self.caught_up.capacity() > 0 {
+            self.caught_up = VecDeque::new();
         }
         None
     }
