@@ -30,9 +30,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
-
-use super::{ConnId, Outbound, Room, Rooms};
+use super::{queue, ConnId, Outbound, Room, Rooms};
 use crate::protocol::{delivery_frame, llm_start_frame, resume_gap_frame, StreamId};
 use crate::store::{Entry, PresenceChange, Store, StoreError, StreamInfo, TurnMark, TurnState};
 
@@ -67,7 +65,7 @@ pub(crate) enum CursorEnd {
 pub(crate) struct Cursor {
     store: Store,
     member: Member,
-    rx: mpsc::Receiver<Outbound>,
+    rx: queue::Receiver,
     /// Newest stored entry sent; anything at or below it is a duplicate.
     last_sent: StreamId,
     /// A resume's gap check, still to do: the `resume_gap` notice, if one is due.
@@ -101,16 +99,16 @@ impl Drop for Member {
 
 impl Cursor {
     /// Joins room `sid` as member `conn`: from now on the room queues live frames for it (at
-    /// most `queue`). Without [`Cursor::replay_after`] or [`Cursor::resume_after`] it is
+    /// most `capacity`). Without [`Cursor::replay_after`] or [`Cursor::resume_after`] it is
     /// live-only.
     pub(crate) async fn join(
         rooms: &Rooms,
         store: &Store,
         sid: &str,
         conn: ConnId,
-        queue: usize,
+        capacity: usize,
     ) -> Result<Cursor, StoreError> {
-        let (tx, rx) = mpsc::channel(queue);
+        let (tx, rx) = queue::channel(capacity);
         let room = rooms.join(sid, conn, tx).await?;
         let prelude = catch_up(store.clone(), sid.to_owned());
         Ok(Cursor {
@@ -192,13 +190,14 @@ impl Cursor {
                 self.fetch = None;
                 let page = page.map_err(CursorEnd::Store)?;
                 self.replaying = page.len() as u64 == REPLAY_PAGE;
-                self.page.extend(page);
+                // The page's own buffer (`next_buffered` drained the previous one).
+                self.page = page.into();
                 continue;
             }
             if let Some(prelude) = self.prelude.as_mut() {
                 let frames = prelude.await;
                 self.prelude = None;
-                self.caught_up.extend(frames.map_err(CursorEnd::Store)?);
+                self.caught_up = frames.map_err(CursorEnd::Store)?.into();
                 continue;
             }
             match self.rx.recv().await {
@@ -225,7 +224,7 @@ impl Cursor {
         if self.gap_check.is_some() || self.replaying || self.prelude.is_some() {
             return None;
         }
-        while let Ok(out) = self.rx.try_recv() {
+        while let Some(out) = self.rx.try_recv() {
             if let Some(out) = self.unsent(out) {
                 return Some(out);
             }
@@ -249,6 +248,13 @@ impl Cursor {
             if let Some(out) = self.unsent(out) {
                 return Some(out);
             }
+        }
+        // Both drained: free them, or a member idle after its replay keeps the page's buffer.
+        if self.page.capacity() > 0 {
+            self.page = VecDeque::new();
+        }
+        if self.caught_up.capacity() > 0 {
+            self.caught_up = VecDeque::new();
         }
         None
     }

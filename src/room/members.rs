@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc::{self, error::TrySendError};
 
+use super::queue::{self, TrySendError};
 use crate::protocol::{delivery_frame, StreamId};
 use crate::store::{Live, Store, StoreError, TurnMark};
 
@@ -53,7 +53,7 @@ struct RoomState {
 #[derive(Debug)]
 struct Member {
     conn: ConnId,
-    tx: mpsc::Sender<Outbound>,
+    tx: queue::Sender,
 }
 
 #[derive(Debug, Default)]
@@ -89,7 +89,7 @@ impl Room {
     }
 
     /// Adds a member; `false` if the room was closed meanwhile (the caller retries).
-    pub(super) fn add_member(&self, conn: ConnId, tx: mpsc::Sender<Outbound>) -> bool {
+    pub(super) fn add_member(&self, conn: ConnId, tx: queue::Sender) -> bool {
         let mut st = self.lock();
         if st.closed {
             return false;
@@ -211,12 +211,12 @@ impl Room {
         let before = st.members.len();
         st.members.retain(|m| match m.tx.try_send(out.clone()) {
             Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
+            Err(TrySendError::Full) => {
                 tracing::warn!(room = %self.sid, conn = m.conn, "outbound queue full; dropping slow client");
                 metrics::counter!(crate::metrics::SLOW_DISCONNECTS).increment(1);
                 false
             }
-            Err(TrySendError::Closed(_)) => false,
+            Err(TrySendError::Closed) => false,
         });
         let dropped = before - st.members.len();
         metrics::counter!(crate::metrics::FRAMES_OUT).increment(st.members.len() as u64);

@@ -14,6 +14,7 @@ mod cursor;
 mod follow;
 mod members;
 mod presence;
+mod queue;
 mod turn_reader;
 
 use std::sync::Arc;
@@ -21,7 +22,6 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -80,7 +80,7 @@ impl Rooms {
         &self,
         sid: &str,
         conn: ConnId,
-        tx: mpsc::Sender<Outbound>,
+        tx: queue::Sender,
     ) -> Result<Arc<Room>, StoreError> {
         loop {
             let room = self
