@@ -6,6 +6,12 @@
 //!
 //! It also holds the connection's slot of the per-address TCP cap, so the slot is freed when the
 //! socket is, upgraded or not.
+//!
+//! And it reads ahead: the WebSocket layer reads into a small buffer (so an idle connection holds
+//! little), which alone would cost a read syscall per frame from a busy sender. A read asking for
+//! less than [`READ_AHEAD`] reads a whole chunk into a buffer of its own, hands out what fits,
+//! and keeps the rest for the next reads — only until it is handed out, so an idle socket holds
+//! nothing.
 
 use std::future::Future;
 use std::io;
@@ -48,9 +54,14 @@ impl Activity {
     }
 }
 
-/// A socket with a write-stall timeout and an activity clock. See the module docs.
+/// Bytes read per syscall when the reader asks for fewer.
+const READ_AHEAD: usize = 4096;
+
+/// A socket with a write-stall timeout, an activity clock and read-ahead. See the module docs.
 pub(crate) struct Watched<T> {
     inner: T,
+    /// Read ahead and not yet handed out (never empty: dropped once drained).
+    ahead: Option<Ahead>,
     activity: Arc<Activity>,
     write_timeout: Duration,
     /// Armed while a write (or flush) waits for the peer; cleared by any progress.
@@ -67,6 +78,7 @@ impl<T> Watched<T> {
     ) -> Self {
         Self {
             inner,
+            ahead: None,
             activity,
             write_timeout,
             stalled: None,
@@ -95,19 +107,57 @@ impl<T> Watched<T> {
     }
 }
 
+/// Bytes read ahead: `chunk[at..]` are still to be handed out.
+struct Ahead {
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl Ahead {
+    /// Copies what fits into `buf`; true when nothing is left.
+    fn hand_out(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        let n = buf.remaining().min(self.chunk.len() - self.at);
+        buf.put_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        self.at == self.chunk.len()
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
         let this = &mut *self;
-        let res = ready!(Pin::new(&mut this.inner).poll_read(cx, buf));
-        if buf.filled().len() > before {
-            this.activity.touch();
+        if let Some(ahead) = this.ahead.as_mut() {
+            if ahead.hand_out(buf) {
+                this.ahead = None;
+            }
+            return Poll::Ready(Ok(()));
         }
-        Poll::Ready(res)
+        if buf.remaining() >= READ_AHEAD {
+            let before = buf.filled().len();
+            let res = ready!(Pin::new(&mut this.inner).poll_read(cx, buf));
+            if buf.filled().len() > before {
+                this.activity.touch();
+            }
+            return Poll::Ready(res);
+        }
+        // A fresh chunk per read: a socket waiting for data holds none.
+        let mut chunk = vec![0; READ_AHEAD];
+        let mut into = ReadBuf::new(&mut chunk);
+        ready!(Pin::new(&mut this.inner).poll_read(cx, &mut into))?;
+        let n = into.filled().len();
+        if n > 0 {
+            this.activity.touch();
+            chunk.truncate(n);
+            let mut ahead = Ahead { chunk, at: 0 };
+            if !ahead.hand_out(buf) {
+                this.ahead = Some(ahead);
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -166,6 +216,37 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Small reads are served from one chunk, in order, and nothing is kept once handed out.
+    #[tokio::test]
+    async fn small_reads_share_a_chunk_read_ahead() {
+        let (near, mut far) = tokio::io::duplex(64 * 1024);
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        far.write_all(&data).await.unwrap();
+        drop(far);
+        let mut r = Watched::new(near, Activity::new(), Duration::from_secs(5), None);
+        let mut got = Vec::new();
+        let mut small = [0u8; 300];
+        assert_eq!(r.read(&mut small).await.unwrap(), 300);
+        got.extend_from_slice(&small);
+        assert!(
+            r.ahead
+                .as_ref()
+                .is_some_and(|a| a.chunk.len() == READ_AHEAD),
+            "one read took a whole chunk"
+        );
+        loop {
+            let n = r.read(&mut small).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&small[..n]);
+            // Each small read is either from the chunk or the chunk's last bytes.
+            assert!(r.ahead.as_ref().is_none_or(|a| a.at < a.chunk.len()));
+        }
+        assert_eq!(got, data);
+        assert!(r.ahead.is_none(), "nothing kept once handed out");
+    }
 
     #[tokio::test]
     async fn a_stalled_write_fails_after_the_timeout_and_progress_resets_it() {
