@@ -109,19 +109,25 @@ const MAX_CID_BYTES: usize = 128;
 /// The checks every text frame passes before it is parsed, whatever its dialect: its size, then
 /// its nesting depth (a byte scan, so serde never recurses into hostile input).
 pub fn check_frame(text: &str, limits: &Limits) -> Result<(), ClientError> {
+    checked_scan(text, limits).map(|_| ())
+}
+
+/// [`check_frame`], answering the scan: whether the frame is plain JSON as well.
+fn checked_scan(text: &str, limits: &Limits) -> Result<Scan, ClientError> {
     if text.len() > limits.max_frame_bytes {
         return Err(ClientError::new(
             ErrorCode::FrameTooLarge,
             format!("frame too large (max {} bytes)", limits.max_frame_bytes),
         ));
     }
-    if depth_exceeds(text.as_bytes(), limits.max_depth) {
+    let scan = scan(text.as_bytes(), limits.max_depth);
+    if scan.too_deep {
         return Err(ClientError::new(
             ErrorCode::TooDeep,
             format!("JSON nested too deeply (max depth {})", limits.max_depth),
         ));
     }
-    Ok(())
+    Ok(scan)
 }
 
 /// The envelope's two parts, located but not parsed.
@@ -153,9 +159,9 @@ struct Text<'a> {
 /// text to trim) takes the general path, which parses everything into `Value`s and decides, so
 /// both paths accept and refuse the same frames.
 pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<Inbound, Refusal> {
-    check_frame(text, limits)?;
+    let scan = checked_scan(text, limits)?;
     // (serde would also read a struct from an array: `[{"event":…}]` is not an envelope.)
-    if !text.trim_start().starts_with('{') {
+    if !scan.plain || !text.trim_start().starts_with('{') {
         return parse_values(text, limits);
     }
     let parts = match serde_json::from_str::<Parts>(text) {
@@ -168,8 +174,7 @@ pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<Inbound, Refusa
     };
     let header = header(hd)?;
     if header.event == EventKind::ChatMessage {
-        let kept = |raw: &&RawValue| raw.get().starts_with('{') && plain_json(raw.get());
-        if let Some(raw) = bd.filter(kept) {
+        if let Some(raw) = bd.filter(|raw| raw.get().starts_with('{')) {
             if let Ok(Text { text: t }) = serde_json::from_str::<Text>(raw.get()) {
                 if checked_text_str(&t, limits).is_ok_and(|checked| checked.len() == t.len()) {
                     return Ok(header.with_body(Body::Raw(raw.to_owned())));
@@ -437,73 +442,80 @@ fn invisible(c: char) -> bool {
         )
 }
 
-/// True when arrays/objects nest deeper than `max`. A linear scan that skips string contents,
-/// so it runs before serde and bounds serde's recursion on hostile input.
-fn depth_exceeds(bytes: &[u8], max: usize) -> bool {
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in bytes {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > max {
-                    return true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    false
+/// What one pass over a frame found.
+struct Scan {
+    /// Arrays and objects nest deeper than allowed.
+    too_deep: bool,
+    /// Nothing that serde_json refuses beyond syntax: no number with an exponent or 300 digits
+    /// (it could overflow: `1e400`) and no `\uD800`-`\uDFFF` escape (it could be a lone
+    /// surrogate). A raw body is syntax-checked only, so without this a body the general path
+    /// refuses would be stored where the relay's own readers fail on it. Escaped surrogate
+    /// pairs are valid but rare (clients send UTF-8), so they just take the general path.
+    plain: bool,
 }
 
-/// True when the JSON holds nothing that serde_json refuses beyond syntax: no number with an
-/// exponent or 300 digits (it could overflow: `1e400`) and no `\uD800`-`\uDFFF` escape (it
-/// could be a lone surrogate). A raw body is syntax-checked only, so without this a body the
-/// general path refuses would be stored where the relay's own readers fail on it. Escaped
-/// surrogate pairs are valid but rare (clients send UTF-8), so they just take the general path.
-fn plain_json(json: &str) -> bool {
-    let bytes = json.as_bytes();
-    let (mut in_string, mut escaped) = (false, false);
-    let mut digits = 0usize;
-    for (i, &b) in bytes.iter().enumerate() {
-        if in_string {
-            match (escaped, b) {
-                (true, b'u') if matches!(bytes.get(i + 1), Some(b'd' | b'D')) => return false,
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
+/// One linear pass: the nesting depth (so serde never recurses into hostile input) and whether
+/// the JSON is plain (see [`Scan`]). String contents are skipped with `memchr`, so the text of a
+/// message costs little.
+fn scan(bytes: &[u8], max_depth: usize) -> Scan {
+    let mut scan = Scan {
+        too_deep: false,
+        plain: true,
+    };
+    let (mut depth, mut digits, mut i) = (0usize, 0usize, 0usize);
+    while i < bytes.len() {
+        let b = bytes[i];
+        i += 1;
         match b {
-            b'"' => in_string = true,
-            b'0'..=b'9' => {
-                digits += 1;
-                if digits >= 300 {
-                    return false;
+            b'"' => {
+                // To the closing quote, past escapes.
+                digits = 0;
+                loop {
+                    // (Past the end after a trailing backslash: an unterminated string.)
+                    let rest = bytes.get(i..).unwrap_or_default();
+                    let Some(at) = memchr::memchr2(b'"', b'\\', rest) else {
+                        return scan;
+                    };
+                    i += at + 1;
+                    if bytes[i - 1] == b'"' {
+                        break;
+                    }
+                    if bytes.get(i) == Some(&b'u') && matches!(bytes.get(i + 1), Some(b'd' | b'D'))
+                    {
+                        scan.plain = false;
+                    }
+                    i += 1;
                 }
                 continue;
             }
-            b'e' | b'E' if digits > 0 => return false,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    scan.too_deep = true;
+                    return scan;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'0'..=b'9' => {
+                digits += 1;
+                if digits >= 300 {
+                    scan.plain = false;
+                }
+                continue;
+            }
+            b'e' | b'E' if digits > 0 => scan.plain = false,
             b'.' if digits > 0 => continue,
             _ => {}
         }
         digits = 0;
     }
-    true
+    scan
+}
+
+/// True when arrays/objects nest deeper than `max`.
+#[cfg(test)]
+fn depth_exceeds(bytes: &[u8], max: usize) -> bool {
+    scan(bytes, max).too_deep
 }
 
 fn truncate(s: &str, max_chars: usize) -> String {
@@ -724,5 +736,14 @@ mod tests {
         );
         assert!(parse(&s).is_ok());
         assert!(!depth_exceeds(br#"{"a":"\"[[[["}"#, 2));
+        // Unterminated strings, a trailing backslash: no panic, nothing counted inside.
+        for text in [
+            &br#"{"a":"\"#[..],
+            br#"{"a":"\u"#,
+            br#"{"a":"[[[["#,
+            br#"""#,
+        ] {
+            assert!(!depth_exceeds(text, 1));
+        }
     }
 }
