@@ -3,9 +3,26 @@
 //! Hot paths record once per event, not once per socket: fan-out adds the number of members it
 //! queued a frame for in one increment.
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
+
+use metrics::{Counter, Histogram};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Handles of the metrics recorded per frame or per entry, resolved once: `counter!` looks its
+/// key up in the registry on every call, which S1's profile showed per message. Resolved on
+/// first use, which is after [`install`] (the relay installs the recorder before it serves).
+pub(crate) struct Hot {
+    pub(crate) frames_in: Counter,
+    pub(crate) frames_out: Counter,
+    pub(crate) delivery_lag: Histogram,
+}
+
+pub(crate) static HOT: LazyLock<Hot> = LazyLock::new(|| Hot {
+    frames_in: metrics::counter!(FRAMES_IN),
+    frames_out: metrics::counter!(FRAMES_OUT),
+    delivery_lag: metrics::histogram!(DELIVERY_LAG_SECONDS),
+});
 
 /// Open WebSocket connections (gauge).
 pub(crate) const CONNECTIONS: &str = "chat_relay_connections";

@@ -71,7 +71,7 @@ impl Link {
             match msg {
                 Some(Ok(Message::Text(text))) => {
                     self.heard.now();
-                    metrics::counter!(crate::metrics::FRAMES_IN).increment(1);
+                    crate::metrics::HOT.frames_in.increment(1);
                     return Incoming::Text(text);
                 }
                 Some(Ok(Message::Binary(_))) => {

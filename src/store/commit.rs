@@ -137,16 +137,25 @@ impl Store {
             }
             Err(err) => batch.iter().map(|_| Err(err.clone())).collect(),
         };
+        // Counted per run of one event, not per entry: a labelled counter is a registry lookup.
+        let mut stored: Option<(&'static str, u64)> = None;
         for (pending, reply) in batch.into_iter().zip(replies) {
             if let Ok(AppendReply::Stored(Appended {
                 duplicate: false, ..
             })) = reply
             {
-                metrics::counter!(crate::metrics::STORED, "event" => pending.event).increment(1);
+                stored = match stored {
+                    Some((event, n)) if event == pending.event => Some((event, n + 1)),
+                    other => {
+                        count_stored(other);
+                        Some((pending.event, 1))
+                    }
+                };
             }
             // The caller may have gone (its connection closed): the entry is stored regardless.
             let _ = pending.reply.send(reply);
         }
+        count_stored(stored);
     }
 
     /// One `append.lua` call: whether the room woke, and each entry's reply, in order. The
@@ -203,6 +212,12 @@ impl Store {
             .eval_script(&self.inner.scripts.append, script_keys, args)
             .await?;
         parse_batch_reply(reply, batch.len())
+    }
+}
+
+fn count_stored(run: Option<(&'static str, u64)>) {
+    if let Some((event, n)) = run {
+        metrics::counter!(crate::metrics::STORED, "event" => event).increment(n);
     }
 }
 

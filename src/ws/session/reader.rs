@@ -52,7 +52,7 @@ impl Reader {
                     let ctrl = match msg {
                         Some(Ok(Message::Text(text))) => {
                             self.heard.now();
-                            metrics::counter!(crate::metrics::FRAMES_IN).increment(1);
+                            crate::metrics::HOT.frames_in.increment(1);
                             match self.shared.ingress.submit_text(&mut self.conn, text.as_str()) {
                                 Ok(submission) => {
                                     inflight.push_back(submission);
