@@ -201,7 +201,9 @@ impl Room {
         }
         st.last_id = id;
         let lag_ms = crate::protocol::now_ms().saturating_sub(id.ms);
-        crate::metrics::HOT.delivery_lag.record(lag_ms as f64 / 1000.0);
+        crate::metrics::HOT
+            .delivery_lag
+            .record(lag_ms as f64 / 1000.0);
         self.fan_out(st, out);
     }
 
@@ -219,7 +221,9 @@ impl Room {
             Err(TrySendError::Closed) => false,
         });
         let dropped = before - st.members.len();
-        crate::metrics::HOT.frames_out.increment(st.members.len() as u64);
+        crate::metrics::HOT
+            .frames_out
+            .increment(st.members.len() as u64);
         if dropped > 0 && st.members.is_empty() {
             st.empty_since = Some(Instant::now());
         }
