@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::scan::{scan, Scan};
 use super::{ClientError, ErrorCode, EventKind, StreamId, EMOTIONS, SERVER_HEADER_FIELDS};
 
 /// Limits applied to every client frame; all configurable.
@@ -442,82 +443,6 @@ fn invisible(c: char) -> bool {
         )
 }
 
-/// What one pass over a frame found.
-struct Scan {
-    /// Arrays and objects nest deeper than allowed.
-    too_deep: bool,
-    /// Nothing that serde_json refuses beyond syntax: no number with an exponent or 300 digits
-    /// (it could overflow: `1e400`) and no `\uD800`-`\uDFFF` escape (it could be a lone
-    /// surrogate). A raw body is syntax-checked only, so without this a body the general path
-    /// refuses would be stored where the relay's own readers fail on it. Escaped surrogate
-    /// pairs are valid but rare (clients send UTF-8), so they just take the general path.
-    plain: bool,
-}
-
-/// One linear pass: the nesting depth (so serde never recurses into hostile input) and whether
-/// the JSON is plain (see [`Scan`]). String contents are skipped with `memchr`, so the text of a
-/// message costs little.
-fn scan(bytes: &[u8], max_depth: usize) -> Scan {
-    let mut scan = Scan {
-        too_deep: false,
-        plain: true,
-    };
-    let (mut depth, mut digits, mut i) = (0usize, 0usize, 0usize);
-    while i < bytes.len() {
-        let b = bytes[i];
-        i += 1;
-        match b {
-            b'"' => {
-                // To the closing quote, past escapes.
-                digits = 0;
-                loop {
-                    // (Past the end after a trailing backslash: an unterminated string.)
-                    let rest = bytes.get(i..).unwrap_or_default();
-                    let Some(at) = memchr::memchr2(b'"', b'\\', rest) else {
-                        return scan;
-                    };
-                    i += at + 1;
-                    if bytes[i - 1] == b'"' {
-                        break;
-                    }
-                    if bytes.get(i) == Some(&b'u') && matches!(bytes.get(i + 1), Some(b'd' | b'D'))
-                    {
-                        scan.plain = false;
-                    }
-                    i += 1;
-                }
-                continue;
-            }
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > max_depth {
-                    scan.too_deep = true;
-                    return scan;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            b'0'..=b'9' => {
-                digits += 1;
-                if digits >= 300 {
-                    scan.plain = false;
-                }
-                continue;
-            }
-            b'e' | b'E' if digits > 0 => scan.plain = false,
-            b'.' if digits > 0 => continue,
-            _ => {}
-        }
-        digits = 0;
-    }
-    scan
-}
-
-/// True when arrays/objects nest deeper than `max`.
-#[cfg(test)]
-fn depth_exceeds(bytes: &[u8], max: usize) -> bool {
-    scan(bytes, max).too_deep
-}
-
 fn truncate(s: &str, max_chars: usize) -> String {
     s.chars().take(max_chars).collect()
 }
@@ -725,25 +650,6 @@ mod tests {
                 ),
                 _ => panic!("{frame}: {fast:?} vs {general:?}"),
             }
-        }
-    }
-
-    #[test]
-    fn depth_scan_ignores_brackets_in_strings() {
-        let s = format!(
-            r#"{{"hd":{{"event":"chat.message"}},"bd":{{"text":"{}"}}}}"#,
-            "[".repeat(100)
-        );
-        assert!(parse(&s).is_ok());
-        assert!(!depth_exceeds(br#"{"a":"\"[[[["}"#, 2));
-        // Unterminated strings, a trailing backslash: no panic, nothing counted inside.
-        for text in [
-            &br#"{"a":"\"#[..],
-            br#"{"a":"\u"#,
-            br#"{"a":"[[[["#,
-            br#"""#,
-        ] {
-            assert!(!depth_exceeds(text, 1));
         }
     }
 }

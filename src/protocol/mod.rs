@@ -8,6 +8,7 @@ mod error;
 mod event;
 mod inbound;
 mod outbound;
+mod scan;
 mod stream_id;
 
 pub use close::{Close, Reconnect};
