@@ -281,23 +281,24 @@ impl Ingress {
         }
         let (sid, role, event) = (&conn.ctx.sid, conn.default_role(), presence.event());
         // A leave never brings back a room that is gone (deleted, or expired).
-        let queued = Box::pin(self.store.append_existing(sid, role, event, body, None));
-        let appended = if conn.existing_room || presence == Presence::Leave {
-            queued.await?.ok_or(AppendRefused::NoRoom)?
-        } else {
-            append_charged(
-                queued,
-                &self.store,
-                &self.creations,
-                &conn.client,
-                sid,
-                role,
-                event,
-                body,
-                None,
-            )
-            .await?
-        };
+        let must_exist = conn.existing_room || presence == Presence::Leave;
+        let first = self
+            .store
+            .append_existing(sid, role, event, body, None)
+            .await?;
+        let appended = or_create(
+            first,
+            must_exist,
+            &self.store,
+            &self.creations,
+            &conn.client,
+            sid,
+            role,
+            event,
+            body,
+            None,
+        )
+        .await?;
         Ok(appended.id)
     }
 
@@ -560,12 +561,13 @@ impl AppendRefused {
 /// The first try of an append, queued when called: to the room if it exists (`None` if not).
 type Queued = Pin<Box<dyn Future<Output = Result<Option<Appended>, StoreError>> + Send>>;
 
-/// Finishes an append queued as [`Queued`]: when the room does not exist, charges the client's
-/// room-creation budget and, if it has some left, appends creating the room. (One more round
-/// trip, only for new rooms.)
+/// Finishes an append whose first try went to the room if it exists: `first` when that stored
+/// it; else refused when the room must exist, or else appended creating the room, paid from the
+/// client's room-creation budget. (One more round trip, only for new rooms.)
 #[allow(clippy::too_many_arguments, reason = "one append, spelled out")]
-async fn append_charged(
-    queued: Queued,
+async fn or_create(
+    first: Option<Appended>,
+    must_exist: bool,
     store: &Store,
     creations: &Buckets<ClientKey>,
     client: &ClientKey,
@@ -575,28 +577,12 @@ async fn append_charged(
     body: &str,
     dedup: Option<(&str, &str)>,
 ) -> Result<Appended, AppendRefused> {
-    if let Some(appended) = queued.await? {
-        return Ok(appended);
+    match first {
+        Some(appended) => Ok(appended),
+        None if must_exist => Err(AppendRefused::NoRoom),
+        None if !creations.try_take(client) => Err(AppendRefused::NewRoomLimited),
+        None => Ok(store.append(sid, role, event, body, dedup).await?),
     }
-    create_charged(store, creations, client, sid, role, event, body, dedup).await
-}
-
-/// An append that creates its room, paid from the client's room-creation budget.
-#[allow(clippy::too_many_arguments, reason = "one append, spelled out")]
-async fn create_charged(
-    store: &Store,
-    creations: &Buckets<ClientKey>,
-    client: &ClientKey,
-    sid: &str,
-    role: &str,
-    event: &'static str,
-    body: &str,
-    dedup: Option<(&str, &str)>,
-) -> Result<Appended, AppendRefused> {
-    if !creations.try_take(client) {
-        return Err(AppendRefused::NewRoomLimited);
-    }
-    Ok(store.append(sid, role, event, body, dedup).await?)
 }
 
 /// Whose an envelope is for idempotence: the token's subject, else the role.
@@ -667,24 +653,20 @@ impl StoreJob {
         first: Result<Option<Appended>, StoreError>,
     ) -> Result<Submitted, Refused> {
         let done = async {
-            let appended = match first? {
-                Some(appended) => appended,
-                None if self.existing => return Err(AppendRefused::NoRoom),
-                None => {
-                    let envelope = &self.envelope;
-                    create_charged(
-                        &self.store,
-                        &self.creations,
-                        &self.client,
-                        &self.sid,
-                        envelope.role.as_str(),
-                        envelope.event,
-                        envelope.body.as_str(),
-                        dedup_pair(self.sender.as_deref(), envelope),
-                    )
-                    .await?
-                }
-            };
+            let envelope = &self.envelope;
+            let appended = or_create(
+                first?,
+                self.existing,
+                &self.store,
+                &self.creations,
+                &self.client,
+                &self.sid,
+                envelope.role.as_str(),
+                envelope.event,
+                envelope.body.as_str(),
+                dedup_pair(self.sender.as_deref(), envelope),
+            )
+            .await?;
             let (store, sid) = (&self.store, self.sid.as_str());
             if store.is_clustered() && asks_llm(&self.envelope) {
                 if let Err(err) = store.wake_llm(sid).await {
@@ -696,7 +678,7 @@ impl StoreJob {
                     tracing::warn!(room = %sid, cause = %err, "cancel stored but not signalled");
                 }
             }
-            Ok(appended)
+            Ok::<_, AppendRefused>(appended)
         }
         .await;
         match done {

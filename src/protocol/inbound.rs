@@ -165,11 +165,10 @@ pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<Inbound, Refusa
     if !scan.plain || !text.trim_start().starts_with('{') {
         return parse_values(text, limits);
     }
-    let parts = match serde_json::from_str::<Parts>(text) {
+    let (hd, bd) = match serde_json::from_str::<Parts>(text) {
         Ok(Parts { hd: Some(hd), bd }) if hd.get().starts_with('{') => (hd, bd),
         _ => return parse_values(text, limits),
     };
-    let (hd, bd) = parts;
     let Ok(hd) = serde_json::from_str::<Map<String, Value>>(hd.get()) else {
         return parse_values(text, limits);
     };

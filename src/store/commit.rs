@@ -114,9 +114,8 @@ impl Store {
     }
 
     /// Stores one batch and answers each of its appends.
-    async fn commit(&self, sid: &str, batch: Vec<Pending>) {
+    async fn commit(&self, sid: &str, mut batch: Vec<Pending>) {
         let started = std::time::Instant::now();
-        let mut batch = batch;
         let outcome = self.run_batch(sid, &mut batch).await;
         metrics::histogram!(crate::metrics::APPEND_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::histogram!(crate::metrics::APPEND_BATCH_ENTRIES).record(batch.len() as f64);
