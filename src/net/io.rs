@@ -12,6 +12,11 @@
 //! less than [`READ_AHEAD`] reads a whole chunk into a buffer of its own, hands out what fits,
 //! and keeps the rest for the next reads — only until it is handed out, so an idle socket holds
 //! nothing.
+//!
+//! And it writes behind, for the same reason the other way: the WebSocket layer writes each frame
+//! as it comes (a buffer of its own would keep its largest burst's capacity for the connection's
+//! life), and small writes wait here for the flush that ends the writer's batch, so a burst of
+//! frames is still one syscall; the buffer is dropped once written.
 
 use std::future::Future;
 use std::io;
@@ -56,12 +61,16 @@ impl Activity {
 
 /// Bytes read per syscall when the reader asks for fewer.
 const READ_AHEAD: usize = 4096;
+/// Most bytes of small writes kept for the next flush; a write this large goes straight out.
+const WRITE_BEHIND: usize = 16 * 1024;
 
 /// A socket with a write-stall timeout, an activity clock and read-ahead. See the module docs.
 pub(crate) struct Watched<T> {
     inner: T,
     /// Read ahead and not yet handed out (never empty: dropped once drained).
     ahead: Option<Ahead>,
+    /// Small writes waiting for a flush (never empty: dropped once written).
+    out: Option<Behind>,
     activity: Arc<Activity>,
     write_timeout: Duration,
     /// Armed while a write (or flush) waits for the peer; cleared by any progress.
@@ -79,6 +88,7 @@ impl<T> Watched<T> {
         Self {
             inner,
             ahead: None,
+            out: None,
             activity,
             write_timeout,
             stalled: None,
@@ -123,6 +133,12 @@ impl Ahead {
     }
 }
 
+/// Bytes written behind: `bytes[at..]` are still to be written to the socket.
+struct Behind {
+    bytes: Vec<u8>,
+    at: usize,
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -161,13 +177,51 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
     }
 }
 
+impl<T: AsyncWrite + Unpin> Watched<T> {
+    /// Writes out what small writes left in `out`; frees it once all is written.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(out) = self.out.as_mut() {
+            match Pin::new(&mut self.inner).poll_write(cx, &out.bytes[out.at..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => {
+                    out.at += n;
+                    if out.at == out.bytes.len() {
+                        self.out = None;
+                    }
+                    self.progressed();
+                }
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => return self.stall(cx).map(Err),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    /// A small write is kept until the next flush (or until [`WRITE_BEHIND`] bytes wait), so
+    /// the WebSocket layer can write each frame as it comes, holding no buffer of its own, and
+    /// a burst of frames still leaves in one syscall.
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        let waiting = this.out.as_ref().map_or(0, |out| out.bytes.len() - out.at);
+        if waiting + data.len() > WRITE_BEHIND {
+            ready!(this.poll_drain(cx))?;
+        }
+        if data.len() < WRITE_BEHIND {
+            let out = this.out.get_or_insert_with(|| Behind {
+                bytes: Vec::with_capacity(data.len().max(1024)),
+                at: 0,
+            });
+            out.bytes.extend_from_slice(data);
+            return Poll::Ready(Ok(data.len()));
+        }
         match Pin::new(&mut this.inner).poll_write(cx, data) {
             Poll::Ready(res) => {
                 this.progressed();
@@ -183,6 +237,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        ready!(this.poll_drain(cx))?;
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
             Poll::Ready(res) => {
                 this.progressed();
@@ -198,6 +253,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        ready!(this.poll_drain(cx))?;
         match Pin::new(&mut this.inner).poll_flush(cx) {
             Poll::Ready(res) => {
                 this.stalled = None;
@@ -208,7 +264,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -248,6 +306,35 @@ mod tests {
         assert!(r.ahead.is_none(), "nothing kept once handed out");
     }
 
+    /// Small writes leave together at the flush, a large one goes straight out after them, and
+    /// nothing is kept once written.
+    #[tokio::test]
+    async fn small_writes_wait_for_the_flush() {
+        let (near, mut far) = tokio::io::duplex(256 * 1024);
+        let mut w = Watched::new(near, Activity::new(), Duration::from_secs(5), None);
+        w.write_all(b"one ").await.unwrap();
+        w.write_all(b"two ").await.unwrap();
+        let mut buf = [0u8; 64];
+        let early = tokio::time::timeout(Duration::from_millis(50), far.read(&mut buf)).await;
+        assert!(early.is_err(), "nothing is written before the flush");
+        w.flush().await.unwrap();
+        assert!(w.out.is_none(), "nothing kept once written");
+        assert_eq!(far.read(&mut buf).await.unwrap(), 8);
+        assert_eq!(&buf[..8], b"one two ");
+
+        let large = vec![7u8; WRITE_BEHIND + 1];
+        w.write_all(b"head").await.unwrap();
+        w.write_all(&large).await.unwrap();
+        assert!(
+            w.out.is_none(),
+            "the large write took the small one with it, in order"
+        );
+        let mut got = vec![0u8; 4 + large.len()];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..4], b"head");
+        assert!(got[4..].iter().all(|&b| b == 7));
+    }
+
     #[tokio::test]
     async fn a_stalled_write_fails_after_the_timeout_and_progress_resets_it() {
         let timeout = Duration::from_millis(300);
@@ -256,6 +343,7 @@ mod tests {
         let activity = Activity::new();
         let mut w = Watched::new(near, activity.clone(), timeout, None);
         w.write_all(b"12345678").await.unwrap();
+        w.flush().await.unwrap();
         let reader = tokio::spawn(async move {
             // Takes the first 8 bytes late, but within the timeout, then stops reading.
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -265,9 +353,11 @@ mod tests {
         });
         // Blocks until the reader makes room: progress, so no error.
         w.write_all(b"abcdefgh").await.unwrap();
+        w.flush().await.unwrap();
         assert!(activity.idle_for() < Duration::from_millis(100));
         let _far = reader.await.unwrap();
-        let err = w.write_all(b"more").await.unwrap_err();
+        w.write_all(b"more").await.unwrap();
+        let err = w.flush().await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(activity.idle_for() >= timeout);
     }

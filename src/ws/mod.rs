@@ -184,7 +184,11 @@ pub(crate) fn accept(
         // a frame longer than this still fits (the buffer grows to the frame), it only takes
         // more reads, served from the socket's read-ahead chunk (`net::io`), not syscalls.
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(8 * 1024)
+        // Each frame is handed to the socket as it is written: a buffer here would keep the
+        // capacity of the largest burst a connection ever got (a room's joins, a history page)
+        // for the connection's life. The socket holds small writes until the writer's flush
+        // (`net::io`), so a burst is still one syscall.
+        .write_buffer_size(0)
         .max_write_buffer_size(4 * 1024 * 1024))
 }
 
