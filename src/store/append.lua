@@ -15,12 +15,12 @@
 -- ARGV[3]  dedup window in seconds
 -- ARGV[4]  retention by age, ms (0 = none)   ARGV[5]  room idle ttl, ms (0 = never expire)
 -- ARGV[6]  wake window, ms: a room with no entry for that long is announced again
--- then 7 per entry:
---   which room: 'any' (create it if needed), 'existing' (the stream or the record must exist),
---   'new' (neither may exist; the record is written with the entry); participant (role); event;
---   body (the envelope JSON); the body's length in bytes (decimal); its cid field
---   (`<sender length>:<sender>:<cid>`, '' = not idempotent); with 'new', the session's metadata
---   (a JSON object)
+-- ARGV[7]  which room, for every entry of the batch: 'any' (create it if needed), 'existing'
+--          (the stream or the record must exist), 'new' (neither may exist; the record is
+--          written with the first entry stored)
+-- ARGV[8]  with 'new', the session's metadata (a JSON object), else ''
+-- then 4 per entry: participant (role); event; body (the envelope JSON); its cid field
+--   (`<sender length>:<sender>:<cid>`, '' = not idempotent)
 --
 -- Dedup: time (Redis's clock) is cut into generations one dedup window long; generation g
 -- writes to KEYS[8 + g % 2], whose `_g` says which generation it holds, and a cid is looked up
@@ -42,16 +42,17 @@
 -- prefixed with `c` when it created the stream, or `d` and the original entry's id when
 -- (sender, cid) was already stored, or the string 'missing' ('existing': no such room) or
 -- 'exists' ('new': the room is already there).
-local PER_ENTRY = 7
+local PER_ENTRY, HEAD = 4, 8
 local ABOUT = 'cids stored in one dedup window: <sender length>:<sender>:<cid> -> stream id'
-local n = (#ARGV - 6) / PER_ENTRY
+local n = (#ARGV - HEAD) / PER_ENTRY
+local which = ARGV[7]
 local window_ms = tonumber(ARGV[3]) * 1000
 
 -- The cids already stored (field -> id), from both generations and then from this batch.
 local known = {}
 local fields = {}
 for i = 0, n - 1 do
-  local field = ARGV[6 + i * PER_ENTRY + 6]
+  local field = ARGV[HEAD + i * PER_ENTRY + 4]
   if field ~= '' then
     fields[#fields + 1] = field
   end
@@ -94,12 +95,13 @@ local replies = {0}
 local pieces = {'-b\n'}
 local writes = {}
 local last_id, last_body
-local counts = {}
+-- Entries stored per participant and per event, keyed by the bare name: the `p:`/`e:` prefixes
+-- are joined once per name at the end, not once per entry (every concatenation is a new string).
+local by_participant, by_event = {}, {}
 local stored, created_any = 0, false
 for i = 0, n - 1 do
-  local a = 6 + i * PER_ENTRY
-  local which, participant, event, body = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local field = ARGV[a + 6]
+  local a = HEAD + i * PER_ENTRY
+  local participant, event, body, field = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local original = field ~= '' and known[field]
   if original then
     replies[#replies + 1] = 'd' .. original
@@ -108,14 +110,8 @@ for i = 0, n - 1 do
   elseif which == 'new' and (stream_exists or has_record()) then
     replies[#replies + 1] = 'exists'
   else
-    local id
-    if maxlen > 0 then
-      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*',
-        'participant', participant, 'event', event, 'body', body)
-    else
-      id = redis.call('XADD', KEYS[1], '*',
-        'participant', participant, 'event', event, 'body', body)
-    end
+    local id = redis.call('XADD', KEYS[1], '*',
+      'participant', participant, 'event', event, 'body', body)
     local created = not stream_exists
     if created then
       stream_exists, created_any = true, true
@@ -128,11 +124,11 @@ for i = 0, n - 1 do
       -- Created when its first entry was: the time part of the entry's id.
       local ms = tonumber(string.match(id, '^(%d+)'))
       redis.call('HSET', KEYS[3], 'created', ms, 'updated', ms,
-        'metadata', ARGV[a + 7], 'version', 1)
+        'metadata', ARGV[8], 'version', 1)
       record = true
     end
-    counts['p:' .. participant] = (counts['p:' .. participant] or 0) + 1
-    counts['e:' .. event] = (counts['e:' .. event] or 0) + 1
+    by_participant[participant] = (by_participant[participant] or 0) + 1
+    by_event[event] = (by_event[event] or 0) + 1
     if field ~= '' then
       known[field] = id
       writes[#writes + 1] = field
@@ -142,7 +138,7 @@ for i = 0, n - 1 do
     last_id, last_body = id, body
     local p = #pieces
     pieces[p + 1], pieces[p + 2], pieces[p + 3], pieces[p + 4], pieces[p + 5] =
-      id, ' ', ARGV[a + 5], '\n', body
+      id, ' ', #body, '\n', body
     replies[#replies + 1] = created and 'c' .. id or id
   end
 end
@@ -165,13 +161,20 @@ if #writes > 0 then
   end
   redis.call('PEXPIRE', current, 2 * window_ms)
 end
+-- Trimmed once per batch rather than per XADD: the same approximate bound, one call.
+if maxlen > 0 then
+  redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', maxlen)
+end
 local maxage = tonumber(retention[2] or ARGV[4])
 if maxage > 0 then
   local last_ms = tonumber(string.match(last_id, '^(%d+)'))
   redis.call('XTRIM', KEYS[1], 'MINID', '~', tostring(last_ms - maxage))
 end
-for name, count in pairs(counts) do
-  redis.call('HINCRBY', KEYS[2], name, count)
+for name, count in pairs(by_participant) do
+  redis.call('HINCRBY', KEYS[2], 'p:' .. name, count)
+end
+for name, count in pairs(by_event) do
+  redis.call('HINCRBY', KEYS[2], 'e:' .. name, count)
 end
 -- SET ... GET answers the previous value: none means the room was silent for the window.
 local woke = not redis.call('SET', KEYS[4], '1', 'PX', ARGV[6], 'GET')

@@ -158,7 +158,7 @@ impl Store {
     }
 
     /// One `append.lua` call: whether the room woke, and each entry's reply, in order. The
-    /// bodies move into the command (no copy); they are not needed once sent.
+    /// entries' strings move into the command (no copy); they are not needed once sent.
     async fn run_batch(
         &self,
         sid: &str,
@@ -181,7 +181,13 @@ impl Store {
             .room_ttl(std::time::Duration::from_secs(self.inner.dedup_window_secs))
             .as_secs()
             .max(1);
-        let mut args: Vec<Value> = Vec::with_capacity(6 + 7 * batch.len());
+        // One target for the whole batch (`take_batch` never mixes them).
+        let (which, metadata) = match batch.first().map(|p| &p.target) {
+            Some(Target::Existing) => ("existing", ""),
+            Some(Target::New { metadata }) => ("new", metadata.as_str()),
+            Some(Target::Any) | None => ("any", ""),
+        };
+        let mut args: Vec<Value> = Vec::with_capacity(8 + 4 * batch.len());
         args.extend([
             int(self.inner.retention),
             Value::from(self.inner.llm_group.as_str()),
@@ -189,22 +195,17 @@ impl Store {
             int(self.inner.max_age_ms),
             int(self.inner.idle_ttl_ms),
             int(self.room_ttl(self.inner.wake_after).as_millis() as u64),
+            Value::from_static_str(which),
+            Value::from(metadata),
         ]);
         for p in batch.iter_mut() {
-            let (which, metadata) = match &p.target {
-                Target::Any => ("any", ""),
-                Target::Existing => ("existing", ""),
-                Target::New { metadata } => ("new", metadata.as_str()),
-            };
-            let len = p.body.len() as u64;
             args.extend([
-                Value::from(which),
-                Value::from(p.participant.as_str()),
-                Value::from(p.event),
+                Value::Bytes(std::mem::take(&mut p.participant).into()),
+                Value::from_static_str(p.event),
                 Value::Bytes(std::mem::take(&mut p.body).into()),
-                int(len),
-                Value::from(p.cid.as_deref().unwrap_or("")),
-                Value::from(metadata),
+                p.cid
+                    .take()
+                    .map_or(Value::from_static_str(""), |cid| Value::Bytes(cid.into())),
             ]);
         }
         let reply = self
@@ -225,12 +226,18 @@ fn int(n: u64) -> Value {
     Value::Integer(i64::try_from(n).unwrap_or(i64::MAX))
 }
 
-/// Takes the next batch from the front of a room's queue.
+/// Takes the next batch from the front of a room's queue: a run of appends with the same target
+/// (`append.lua` takes one for the batch), and an append that creates its room alone (it
+/// carries the session's metadata).
 fn take_batch(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
     let mut bytes = 0;
     let mut n = 0;
     for p in queue.iter().take(MAX_BATCH_ENTRIES) {
-        if n > 0 && bytes + p.body.len() > MAX_BATCH_BYTES {
+        let joins = match (&queue[0].target, &p.target) {
+            (Target::Any, Target::Any) | (Target::Existing, Target::Existing) => true,
+            _ => n == 0,
+        };
+        if n > 0 && (!joins || bytes + p.body.len() > MAX_BATCH_BYTES) {
             break;
         }
         bytes += p.body.len();
