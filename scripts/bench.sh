@@ -544,6 +544,10 @@ fi
   echo "| S2 400,000 deliveries/s offered, kept up (senders reach ≥ 98 % of 2,000 msg/s) | $(num "$(jget "$s2" deliveries_per_sec)") deliveries/s, senders at $(num "$(jget "$s2" sent_per_sec)") msg/s, p99 $(dec "$(jget "$s2" lat_p99_ms)" 1) ms | $(verdict "$(jget "$s2" sent_per_sec)" '>=' 1960) |"
   echo "| S2 relay CPU per delivery ≤ the reference's | $(dec "$(jget "$s2" relay_cpu_us_per_delivery)" 2) vs $(dec "$(jget "$s2r" relay_cpu_us_per_delivery)" 2) µs = $(ratio "$(jget "$s2" relay_cpu_us_per_delivery)" "$(jget "$s2r" relay_cpu_us_per_delivery)") | $(verdict "$(rnum "$(jget "$s2" relay_cpu_us_per_delivery)" "$(jget "$s2r" relay_cpu_us_per_delivery)")" '<=' 1) |"
   echo "| S3 ≤ 10 KiB per idle connection | $(dec "$(jget "$s3" relay_kib_per_conn)" 2) KiB (reference $(dec "$(jget "$s3r" relay_kib_per_conn)" 2)) | $(verdict "$(jget "$s3" relay_kib_per_conn)" '<=' 10) |"
+  if [ -n "${result[s3big]:-}" ]; then
+    s3big="${result[s3big]}" s3bigr="${result[s3bigr]:-}"
+    echo "| S3 ≤ 10 KiB per idle connection at 20,000 connections (\`--big\`: $(num "$(jget "$s3big" connections)")) | $(dec "$(jget "$s3big" relay_kib_per_conn)" 2) KiB (reference $(dec "$(jget "$s3bigr" relay_kib_per_conn)" 2)) | $(verdict "$(jget "$s3big" relay_kib_per_conn)" '<=' 10) |"
+  fi
   echo "| S4 LLM fan-out: no regression | $(num "$(jget "${result[s4]:-}" deltas_per_sec)") deltas/s, p99 $(dec "$(jget "${result[s4]:-}" lat_p99_ms)" 1) ms | compare with earlier runs (no reference: it has no LLM) |"
   echo "| S1 Redis CPU per stored message ≤ 1/3 of $redis_baseline_us µs (before issue 16) | $(dec "$(jget "$s1" redis_cpu_us_per_stored)" 1) µs (reference $(dec "$(jget "$s1r" redis_cpu_us_per_stored)" 1)) | $(verdict "$(jget "$s1" redis_cpu_us_per_stored)" '<=' "$(awk -v b="$redis_baseline_us" 'BEGIN { print b / 3 }')") |"
   if [ -s "$logs/perf-s1.txt" ]; then

@@ -183,6 +183,8 @@ impl Room {
                     self.deliver_entry(&mut st, id, &out);
                 }
             }
+            // The registry recovers the room from its stream (`Rooms::follow`).
+            Live::Missed => {}
             Live::Deleted => {
                 // Dropping the senders ends every member's cursor once it has read what was
                 // queued before (`CursorEnd::Deleted`); the room takes no one new.

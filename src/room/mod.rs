@@ -142,6 +142,15 @@ impl Rooms {
                     sid,
                     live: Live::Deleted,
                 }) => self.forget_deleted(sid),
+                Some(FeedEvent::Live {
+                    sid,
+                    live: Live::Missed,
+                }) => {
+                    if let Some(room) = self.get(&sid) {
+                        tracing::debug!(room = %sid, "live entries without their bodies; reading the stream");
+                        self.recover(vec![room], token.clone());
+                    }
+                }
                 Some(FeedEvent::Live { sid, live }) => {
                     if let Some(room) = self.get(&sid) {
                         room.on_live(live);
@@ -154,7 +163,8 @@ impl Rooms {
                             "live feed interrupted; recovering rooms from their streams"
                         );
                     }
-                    self.recover_all(token.clone());
+                    let rooms = self.inner.map.iter().map(|r| r.value().clone()).collect();
+                    self.recover(rooms, token.clone());
                 }
                 Some(FeedEvent::Cancel { .. } | FeedEvent::Activity) => {}
                 None => break,
@@ -184,10 +194,9 @@ impl Rooms {
         });
     }
 
-    /// Puts every room into recovery now (so no live entry slips past its cursor), then
-    /// catches each room up from its stream in the background.
-    fn recover_all(&self, token: CancellationToken) {
-        let rooms: Vec<Arc<Room>> = self.inner.map.iter().map(|r| r.value().clone()).collect();
+    /// Puts the rooms into recovery now (so no live entry slips past their cursors), then
+    /// catches each one up from its stream in the background.
+    fn recover(&self, rooms: Vec<Arc<Room>>, token: CancellationToken) {
         if rooms.is_empty() {
             return;
         }

@@ -19,6 +19,8 @@
 --          (the stream or the record must exist), 'new' (neither may exist; the record is
 --          written with the first entry stored)
 -- ARGV[8]  with 'new', the session's metadata (a JSON object), else ''
+-- ARGV[9]  the token under which the calling node holds the bodies for its own feed, if it
+--          follows the room's channel ('' = it does not; see held.rs)
 -- then 4 per entry: participant (role); event; body (the envelope JSON); its cid field
 --   (`<sender length>:<sender>:<cid>`, '' = not idempotent)
 --
@@ -36,13 +38,16 @@
 -- counters, the expiries, the publish) is paid once for every entry that was ready.
 --
 -- Publishes `<id>\n<body>` for a single entry, else `-b\n` then `<id> <byte length>\n<body>` per
--- entry (see feed.rs), built with one table.concat: every string Lua makes is hashed in full, so
--- the bodies are copied once, not once per piece. Returns {woke, r1, r2, …}: woke = 1 when the
--- room had no entry for the wake window (and this batch did not create it); per entry its id,
+-- entry (see feed.rs), built with one table.concat. Every string Lua makes is hashed in full,
+-- the bodies included, so when the caller holds them (ARGV[9]) and is the channel's only
+-- subscriber, it publishes `-i <token>\n` and the batch's ids alone (`-` for an entry not
+-- stored). Returns {woke, held, r1, r2, …}: woke = 1 when the room had no entry for the wake
+-- window (and this batch did not create it); held = 1 when it published the ids alone; per
+-- entry its id,
 -- prefixed with `c` when it created the stream, or `d` and the original entry's id when
 -- (sender, cid) was already stored, or the string 'missing' ('existing': no such room) or
 -- 'exists' ('new': the room is already there).
-local PER_ENTRY, HEAD = 4, 8
+local PER_ENTRY, HEAD = 4, 9
 local ABOUT = 'cids stored in one dedup window: <sender length>:<sender>:<cid> -> stream id'
 local n = (#ARGV - HEAD) / PER_ENTRY
 local which = ARGV[7]
@@ -91,8 +96,11 @@ end
 local retention = redis.call('HMGET', KEYS[3], 'ret_len', 'ret_age_ms')
 local maxlen = tonumber(retention[1] or ARGV[1])
 
-local replies = {0}
+-- Who else needs the bodies: PUBSUB counts this shard's subscribers, the caller among them.
+local held = ARGV[9] ~= '' and redis.call('PUBSUB', 'SHARDNUMSUB', KEYS[1])[2] == 1
+local replies = {0, held and 1 or 0}
 local pieces = {'-b\n'}
+local ids = {}
 local writes = {}
 local last_id, last_body
 -- Entries stored per participant and per event, keyed by the bare name: the `p:`/`e:` prefixes
@@ -105,10 +113,13 @@ for i = 0, n - 1 do
   local original = field ~= '' and known[field]
   if original then
     replies[#replies + 1] = 'd' .. original
+    ids[#ids + 1] = '-'
   elseif which == 'existing' and not stream_exists and not has_record() then
     replies[#replies + 1] = 'missing'
+    ids[#ids + 1] = '-'
   elseif which == 'new' and (stream_exists or has_record()) then
     replies[#replies + 1] = 'exists'
+    ids[#ids + 1] = '-'
   else
     local id = redis.call('XADD', KEYS[1], '*',
       'participant', participant, 'event', event, 'body', body)
@@ -136,13 +147,18 @@ for i = 0, n - 1 do
     end
     stored = stored + 1
     last_id, last_body = id, body
-    local p = #pieces
-    pieces[p + 1], pieces[p + 2], pieces[p + 3], pieces[p + 4], pieces[p + 5] =
-      id, ' ', #body, '\n', body
+    if held then
+      ids[#ids + 1] = id
+    else
+      local p = #pieces
+      pieces[p + 1], pieces[p + 2], pieces[p + 3], pieces[p + 4], pieces[p + 5] =
+        id, ' ', #body, '\n', body
+    end
     replies[#replies + 1] = created and 'c' .. id or id
   end
 end
 if stored == 0 then
+  replies[2] = 0 -- nothing published: nothing to pair
   return replies
 end
 
@@ -192,7 +208,9 @@ if idle > 0 then
     end
   end
 end
-if stored == 1 then
+if held then
+  redis.call('SPUBLISH', KEYS[1], '-i ' .. ARGV[9] .. '\n' .. table.concat(ids, ' '))
+elseif stored == 1 then
   redis.call('SPUBLISH', KEYS[1], last_id .. '\n' .. last_body)
 else
   redis.call('SPUBLISH', KEYS[1], table.concat(pieces))

@@ -187,7 +187,7 @@ impl Store {
             Some(Target::New { metadata }) => ("new", metadata.as_str()),
             Some(Target::Any) | None => ("any", ""),
         };
-        let mut args: Vec<Value> = Vec::with_capacity(8 + 4 * batch.len());
+        let mut args: Vec<Value> = Vec::with_capacity(9 + 4 * batch.len());
         args.extend([
             int(self.inner.retention),
             Value::from(self.inner.llm_group.as_str()),
@@ -197,21 +197,47 @@ impl Store {
             int(self.room_ttl(self.inner.wake_after).as_millis() as u64),
             Value::from_static_str(which),
             Value::from(metadata),
+            Value::from_static_str(""), // the hold's token, below
         ]);
+        // When this node's feed follows the room, it keeps the bodies and the script may
+        // publish the ids alone (see held.rs): one copy here saves Redis hashing them again.
+        let follows = self.inner.held.follows(sid);
+        let mut bodies = Vec::with_capacity(if follows { batch.len() } else { 0 });
         for p in batch.iter_mut() {
+            let body = std::mem::take(&mut p.body);
+            let body = if follows {
+                let arg = Value::from(body.as_str());
+                bodies.push(body);
+                arg
+            } else {
+                Value::Bytes(body.into())
+            };
             args.extend([
                 Value::Bytes(std::mem::take(&mut p.participant).into()),
                 Value::from_static_str(p.event),
-                Value::Bytes(std::mem::take(&mut p.body).into()),
+                body,
                 p.cid
                     .take()
                     .map_or(Value::from_static_str(""), |cid| Value::Bytes(cid.into())),
             ]);
         }
+        let hold = follows.then(|| self.inner.held.hold(bodies));
+        if let Some((_, token)) = &hold {
+            args[8] = Value::from(token.as_str());
+        }
         let reply = self
             .eval_script(&self.inner.scripts.append, script_keys, args)
-            .await?;
-        parse_batch_reply(reply, batch.len())
+            .await
+            .and_then(|reply| parse_batch_reply(reply, batch.len()));
+        if let Some((n, _)) = hold {
+            // Published as `-i` (the feed takes the bodies), or not: then nobody will. On an
+            // error the script may have published; the feed then finds no hold and reads the
+            // stream.
+            if !matches!(reply, Ok((_, true, _))) {
+                self.inner.held.release(n);
+            }
+        }
+        reply.map(|(woke, _, replies)| (woke, replies))
     }
 }
 
@@ -246,13 +272,17 @@ fn take_batch(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
     queue.drain(..n).collect()
 }
 
-/// `{woke, r1, r2, …}` from `append.lua`.
-fn parse_batch_reply(reply: Value, entries: usize) -> Result<(bool, Vec<AppendReply>), StoreError> {
+/// `{woke, held, r1, r2, …}` from `append.lua`.
+fn parse_batch_reply(
+    reply: Value,
+    entries: usize,
+) -> Result<(bool, bool, Vec<AppendReply>), StoreError> {
     let Value::Array(parts) = reply else {
         return Err(StoreError::Reply("append script returned no array"));
     };
     let mut parts = parts.into_iter();
     let woke = matches!(parts.next(), Some(Value::Integer(1)));
+    let held = matches!(parts.next(), Some(Value::Integer(1)));
     let replies = parts
         .map(parse_entry_reply)
         .collect::<Result<Vec<_>, _>>()?;
@@ -261,7 +291,7 @@ fn parse_batch_reply(reply: Value, entries: usize) -> Result<(bool, Vec<AppendRe
             "append script answered another number of entries",
         ));
     }
-    Ok((woke, replies))
+    Ok((woke, held, replies))
 }
 
 /// One entry's reply: `<id>`, `c<id>` (it created the stream), `d<id>` (a duplicate of the

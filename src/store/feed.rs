@@ -24,6 +24,7 @@ use fred::types::{Message, MessageKind};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::broadcast::Receiver;
 
+use super::held::Held;
 use super::keys::{Keys, TRANSIENT_MARK};
 use super::{Live, StoreError, TurnMark};
 use crate::protocol::StreamId;
@@ -59,13 +60,15 @@ pub struct Feed {
 pub struct FeedHandle {
     sub: SubscriberClient,
     keys: Keys,
+    /// The bodies of this node's own batches published as `-i` (and which rooms it follows).
+    held: Arc<Held>,
     /// Serialises (un)subscriptions so that an UNSUBSCRIBE for a room that is being dropped
     /// cannot overtake the SUBSCRIBE of the same room joined again at once.
     lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Feed {
-    pub(super) fn new(sub: SubscriberClient, keys: Keys) -> Feed {
+    pub(super) fn new(sub: SubscriberClient, keys: Keys, held: Arc<Held>) -> Feed {
         let messages = sub.message_rx();
         let reconnects = sub.reconnect_rx();
         sub.connect();
@@ -73,6 +76,7 @@ impl Feed {
             handle: FeedHandle {
                 sub,
                 keys,
+                held,
                 lock: Arc::new(tokio::sync::Mutex::new(())),
             },
             messages,
@@ -119,6 +123,7 @@ impl FeedHandle {
     pub async fn follow_room(&self, sid: &str) -> Result<(), StoreError> {
         let _guard = self.lock.lock().await;
         self.sub.ssubscribe(self.keys.channel(sid)).await?;
+        self.held.set_following(sid, true);
         Ok(())
     }
 
@@ -129,6 +134,7 @@ impl FeedHandle {
         if !drop_room() {
             return false;
         }
+        self.held.set_following(sid, false);
         if let Err(err) = self.sub.sunsubscribe(self.keys.channel(sid)).await {
             tracing::debug!(room = %sid, cause = %err, "unsubscribe failed");
         }
@@ -178,6 +184,11 @@ impl FeedHandle {
                 mark,
                 frame: rest.to_owned(),
             }
+        } else if let Some(token) = head.strip_prefix(HELD_MARK) {
+            self.held
+                .take(token)
+                .and_then(|bodies| pair_held(rest, bodies))
+                .map_or(Live::Missed, Live::Entries)
         } else if head == BATCH_MARK {
             match decode_batch(rest) {
                 Some(entries) => Live::Entries(entries),
@@ -276,6 +287,27 @@ const DELETED_MARK: &str = "-x";
 /// then, per entry, `<id> <body length in bytes>\n<body>`, with nothing in between.
 const BATCH_MARK: &str = "-b";
 
+/// First line of a batch whose bodies the committing node holds (see `held.rs`), then its
+/// token: `-i <token>`, then a line with each entry's id in batch order, `-` for one not
+/// stored (a duplicate, or refused), separated by spaces.
+const HELD_MARK: &str = "-i ";
+
+/// A held batch's stored entries: the published ids with the held bodies, or `None` when
+/// they do not match (then the room reads the stream instead).
+fn pair_held(ids: &str, bodies: Vec<String>) -> Option<Vec<(StreamId, String)>> {
+    let ids: Vec<&str> = ids.split(' ').collect();
+    if ids.len() != bodies.len() {
+        return None;
+    }
+    let mut entries = Vec::with_capacity(ids.len());
+    for (id, body) in ids.into_iter().zip(bodies) {
+        if id != "-" {
+            entries.push((id.parse().ok()?, body));
+        }
+    }
+    Some(entries)
+}
+
 /// The entries of a batch, or `None` when it is malformed.
 fn decode_batch(mut rest: &str) -> Option<Vec<(StreamId, String)>> {
     let mut entries = Vec::new();
@@ -326,6 +358,20 @@ mod tests {
         );
         assert_eq!(decode_batch("1-0 99\n{}"), None, "a length past the end");
         assert_eq!(decode_batch("1-0 x\n{}"), None, "no length");
+    }
+
+    #[test]
+    fn held_batches_pair_ids_with_bodies() {
+        let bodies = || vec!["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        assert_eq!(
+            pair_held("1-0 - 2-5", bodies()),
+            Some(vec![
+                ("1-0".parse().unwrap(), "a".to_owned()),
+                ("2-5".parse().unwrap(), "c".to_owned())
+            ])
+        );
+        assert_eq!(pair_held("1-0 2-5", bodies()), None, "one id short");
+        assert_eq!(pair_held("1-0 x 2-5", bodies()), None, "not an id");
     }
 
     #[test]

@@ -16,6 +16,7 @@
 mod commit;
 mod dialects;
 mod feed;
+mod held;
 pub(crate) mod keys;
 mod llm_group;
 mod presence;
@@ -157,6 +158,9 @@ pub enum Live {
     Turn { mark: TurnMark, frame: String },
     /// The session was deleted (`DELETE /api/sessions/{id}`): its members are closed.
     Deleted,
+    /// Entries were stored but their bodies are not at hand (another node's `-i` message, or
+    /// one whose bodies this node no longer holds): the room catches up from its stream.
+    Missed,
 }
 
 /// Where a live LLM frame belongs: which turn, which attempt, and up to which delta. Lets every
@@ -212,6 +216,8 @@ struct Inner {
     scripts: Scripts,
     /// Appends waiting for their room's next group commit.
     commits: Arc<commit::Queues>,
+    /// Bodies of committed batches kept for this node's own feed.
+    held: Arc<held::Held>,
 }
 
 impl Store {
@@ -275,6 +281,7 @@ impl Store {
                     retention_set: Lua::new(include_str!("retention_set.lua")),
                 },
                 commits: Arc::default(),
+                held: Arc::default(),
             }),
         })
     }
@@ -358,7 +365,11 @@ impl Store {
     /// A live feed on its own subscriber connection (see [`Feed`]).
     pub fn feed(&self) -> Result<Feed, StoreError> {
         let sub = self.inner.builder.build_subscriber_client()?;
-        Ok(Feed::new(sub, self.inner.keys.clone()))
+        Ok(Feed::new(
+            sub,
+            self.inner.keys.clone(),
+            self.inner.held.clone(),
+        ))
     }
 
     /// A new, unshared connection for blocking reads (`XREAD`/`XREADGROUP BLOCK`), with the

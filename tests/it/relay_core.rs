@@ -245,3 +245,52 @@ async fn run_refuses_an_invalid_configuration() {
     assert!(matches!(err, chat_relay::RelayError::Config(_)), "{err}");
     assert!(err.to_string().contains("--ping-secs"), "{err}");
 }
+
+/// A batch published as ids alone (`-i`) whose bodies this node does not hold — another
+/// node's, or a hold dropped when the script's reply was lost — is read from the stream: the
+/// member gets the entry once, in order, and the next live entry after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_without_held_bodies_are_read_from_the_stream() {
+    use fred::prelude::*;
+
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), &[]).await;
+    let sid = unique_sid("held");
+    let key = format!("chat:session:{sid}");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    a.chat("A", "before").await;
+    let before = a.collect_messages(1).await;
+    assert_eq!(before[0]["bd"]["text"], "before");
+
+    // Stored behind the relay's back, then announced the way append.lua announces a batch
+    // whose committing node holds the bodies: this relay holds none under that token.
+    let client = redis.client().await;
+    let body =
+        json!({"hd": {"event": "chat.message", "role": "B"}, "bd": {"text": "from the stream"}})
+            .to_string();
+    let id: String = client
+        .xadd(
+            &key,
+            false,
+            None,
+            "*",
+            vec![
+                ("participant", "B"),
+                ("event", "chat.message"),
+                ("body", body.as_str()),
+            ],
+        )
+        .await
+        .unwrap();
+    let _: i64 = client
+        .spublish(&key, format!("-i 0.0\n{id} -"))
+        .await
+        .unwrap();
+    let got = a.collect_messages(1).await;
+    assert_eq!(got[0]["hd"]["id"], id.as_str());
+    assert_eq!(got[0]["bd"]["text"], "from the stream");
+
+    a.chat("A", "after").await;
+    let after = a.collect_messages(1).await;
+    assert_eq!(after[0]["bd"]["text"], "after", "live again, nothing twice");
+}
