@@ -21,8 +21,11 @@
 -- ARGV[8]  with 'new', the session's metadata (a JSON object), else ''
 -- ARGV[9]  the token under which the calling node holds the bodies for its own feed, if it
 --          follows the room's channel ('' = it does not; see held.rs)
--- then 4 per entry: participant (role); event; body (the envelope JSON); its cid field
---   (`<sender length>:<sender>:<cid>`, '' = not idempotent)
+-- ARGV[10] the entries' kinds: one byte per entry, the number (from 1) of its kind below
+-- then 2 per entry: body (the envelope JSON); its cid field (`<sender length>:<sender>:<cid>`,
+--   '' = not idempotent)
+-- then 2 per kind: participant (role); event. A batch names each pair once (most batches have
+--   one or two): every argument costs Redis a string object and Lua a hashed string.
 --
 -- Dedup: time (Redis's clock) is cut into generations one dedup window long; generation g
 -- writes to KEYS[8 + g % 2], whose `_g` says which generation it holds, and a cid is looked up
@@ -47,9 +50,12 @@
 -- prefixed with `c` when it created the stream, or `d` and the original entry's id when
 -- (sender, cid) was already stored, or the string 'missing' ('existing': no such room) or
 -- 'exists' ('new': the room is already there).
-local PER_ENTRY, HEAD = 4, 9
+local HEAD = 10
 local ABOUT = 'cids stored in one dedup window: <sender length>:<sender>:<cid> -> stream id'
-local n = (#ARGV - HEAD) / PER_ENTRY
+local kinds = ARGV[10]
+local n = #kinds
+-- Kind k is ARGV[KINDS + 2k - 1] (participant), ARGV[KINDS + 2k] (event).
+local KINDS = HEAD + 2 * n
 local which = ARGV[7]
 local window_ms = tonumber(ARGV[3]) * 1000
 
@@ -57,7 +63,7 @@ local window_ms = tonumber(ARGV[3]) * 1000
 local known = {}
 local fields = {}
 for i = 0, n - 1 do
-  local field = ARGV[HEAD + i * PER_ENTRY + 4]
+  local field = ARGV[HEAD + 2 * i + 2]
   if field ~= '' then
     fields[#fields + 1] = field
   end
@@ -103,13 +109,13 @@ local pieces = {'-b\n'}
 local ids = {}
 local writes = {}
 local last_id, last_body
--- Entries stored per participant and per event, keyed by the bare name: the `p:`/`e:` prefixes
--- are joined once per name at the end, not once per entry (every concatenation is a new string).
-local by_participant, by_event = {}, {}
+-- Entries stored per kind, counted per participant and per event at the end.
+local by_kind = {}
 local stored, created_any = 0, false
 for i = 0, n - 1 do
-  local a = HEAD + i * PER_ENTRY
-  local participant, event, body, field = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local body, field = ARGV[HEAD + 2 * i + 1], ARGV[HEAD + 2 * i + 2]
+  local kind = string.byte(kinds, i + 1)
+  local participant, event = ARGV[KINDS + 2 * kind - 1], ARGV[KINDS + 2 * kind]
   local original = field ~= '' and known[field]
   if original then
     replies[#replies + 1] = 'd' .. original
@@ -138,8 +144,7 @@ for i = 0, n - 1 do
         'metadata', ARGV[8], 'version', 1)
       record = true
     end
-    by_participant[participant] = (by_participant[participant] or 0) + 1
-    by_event[event] = (by_event[event] or 0) + 1
+    by_kind[kind] = (by_kind[kind] or 0) + 1
     if field ~= '' then
       known[field] = id
       writes[#writes + 1] = field
@@ -185,6 +190,14 @@ local maxage = tonumber(retention[2] or ARGV[4])
 if maxage > 0 then
   local last_ms = tonumber(string.match(last_id, '^(%d+)'))
   redis.call('XTRIM', KEYS[1], 'MINID', '~', tostring(last_ms - maxage))
+end
+-- Keyed by the bare name: the `p:`/`e:` prefixes are joined once per name, not per entry
+-- (every concatenation is a new string).
+local by_participant, by_event = {}, {}
+for kind, count in pairs(by_kind) do
+  local participant, event = ARGV[KINDS + 2 * kind - 1], ARGV[KINDS + 2 * kind]
+  by_participant[participant] = (by_participant[participant] or 0) + count
+  by_event[event] = (by_event[event] or 0) + count
 end
 for name, count in pairs(by_participant) do
   redis.call('HINCRBY', KEYS[2], 'p:' .. name, count)

@@ -23,6 +23,8 @@ use super::{AppendReply, Appended, Keys, Store, StoreError, Target};
 
 /// Most entries in one script call: a bound on how long Redis is busy with one room.
 const MAX_BATCH_ENTRIES: usize = 64;
+// `append.lua` numbers an entry's kind in one byte.
+const _: () = assert!(MAX_BATCH_ENTRIES < 256);
 /// Most body bytes in one script call (a batch always takes at least one entry).
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
@@ -187,7 +189,7 @@ impl Store {
             Some(Target::New { metadata }) => ("new", metadata.as_str()),
             Some(Target::Any) | None => ("any", ""),
         };
-        let mut args: Vec<Value> = Vec::with_capacity(9 + 4 * batch.len());
+        let mut args: Vec<Value> = Vec::with_capacity(10 + 2 * batch.len() + 2);
         args.extend([
             int(self.inner.retention),
             Value::from(self.inner.llm_group.as_str()),
@@ -198,12 +200,27 @@ impl Store {
             Value::from_static_str(which),
             Value::from(metadata),
             Value::from_static_str(""), // the hold's token, below
+            Value::from_static_str(""), // the entries' kinds, below
         ]);
         // When this node's feed follows the room, it keeps the bodies and the script may
         // publish the ids alone (see held.rs): one copy here saves Redis hashing them again.
         let follows = self.inner.held.follows(sid);
         let mut bodies = Vec::with_capacity(if follows { batch.len() } else { 0 });
+        // Each distinct (participant, event) once; per entry its number, from 1, in a byte.
+        let mut kinds: Vec<(String, &'static str)> = Vec::new();
+        let mut kind_of = Vec::with_capacity(batch.len());
         for p in batch.iter_mut() {
+            let kind = match kinds
+                .iter()
+                .position(|(participant, event)| *participant == p.participant && *event == p.event)
+            {
+                Some(k) => k,
+                None => {
+                    kinds.push((std::mem::take(&mut p.participant), p.event));
+                    kinds.len() - 1
+                }
+            };
+            kind_of.push(u8::try_from(kind + 1).unwrap_or(u8::MAX));
             let body = std::mem::take(&mut p.body);
             let body = if follows {
                 let arg = Value::from(body.as_str());
@@ -213,12 +230,17 @@ impl Store {
                 Value::Bytes(body.into())
             };
             args.extend([
-                Value::Bytes(std::mem::take(&mut p.participant).into()),
-                Value::from_static_str(p.event),
                 body,
                 p.cid
                     .take()
                     .map_or(Value::from_static_str(""), |cid| Value::Bytes(cid.into())),
+            ]);
+        }
+        args[9] = Value::Bytes(kind_of.into());
+        for (participant, event) in kinds {
+            args.extend([
+                Value::Bytes(participant.into()),
+                Value::from_static_str(event),
             ]);
         }
         let hold = follows.then(|| self.inner.held.hold(bodies));

@@ -294,3 +294,55 @@ async fn ids_without_held_bodies_are_read_from_the_stream() {
     let after = a.collect_messages(1).await;
     assert_eq!(after[0]["bd"]["text"], "after", "live again, nothing twice");
 }
+
+/// Batches that mix senders and events (two roles sending without waiting, a member joining
+/// meanwhile) store every entry with its own participant and event, and the room's counters
+/// agree with the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_batches_keep_each_entrys_participant_and_event() {
+    use std::collections::HashMap;
+
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), &[]).await;
+    let sid = unique_sid("kinds");
+    let url = |role: &str| relay.ws_url(&format!("sid={sid}&role={role}"));
+    let mut a = WsClient::join(&url("A")).await;
+    let mut b = WsClient::join(&url("B")).await;
+    const N: usize = 40;
+    let mut late = None;
+    for i in 0..N {
+        a.chat("A", &format!("a{i}")).await;
+        b.chat("B", &format!("b{i}")).await;
+        if i == N / 2 {
+            late = Some(WsClient::join(&relay.ws_url(&format!("sid={sid}"))).await);
+        }
+    }
+    a.collect_messages(2 * N).await;
+    b.collect_messages(2 * N).await;
+
+    let client = redis.client().await;
+    let entries = xrange(&client, &format!("chat:session:{sid}")).await;
+    let (mut participants, mut events) = (HashMap::new(), HashMap::new());
+    for (id, fields) in &entries {
+        let get = |k: &str| fields.iter().find(|(f, _)| f == k).unwrap().1.clone();
+        let body: Value = serde_json::from_str(&get("body")).unwrap();
+        assert_eq!(get("event"), body["hd"]["event"].as_str().unwrap(), "{id}");
+        assert_eq!(
+            get("participant"),
+            body["hd"]["role"].as_str().unwrap(),
+            "{id}"
+        );
+        *participants.entry(get("participant")).or_insert(0u64) += 1;
+        *events.entry(get("event")).or_insert(0u64) += 1;
+    }
+    assert_eq!(events["chat.message"], 2 * N as u64);
+    assert_eq!(events["session.join"], 3);
+    let info = relay.room_info(&sid).await;
+    for (name, n) in &participants {
+        assert_eq!(info["participants"][name], *n, "{name}: {info}");
+    }
+    for (name, n) in &events {
+        assert_eq!(info["events"][name], *n, "{name}: {info}");
+    }
+    drop(late);
+}
