@@ -50,6 +50,15 @@ fn benches(c: &mut Criterion) {
         });
         g.finish();
     }
+    // The usual header: event, role and cid only (what browsers and the load generator send).
+    let plain = serde_json::json!({
+        "hd": {"event": "chat.message", "role": "A", "cid": "c-123456"},
+        "bd": {"text": "hello ".repeat(43), "seq": 17},
+    })
+    .to_string();
+    c.bench_function("parse_validate_plain_header_256", |b| {
+        b.iter(|| parse_client_frame(black_box(&plain), &limits))
+    });
     c.bench_function("refuse_bad_json", |b| {
         b.iter(|| {
             parse_client_frame(

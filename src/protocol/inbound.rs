@@ -152,6 +152,38 @@ struct Text<'a> {
     text: Cow<'a, str>,
 }
 
+/// The usual header — `event`, and `role` and `cid` or not, plain strings without escapes —
+/// read without building a map: anything else (another field, an escape, a duplicate, a value
+/// [`header`] would refuse) fails here and takes [`header`]'s path, which decides.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainHeader<'a> {
+    event: &'a str,
+    #[serde(default)]
+    role: Option<&'a str>,
+    #[serde(default)]
+    cid: Option<&'a str>,
+}
+
+impl PlainHeader<'_> {
+    fn header(raw: &str) -> Option<Header> {
+        let hd: PlainHeader = serde_json::from_str(raw).ok()?;
+        let event = EventKind::from_name(hd.event)?;
+        if hd
+            .cid
+            .is_some_and(|c| c.is_empty() || c.len() > MAX_CID_BYTES)
+        {
+            return None;
+        }
+        Some(Header {
+            event,
+            role: hd.role.map(str::to_owned),
+            cid: hd.cid.map(str::to_owned),
+            extra: Map::new(),
+        })
+    }
+}
+
 /// Parse and validate one text frame.
 ///
 /// The envelope is first split into its raw `hd` and `bd`; `hd` is parsed (it is small, and the
@@ -169,10 +201,13 @@ pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<Inbound, Refusa
         Ok(Parts { hd: Some(hd), bd }) if hd.get().starts_with('{') => (hd, bd),
         _ => return parse_values(text, limits),
     };
-    let Ok(hd) = serde_json::from_str::<Map<String, Value>>(hd.get()) else {
-        return parse_values(text, limits);
+    let header = match PlainHeader::header(hd.get()) {
+        Some(header) => header,
+        None => match serde_json::from_str::<Map<String, Value>>(hd.get()) {
+            Ok(hd) => header(hd)?,
+            Err(_) => return parse_values(text, limits),
+        },
     };
-    let header = header(hd)?;
     if header.event == EventKind::ChatMessage {
         if let Some(raw) = bd.filter(|raw| raw.get().starts_with('{')) {
             if let Ok(Text { text: t }) = serde_json::from_str::<Text>(raw.get()) {
@@ -622,6 +657,21 @@ mod tests {
             r#"{"hd":{"event":"chat.message"},"bd":{"text":"x","s":"\ud800"}}"#,
             r#"{"hd":{"event":"chat.message"},"bd":{"text":"x","s":"\ud83c\udf89"}}"#,
             r#"{"hd":{"event":"chat.message"},"bd":{"text":"x","t":true,"f":false,"z":null}}"#,
+            // Headers: the plain ones are read without a map, the rest by `header`.
+            r#"{"hd":{"event":"chat.message","role":"A","cid":"k1"},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"cid":"k1","role":"B","event":"chat.message"},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":"chat.message","role":null,"cid":null},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":"chat.message","role":"A","cid":"k"1"},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":"chat.message","role":5},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":"chat.message","cid":""},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":"chat.message","cid":"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":"chat.message","cid":"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":"chat.message","cid":"k1","role":"A","role":"B"},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":"llm.delta","cid":"k1"},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":"no.such","cid":"k1"},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":5,"cid":"k1"},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"role":"A"},"bd":{"text":"hi"}}"#,
+            r#"{"hd":{"event":"chat.message","cid":"k1","ts":1,"lang":"ko"},"bd":{"text":"hi"}}"#,
         ];
         for frame in frames {
             let fast = parse_client_frame(frame, &limits);
