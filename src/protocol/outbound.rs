@@ -4,6 +4,8 @@
 //! it from [`StoredBody`]. Delivery then splices `"id":"<stream id>",` in after `{"hd":{` without
 //! re-parsing, so one serialisation is shared by every socket of the room.
 
+use std::fmt::Write as _;
+
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -75,7 +77,8 @@ pub fn delivery_frame(id: StreamId, participant: &str, event: &str, body: &str) 
             let mut out = String::with_capacity(body.len() + 32);
             out.push_str(BODY_PREFIX);
             out.push_str("\"id\":\"");
-            out.push_str(&id.to_string());
+            // Writing to a String cannot fail.
+            let _ = write!(out, "{id}");
             out.push_str("\",");
             out.push_str(rest);
             return out;
