@@ -102,12 +102,15 @@ impl Feed {
                     }
                     Err(RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "pub/sub feed lagged");
+                        // Their `-i` messages may be among the lost: the rooms read the stream.
+                        self.handle.held.clear();
                         return Some(FeedEvent::Resync);
                     }
                     Err(RecvError::Closed) => return None,
                 },
                 ev = self.reconnects.recv() => match ev {
                     Ok(_) | Err(RecvError::Lagged(_)) => {
+                        self.handle.held.clear();
                         self.handle.resubscribe().await;
                         return Some(FeedEvent::Resync);
                     }

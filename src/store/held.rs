@@ -10,8 +10,9 @@
 //! token and the batch's ids (`-i`), and the node's feed pairs them again.
 //!
 //! Whatever goes wrong ends in the stream, never in a wrong delivery: a token from another
-//! node (its node part differs), or one this node no longer holds (the script's reply was lost
-//! and the hold dropped), makes the feed recover the room from its stream. A token is never
+//! node (its node part differs), or one this node no longer holds (the script's reply was lost,
+//! or the feed lagged or reconnected, and the hold was dropped), makes the feed recover the room
+//! from its stream. A token is never
 //! reused: a node part chosen at random when the store is built, then a counter.
 
 use std::collections::HashMap;
@@ -21,9 +22,10 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashSet;
 
-/// A hold whose `-i` message never came (the subscription dropped between the script's check
-/// and its publish) is swept after this long.
-const STALE: Duration = Duration::from_secs(60);
+/// A hold whose `-i` message never came (the node unsubscribed between the script's check and
+/// its publish) is swept after this long; a lost subscription or a lagging feed drops them all
+/// at once ([`Held::clear`]), so what is held stays a round trip's worth of batches.
+const STALE: Duration = Duration::from_secs(10);
 /// Holds between sweeps for stale ones.
 const SWEEP_EVERY: u64 = 1024;
 
@@ -84,6 +86,12 @@ impl Held {
         self.lock().remove(&n);
     }
 
+    /// Drops every hold: the feed lost messages (it lagged or reconnected), and the rooms catch
+    /// up from their streams anyway.
+    pub(super) fn clear(&self) {
+        self.lock().clear();
+    }
+
     /// The bodies held under a published token, once; `None` for another node's token or one
     /// no longer held.
     pub(super) fn take(&self, token: &str) -> Option<Vec<String>> {
@@ -110,6 +118,9 @@ mod tests {
         let (n, token) = here.hold(vec!["c".into()]);
         here.release(n);
         assert_eq!(here.take(&token), None, "released");
+        let (_, token) = here.hold(vec!["d".into()]);
+        here.clear();
+        assert_eq!(here.take(&token), None, "cleared");
         assert_eq!(here.take("nonsense"), None);
     }
 }
