@@ -59,6 +59,12 @@ fn benches(c: &mut Criterion) {
     c.bench_function("parse_validate_plain_header_256", |b| {
         b.iter(|| parse_client_frame(black_box(&plain), &limits))
     });
+    c.bench_function("parse_dispatch_plain_header_256", |b| {
+        b.iter(|| {
+            let inbound = parse_client_frame(black_box(&plain), &limits).ok()?;
+            dispatch(inbound, &ctx, &roles).ok()
+        })
+    });
     c.bench_function("refuse_bad_json", |b| {
         b.iter(|| {
             parse_client_frame(
