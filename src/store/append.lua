@@ -117,15 +117,14 @@ for i = 0, n - 1 do
   local kind = string.byte(kinds, i + 1)
   local participant, event = ARGV[KINDS + 2 * kind - 1], ARGV[KINDS + 2 * kind]
   local original = field ~= '' and known[field]
+  -- The entry's place in a held batch's `-i` line: its id once stored.
+  local published = '-'
   if original then
     replies[#replies + 1] = 'd' .. original
-    ids[#ids + 1] = '-'
   elseif which == 'existing' and not stream_exists and not has_record() then
     replies[#replies + 1] = 'missing'
-    ids[#ids + 1] = '-'
   elseif which == 'new' and (stream_exists or has_record()) then
     replies[#replies + 1] = 'exists'
-    ids[#ids + 1] = '-'
   else
     local id = redis.call('XADD', KEYS[1], '*',
       'participant', participant, 'event', event, 'body', body)
@@ -153,13 +152,16 @@ for i = 0, n - 1 do
     stored = stored + 1
     last_id, last_body = id, body
     if held then
-      ids[#ids + 1] = id
+      published = id
     else
       local p = #pieces
       pieces[p + 1], pieces[p + 2], pieces[p + 3], pieces[p + 4], pieces[p + 5] =
         id, ' ', #body, '\n', body
     end
     replies[#replies + 1] = created and 'c' .. id or id
+  end
+  if held then
+    ids[#ids + 1] = published
   end
 end
 if stored == 0 then

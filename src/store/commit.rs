@@ -189,6 +189,7 @@ impl Store {
             Some(Target::New { metadata }) => ("new", metadata.as_str()),
             Some(Target::Any) | None => ("any", ""),
         };
+        // The head, 2 per entry, 2 per kind (most batches have one).
         let mut args: Vec<Value> = Vec::with_capacity(10 + 2 * batch.len() + 2);
         args.extend([
             int(self.inner.retention),

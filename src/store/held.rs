@@ -12,8 +12,8 @@
 //! Whatever goes wrong ends in the stream, never in a wrong delivery: a token from another
 //! node (its node part differs), or one this node no longer holds (the script's reply was lost,
 //! or the feed lagged or reconnected, and the hold was dropped), makes the feed recover the room
-//! from its stream. A token is never
-//! reused: a node part chosen at random when the store is built, then a counter.
+//! from its stream. A token is never reused: a node part chosen at random when the store is
+//! built, then a counter.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
