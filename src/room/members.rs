@@ -232,11 +232,18 @@ impl Room {
     }
 
     /// Start buffering live entries: the subscription was lost or lagged, so entries may be
-    /// missing between the cursor and whatever arrives next.
+    /// missing between the cursor and whatever arrives next. During a recovery already under
+    /// way the loss left a hole in its buffer, and a catch-up read before the lost entries were
+    /// stored does not fill it: the buffer is dropped as if it had overflowed, so the recovery
+    /// reads the stream again before it goes live.
     pub(super) fn begin_recovery(&self) {
         let mut st = self.lock();
-        if st.recovering.is_none() {
-            st.recovering = Some(Recovery::default());
+        match st.recovering.as_mut() {
+            None => st.recovering = Some(Recovery::default()),
+            Some(rec) => {
+                rec.overflowed = true;
+                rec.buffer.clear();
+            }
         }
     }
 
