@@ -31,6 +31,9 @@
 # up. After the build, the run is bounded: about 15 s with --short, 35 s for the full run. Logs
 # are kept in the temp dir on failure (or with --keep): node1.log node2.log worker1.log
 # worker2.log redis.log faults.log (--cluster: redis-<port>.log per master, cluster.log).
+# The run passes no RELAY_* setting of yours on, except CHAOS_RELAY_LOG as the processes' log
+# filter, e.g. CHAOS_RELAY_LOG=info,chat_relay::room=debug,chat_relay::store::feed=trace shows
+# every room recovery and held batch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

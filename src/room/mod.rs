@@ -195,13 +195,15 @@ impl Rooms {
     }
 
     /// Puts the rooms into recovery now (so no live entry slips past their cursors), then
-    /// catches each one up from its stream in the background.
+    /// catches each one up from its stream in the background (unless it is catching up
+    /// already: that catch-up reads the stream again).
     fn recover(&self, rooms: Vec<Arc<Room>>, token: CancellationToken) {
+        let rooms: Vec<Arc<Room>> = rooms
+            .into_iter()
+            .filter(|room| room.begin_recovery())
+            .collect();
         if rooms.is_empty() {
             return;
-        }
-        for room in &rooms {
-            room.begin_recovery();
         }
         let store = self.inner.store.clone();
         self.inner.tracker.spawn(async move {

@@ -205,10 +205,7 @@ impl Store {
         ]);
         // When this node's feed follows the room, it keeps the bodies and the script may
         // publish the ids alone (see held.rs): one copy here saves Redis hashing them again.
-        // Not on Redis Cluster: there the cluster fault run (a master restarted) lost one held
-        // batch for a whole room in about one run of three, and the cause is not found yet; a
-        // single Redis passed every fault run.
-        let follows = !self.is_clustered() && self.inner.held.follows(sid);
+        let follows = self.inner.held.follows(sid);
         let mut bodies = Vec::with_capacity(if follows { batch.len() } else { 0 });
         // Each distinct (participant, event) once; per entry its number, from 1, in a byte.
         let mut kinds: Vec<(String, &'static str)> = Vec::new();

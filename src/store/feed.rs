@@ -188,10 +188,14 @@ impl FeedHandle {
                 frame: rest.to_owned(),
             }
         } else if let Some(token) = head.strip_prefix(HELD_MARK) {
-            self.held
+            let live = self
+                .held
                 .take(token)
                 .and_then(|bodies| pair_held(rest, bodies))
-                .map_or(Live::Missed, Live::Entries)
+                .map_or(Live::Missed, Live::Entries);
+            let missed = matches!(live, Live::Missed);
+            tracing::trace!(room = %sid, token, ids = rest, missed, "held batch");
+            live
         } else if head == BATCH_MARK {
             match decode_batch(rest) {
                 Some(entries) => Live::Entries(entries),

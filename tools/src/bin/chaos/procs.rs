@@ -53,6 +53,10 @@ impl Procs {
                 cmd.env_remove(key);
             }
         }
+        // The one exception, for tracing a failure: the processes' log filter.
+        if let Some(filter) = std::env::var_os("CHAOS_RELAY_LOG") {
+            cmd.env("RELAY_LOG", filter);
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot run {}", self.relay_bin.display()))?;
