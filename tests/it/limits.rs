@@ -334,8 +334,13 @@ async fn stalled_event_stream_readers_are_cut() {
             &[
                 "--write-timeout-secs",
                 "1",
+                // Room for a burst: on a busy machine (the whole suite starting at once) the
+                // feed can fall behind and then deliver several entries at once, and a queue of
+                // 8 could overflow while the socket still took data; the member was dropped as
+                // slow and its stream ended politely, which is not what this test is about.
+                // (Seen once in a full local run; not reproduced alone or under `yes` load.)
                 "--outbound-queue",
-                "8",
+                "64",
                 "--header-read-timeout-secs",
                 "60",
             ],
