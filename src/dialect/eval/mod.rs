@@ -21,6 +21,8 @@
 //! Replies stream concurrently (each turn has its own reader, at most [`MAX_FOLLOWING`] per
 //! connection); every frame carries its `turn_id`.
 
+mod reply;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -34,7 +36,6 @@ use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::socket::{self, Incoming, Link, Outbox};
@@ -45,9 +46,9 @@ use crate::net::ClientAddr;
 use crate::protocol::{
     check_frame, parse_client_frame, valid_sid, ClientError, Close, ErrorCode, Inbound, StreamId,
 };
-use crate::room::{usage_counts, CursorEnd, TurnStep};
 use crate::state::Shared;
 use crate::ws::{accept, open_door, take_slot};
+use reply::stream_reply;
 
 /// Replies streaming at once on one connection.
 const MAX_FOLLOWING: usize = 8;
@@ -500,104 +501,5 @@ impl Eval {
         }
         let task = stream_reply(self.shared.clone(), asked, out.clone()).in_current_span();
         self.tasks.spawn(task);
-    }
-}
-
-/// One turn's reply as deltas, then `done` or `error`.
-async fn stream_reply(shared: Arc<Shared>, asked: Asked, out: Outbox) -> Followed {
-    let Asked {
-        sid, turn, echo, ..
-    } = asked;
-    let ended = stream_steps(&shared, &sid, turn, &echo, &out).await;
-    Followed { sid, turn, ended }
-}
-
-/// `true` once the turn's end was sent (`done`, or the error it ended with).
-async fn stream_steps(
-    shared: &Shared,
-    sid: &str,
-    turn: StreamId,
-    echo: &Value,
-    out: &Outbox,
-) -> bool {
-    let deadline = Instant::now() + shared.api.chat_timeout;
-    let mut reader = match shared.follow_turn(sid, turn).await {
-        Ok(reader) => reader,
-        Err(end) => {
-            out.send(error_frame(echo, &ended(sid, end))).await;
-            return false;
-        }
-    };
-    loop {
-        let step = match tokio::time::timeout_at(deadline, reader.next()).await {
-            Err(_) => {
-                let error = ClientError::new(
-                    ErrorCode::LlmTimeout,
-                    format!(
-                        "the AI did not answer within {} s; its reply will still be stored in the session",
-                        shared.api.chat_timeout.as_secs()
-                    ),
-                );
-                out.send(error_frame(echo, &error)).await;
-                return false;
-            }
-            Ok(Err(end)) => {
-                out.send(error_frame(echo, &ended(sid, end))).await;
-                return false;
-            }
-            Ok(Ok(None)) => return true,
-            Ok(Ok(Some(step))) => step,
-        };
-        let (frame, last) = match step {
-            TurnStep::Text(content) => (
-                json!({"type": "delta", "content": content, "turn_id": echo}),
-                false,
-            ),
-            TurnStep::Restart { attempt } => (
-                json!({"type": "restart", "turn_id": echo, "attempt": attempt}),
-                false,
-            ),
-            TurnStep::Done(reply) => (
-                json!({
-                    "type": "done",
-                    "turn_id": echo,
-                    "message_id": reply.id.to_string(),
-                    "usage": usage_counts(&reply.usage),
-                    "reason": reply.reason,
-                }),
-                true,
-            ),
-            TurnStep::Failed(failure) => {
-                let mut frame = json!({
-                    "type": "error",
-                    "turn_id": echo,
-                    "code": failure.error_code().as_str(),
-                    "message": failure.message,
-                    "message_id": failure.id.to_string(),
-                });
-                if let Some(usage) = &failure.usage {
-                    frame["usage"] = usage_counts(usage);
-                }
-                (frame, true)
-            }
-        };
-        if !out.send(frame.to_string()).await {
-            return false;
-        }
-        if last {
-            return true;
-        }
-    }
-}
-
-/// A reply the room could not bring to its end.
-fn ended(sid: &str, end: CursorEnd) -> ClientError {
-    match end {
-        CursorEnd::Deleted => ClientError::session_deleted(),
-        CursorEnd::Slow => ClientError::slow_consumer(),
-        CursorEnd::Store(err) => {
-            tracing::warn!(room = %sid, cause = %err, "eval: cannot read the room");
-            ClientError::store_unavailable()
-        }
     }
 }
