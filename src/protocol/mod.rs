@@ -16,8 +16,8 @@ pub use error::{ClientError, ErrorCode};
 pub use event::EventKind;
 pub use inbound::{check_frame, parse_client_frame, Body, Inbound, Limits};
 pub use outbound::{
-    ack_frame, delivery_frame, error_frame, llm_start_frame, new_body, now_ms, resume_gap_frame,
-    transient_frame, StoredBody,
+    ack_frame, delivery_frame, ended_turn, error_frame, llm_start_frame, new_body, now_ms,
+    resume_gap_frame, transient_frame, StoredBody,
 };
 pub use stream_id::StreamId;
 

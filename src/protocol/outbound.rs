@@ -99,6 +99,21 @@ pub fn delivery_frame(id: StreamId, participant: &str, event: &str, body: &str) 
     rebuilt.to_string()
 }
 
+/// The turn a delivered `llm.response` or `llm.error` ends (its `hd.turn_id`), read without
+/// parsing: in every frame [`delivery_frame`] splices, `hd.event` follows `hd.id`. `None` for
+/// any other frame, and for an entry written by hand (rebuilt, so laid out otherwise).
+pub fn ended_turn(frame: &str) -> Option<StreamId> {
+    let rest = frame.strip_prefix(r#"{"hd":{"id":""#)?;
+    let rest = rest[rest.find('"')?..].strip_prefix(r#"","event":"llm."#)?;
+    if !(rest.starts_with("response\"") || rest.starts_with("error\"")) {
+        return None;
+    }
+    // `hd` comes before `bd`, and a `"` inside any string is escaped: the first match is
+    // `hd.turn_id`.
+    let (_, rest) = rest.split_once(r#""turn_id":""#)?;
+    rest[..rest.find('"')?].parse().ok()
+}
+
 /// `{"hd":{"event":"chat.ack","cid":..,"id":..},"bd":{}}` — sent to the sender only, after XADD.
 /// Written directly rather than through a `Value`: one is built for every message.
 pub fn ack_frame(cid: Option<&str>, id: StreamId) -> String {
@@ -166,6 +181,40 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ended_turns_are_read_from_the_header_only() {
+        let id = StreamId::new(20, 0);
+        let frame = |event: &str, hd: Value, bd: Value| {
+            let hd = hd.as_object().cloned().unwrap_or_default();
+            delivery_frame(
+                id,
+                "llm",
+                event,
+                &new_body(event, "llm", None, "r", &hd, &bd),
+            )
+        };
+        let turn = serde_json::json!({"turn_id": "7-1"});
+        let empty = serde_json::json!({});
+        let response = frame(
+            "llm.response",
+            turn.clone(),
+            serde_json::json!({"text": "x"}),
+        );
+        assert_eq!(ended_turn(&response), Some(StreamId::new(7, 1)));
+        let error = frame(
+            "llm.error",
+            turn.clone(),
+            serde_json::json!({"message": "m"}),
+        );
+        assert_eq!(ended_turn(&error), Some(StreamId::new(7, 1)));
+        assert_eq!(ended_turn(&frame("llm.request", turn, empty.clone())), None);
+        // A member's message cannot pass for one: its fields are in `bd`, its quotes escaped.
+        let sneaky = serde_json::json!({"event": "llm.response", "turn_id": "7-1",
+            "text": r#""event":"llm.response","turn_id":"7-1""#});
+        assert_eq!(ended_turn(&frame("chat.message", empty, sneaky)), None);
+        assert_eq!(ended_turn("not json"), None);
+    }
 
     #[test]
     fn splice_matches_a_rebuild() {

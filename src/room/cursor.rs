@@ -31,7 +31,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use super::{queue, ConnId, Outbound, Room, Rooms};
-use crate::protocol::{delivery_frame, llm_start_frame, resume_gap_frame, StreamId};
+use crate::protocol::{delivery_frame, ended_turn, llm_start_frame, resume_gap_frame, StreamId};
 use crate::store::{Entry, PresenceChange, Store, StoreError, StreamInfo, TurnMark, TurnState};
 
 /// History page size for a replay: one `XRANGE` each.
@@ -80,8 +80,8 @@ pub(crate) struct Cursor {
     prelude: Option<Prelude>,
     /// Catch-up frames not yet sent.
     caught_up: VecDeque<Outbound>,
-    /// Per LLM turn, the attempt and the seq of the last delta sent.
-    turns: BTreeMap<StreamId, (u32, i64)>,
+    /// Per LLM turn, how far this member has it.
+    turns: TurnPositions,
 }
 
 /// Membership of one room; leaving happens on drop, however the cursor's owner ends.
@@ -126,7 +126,7 @@ impl Cursor {
             page: VecDeque::new(),
             prelude: Some(prelude),
             caught_up: VecDeque::new(),
-            turns: BTreeMap::new(),
+            turns: TurnPositions::default(),
         })
     }
 
@@ -267,17 +267,37 @@ impl Cursor {
                 return None;
             }
             self.last_sent = id;
+            if let Some(turn) = ended_turn(&out.frame) {
+                self.turns.end(turn);
+            }
         }
         if let Some(mark) = out.turn {
-            if !self.moves_turn(mark) {
+            if !self.turns.moves(mark) {
                 return None;
             }
         }
         Some(out)
     }
+}
 
-    fn moves_turn(&mut self, mark: TurnMark) -> bool {
-        let known = self.turns.get(&mark.turn).copied();
+/// Per LLM turn, the attempt and the seq of the last frame a member was sent.
+///
+/// A turn whose stored end (`llm.response`, `llm.error`) was sent takes no more live frames:
+/// clients drop a turn's state at its end, so a late delta would begin a reply from nowhere.
+/// Late frames can come: a worker whose lease lapsed while Redis was away may still stream an
+/// attempt another worker has finished, and a recovery's fresh `llm.start` may be read just
+/// before the turn's end was stored. (A cluster fault run once showed every member of a room
+/// deltas of a turn with no start, right after a takeover and a Redis restart.)
+#[derive(Debug, Default)]
+struct TurnPositions(BTreeMap<StreamId, (u32, i64)>);
+
+/// The position of an ended turn: no attempt or seq moves past it.
+const ENDED: (u32, i64) = (u32::MAX, i64::MAX);
+
+impl TurnPositions {
+    /// Whether a live frame of a turn moves it forward for this member (then it is sent).
+    fn moves(&mut self, mark: TurnMark) -> bool {
+        let known = self.0.get(&mark.turn).copied();
         let forward = match (mark.start, known) {
             (true, None) => true,
             (true, Some((attempt, seq))) => {
@@ -289,12 +309,20 @@ impl Cursor {
             (false, Some((attempt, seq))) => mark.attempt == attempt && mark.seq == seq + 1,
         };
         if forward {
-            self.turns.insert(mark.turn, (mark.attempt, mark.seq));
-            if self.turns.len() > TURNS_TRACKED {
-                self.turns.pop_first();
-            }
+            self.set(mark.turn, (mark.attempt, mark.seq));
         }
         forward
+    }
+
+    fn end(&mut self, turn: StreamId) {
+        self.set(turn, ENDED);
+    }
+
+    fn set(&mut self, turn: StreamId, position: (u32, i64)) {
+        self.0.insert(turn, position);
+        if self.0.len() > TURNS_TRACKED {
+            self.0.pop_first();
+        }
     }
 }
 
@@ -421,6 +449,35 @@ mod tests {
             assert_eq!(v["hd"]["event"], "resume_gap");
             v["bd"]["reason"].as_str().unwrap().to_owned()
         })
+    }
+
+    fn mark(turn: u64, attempt: u32, seq: i64, start: bool) -> TurnMark {
+        TurnMark {
+            turn: StreamId::new(turn, 0),
+            attempt,
+            seq,
+            start,
+        }
+    }
+
+    #[test]
+    fn an_ended_turn_takes_no_more_live_frames() {
+        let mut turns = TurnPositions::default();
+        assert!(turns.moves(mark(7, 1, -1, true)));
+        assert!(turns.moves(mark(7, 1, 0, false)));
+        assert!(!turns.moves(mark(7, 1, 0, false)), "a duplicate");
+        assert!(!turns.moves(mark(7, 1, 2, false)), "a gap");
+        assert!(!turns.moves(mark(8, 1, 0, false)), "never started here");
+        let end = delivery_frame(
+            StreamId::new(9, 0),
+            "llm",
+            "llm.response",
+            r#"{"hd":{"event":"llm.response","role":"llm","sid":"r","ts":9,"turn_id":"7-0"},"bd":{"text":"x"}}"#,
+        );
+        turns.end(ended_turn(&end).unwrap());
+        assert!(!turns.moves(mark(7, 1, 1, false)), "the next delta, late");
+        assert!(!turns.moves(mark(7, 2, -1, true)), "a new attempt, late");
+        assert!(turns.moves(mark(8, 1, -1, true)), "other turns go on");
     }
 
     #[test]

@@ -346,3 +346,92 @@ async fn mixed_batches_keep_each_entrys_participant_and_event() {
     }
     drop(late);
 }
+
+/// Live frames of an LLM turn that come after its stored end (a deposed worker still
+/// streaming, a recovery's fresh start read just before the end was stored) are not sent:
+/// clients drop a turn at its end, and a late delta would start a reply from nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_frames_of_an_ended_turn_are_dropped() {
+    use fred::prelude::*;
+
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), &[]).await;
+    let sid = unique_sid("ended");
+    let key = format!("chat:session:{sid}");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    a.chat("A", "hello").await;
+    a.collect_messages(1).await;
+
+    let client = redis.client().await;
+    let turn = "1000-0";
+    let live = |kind: &str, attempt: u32, seq: i64, event: &str, bd: serde_json::Value| {
+        let frame = json!({"hd": {"event": event, "role": "llm", "sid": sid, "ts": 1,
+            "turn_id": turn}, "bd": bd});
+        format!("-{kind} {turn} {attempt} {seq}\n{frame}")
+    };
+    let publish = |payload: String| {
+        let (client, key) = (client.clone(), key.clone());
+        async move {
+            let _: i64 = client.spublish(&key, payload).await.unwrap();
+        }
+    };
+    let start = json!({"text": "", "seq": -1, "attempt": 1});
+    publish(live("s", 1, -1, "llm.start", start)).await;
+    a.expect_event("llm.start").await;
+    publish(live(
+        "d",
+        1,
+        0,
+        "llm.delta",
+        json!({"delta": "Hel", "seq": 0}),
+    ))
+    .await;
+    let delta = a.expect_event("llm.delta").await;
+    assert_eq!(delta["bd"]["delta"], "Hel");
+
+    // The turn's end, stored and announced as a single entry.
+    let body = json!({"hd": {"event": "llm.response", "role": "llm", "sid": sid, "ts": 2,
+        "turn_id": turn}, "bd": {"text": "Hello", "reason": "stop"}})
+    .to_string();
+    let id: String = client
+        .xadd(
+            &key,
+            false,
+            None,
+            "*",
+            vec![
+                ("participant", "llm"),
+                ("event", "llm.response"),
+                ("body", body.as_str()),
+            ],
+        )
+        .await
+        .unwrap();
+    publish(format!("{id}\n{body}")).await;
+    let end = a.expect_event("llm.response").await;
+    assert_eq!(end["hd"]["id"], id.as_str());
+
+    publish(live(
+        "d",
+        1,
+        1,
+        "llm.delta",
+        json!({"delta": "lo", "seq": 1}),
+    ))
+    .await;
+    let again = json!({"text": "Hello", "seq": 1, "attempt": 2});
+    publish(live("s", 2, 1, "llm.start", again)).await;
+    a.chat("A", "after").await;
+    loop {
+        let v = a.next_json().await;
+        let event = v["hd"]["event"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            !event.starts_with("llm."),
+            "a late frame of an ended turn: {v}"
+        );
+        if event == "chat.message" {
+            assert_eq!(v["bd"]["text"], "after");
+            break;
+        }
+    }
+}
