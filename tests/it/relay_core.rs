@@ -268,20 +268,7 @@ async fn ids_without_held_bodies_are_read_from_the_stream() {
     let body =
         json!({"hd": {"event": "chat.message", "role": "B"}, "bd": {"text": "from the stream"}})
             .to_string();
-    let id: String = client
-        .xadd(
-            &key,
-            false,
-            None,
-            "*",
-            vec![
-                ("participant", "B"),
-                ("event", "chat.message"),
-                ("body", body.as_str()),
-            ],
-        )
-        .await
-        .unwrap();
+    let id = store_by_hand(&client, &key, "B", "chat.message", &body).await;
     let _: i64 = client
         .spublish(&key, format!("-i 0.0\n{id} -"))
         .await
@@ -393,20 +380,7 @@ async fn live_frames_of_an_ended_turn_are_dropped() {
     let body = json!({"hd": {"event": "llm.response", "role": "llm", "sid": sid, "ts": 2,
         "turn_id": turn}, "bd": {"text": "Hello", "reason": "stop"}})
     .to_string();
-    let id: String = client
-        .xadd(
-            &key,
-            false,
-            None,
-            "*",
-            vec![
-                ("participant", "llm"),
-                ("event", "llm.response"),
-                ("body", body.as_str()),
-            ],
-        )
-        .await
-        .unwrap();
+    let id = store_by_hand(&client, &key, "llm", "llm.response", &body).await;
     publish(format!("{id}\n{body}")).await;
     let end = a.expect_event("llm.response").await;
     assert_eq!(end["hd"]["id"], id.as_str());
@@ -434,4 +408,21 @@ async fn live_frames_of_an_ended_turn_are_dropped() {
             break;
         }
     }
+}
+
+/// An entry `XADD`ed behind the relay's back (as redis-cli would); its id.
+async fn store_by_hand(
+    client: &fred::clients::Client,
+    key: &str,
+    participant: &str,
+    event: &str,
+    body: &str,
+) -> String {
+    use fred::prelude::*;
+    let fields = vec![
+        ("participant", participant),
+        ("event", event),
+        ("body", body),
+    ];
+    client.xadd(key, false, None, "*", fields).await.unwrap()
 }
