@@ -233,7 +233,7 @@ impl Room {
 
     /// Start buffering live entries: the subscription was lost or lagged, so entries may be
     /// missing between the cursor and whatever arrives next. Returns whether the caller must
-    /// start the catch-up ([`Room::recover`]); `false` when one is already under way.
+    /// start the catch-up ([`Room::catch_up`]); `false` when one is already under way.
     ///
     /// One catch-up per room at a time: two would share one buffer and one `overflowed` flag,
     /// and one could go live on a read made before the lost entries were stored while the
@@ -259,13 +259,10 @@ impl Room {
         }
     }
 
-    /// Catch up from the stream after `last_id`, then replay the live entries buffered
-    /// meanwhile, then go live. Loops while the buffer overflowed, since those entries are in
-    /// the stream too.
-    pub(super) async fn recover(&self, store: &Store) -> Result<(), StoreError> {
-        self.catch_up_entries(store).await?;
-        // LLM deltas are not in the stream: members may have missed some. A fresh llm.start
-        // per turn in progress re-bases whoever is behind (cursors drop it for the others).
+    /// After [`Room::catch_up`]: LLM deltas are not in the stream, so members may have missed
+    /// some. A fresh llm.start per turn in progress re-bases whoever is behind (cursors drop it
+    /// for the others).
+    pub(super) async fn rebase_turns(&self, store: &Store) -> Result<(), StoreError> {
         let turns = store.active_turns(&self.sid).await?;
         if !turns.is_empty() {
             let mut st = self.lock();
@@ -276,7 +273,11 @@ impl Room {
         Ok(())
     }
 
-    async fn catch_up_entries(&self, store: &Store) -> Result<(), StoreError> {
+    /// Catch up from the stream after `last_id`, then replay the live entries buffered
+    /// meanwhile, then go live. Loops while the buffer overflowed, since those entries are in
+    /// the stream too. Retried on its own (never after it went live: a retry then could run
+    /// beside the catch-up of a later loss).
+    pub(super) async fn catch_up(&self, store: &Store) -> Result<(), StoreError> {
         loop {
             let after = self.lock().last_id;
             let page = store

@@ -8,7 +8,7 @@
 //!
 //! Pub/sub is not durable, so the stream backs it: when the subscriber reconnects or lags, each
 //! room buffers live entries, re-reads the stream after the last id it delivered, and then
-//! replays the buffer, skipping what it already sent ([`Room::recover`]).
+//! replays the buffer, skipping what it already sent ([`Room::catch_up`]).
 
 mod cursor;
 mod follow;
@@ -211,7 +211,11 @@ impl Rooms {
                 .for_each_concurrent(RECOVERY_CONCURRENCY, |room| {
                     let (store, token) = (&store, &token);
                     async move {
-                        crate::retry::until_ok(token, "room recovery", || room.recover(store))
+                        // Two steps, each retried alone: once the catch-up went live, a
+                        // retry of it could run beside the catch-up of a later loss.
+                        crate::retry::until_ok(token, "room recovery", || room.catch_up(store))
+                            .await;
+                        crate::retry::until_ok(token, "room recovery", || room.rebase_turns(store))
                             .await;
                     }
                 })
