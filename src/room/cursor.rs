@@ -282,7 +282,8 @@ impl Cursor {
 
 /// Per LLM turn, the attempt and the seq of the last frame a member was sent.
 ///
-/// A turn whose stored end (`llm.response`, `llm.error`) was sent takes no more live frames:
+/// A turn it follows whose stored end (`llm.response`, `llm.error`) was sent takes no more live
+/// frames:
 /// clients drop a turn's state at its end, so a late delta would begin a reply from nowhere.
 /// Late frames can come: a worker whose lease lapsed while Redis was away may still stream an
 /// attempt another worker has finished, and a recovery's fresh `llm.start` may be read just
@@ -306,7 +307,9 @@ impl TurnPositions {
             // A delta of a turn this member never saw start: the turn ended before the
             // catch-up read it (its final entry follows) — nothing to continue.
             (false, None) => false,
-            (false, Some((attempt, seq))) => mark.attempt == attempt && mark.seq == seq + 1,
+            (false, Some((attempt, seq))) => {
+                mark.attempt == attempt && seq.checked_add(1) == Some(mark.seq)
+            }
         };
         if forward {
             self.set(mark.turn, (mark.attempt, mark.seq));
@@ -314,8 +317,13 @@ impl TurnPositions {
         forward
     }
 
+    /// The turn's stored end was sent. Only a turn this member follows is marked: marking
+    /// every end would let turns that never streamed here (instant errors, say) push a turn
+    /// still streaming out of the bounded map.
     fn end(&mut self, turn: StreamId) {
-        self.set(turn, ENDED);
+        if let Some(position) = self.0.get_mut(&turn) {
+            *position = ENDED;
+        }
     }
 
     fn set(&mut self, turn: StreamId, position: (u32, i64)) {
@@ -478,6 +486,14 @@ mod tests {
         assert!(!turns.moves(mark(7, 1, 1, false)), "the next delta, late");
         assert!(!turns.moves(mark(7, 2, -1, true)), "a new attempt, late");
         assert!(turns.moves(mark(8, 1, -1, true)), "other turns go on");
+        // Ends of turns that never streamed here take no room from those that do.
+        for t in 100..100 + 2 * TURNS_TRACKED as u64 {
+            turns.end(StreamId::new(t, 0));
+        }
+        assert!(
+            turns.moves(mark(8, 1, 0, false)),
+            "turn 8 is still followed"
+        );
     }
 
     #[test]
