@@ -60,6 +60,9 @@ struct Member {
 struct Recovery {
     buffer: Vec<(StreamId, Outbound)>,
     overflowed: bool,
+    /// A catch-up task owns this recovery. Cleared if that task ends before going live (see
+    /// [`Room::abandon_catch_up`]), so the next loss starts a new one.
+    owned: bool,
 }
 
 impl Room {
@@ -248,14 +251,26 @@ impl Room {
         tracing::debug!(room = %self.sid, under_way, %last, "entries may be missed; recovering");
         match st.recovering.as_mut() {
             None => {
-                st.recovering = Some(Recovery::default());
+                st.recovering = Some(Recovery {
+                    owned: true,
+                    ..Recovery::default()
+                });
                 true
             }
             Some(rec) => {
                 rec.overflowed = true;
                 rec.buffer.clear();
-                false
+                !std::mem::replace(&mut rec.owned, true)
             }
+        }
+    }
+
+    /// The catch-up task ended before going live (it was dropped: a panic beside it, or the
+    /// relay stopping). The room keeps buffering, and the next loss starts a new catch-up
+    /// instead of counting on this one.
+    pub(super) fn abandon_catch_up(&self) {
+        if let Some(rec) = self.lock().recovering.as_mut() {
+            rec.owned = false;
         }
     }
 
@@ -354,5 +369,12 @@ mod tests {
             Some((0, true)),
             "its buffer dropped, the stream read again"
         );
+        drop(st);
+        room.abandon_catch_up();
+        assert!(
+            room.begin_recovery(),
+            "its task died: the next loss starts another"
+        );
+        assert!(!room.begin_recovery());
     }
 }

@@ -213,8 +213,15 @@ impl Rooms {
                     async move {
                         // Two steps, each retried alone: once the catch-up went live, a
                         // retry of it could run beside the catch-up of a later loss.
-                        crate::retry::until_ok(token, "room recovery", || room.catch_up(store))
-                            .await;
+                        let mut task = CatchUpTask {
+                            room: &room,
+                            live: false,
+                        };
+                        task.live =
+                            crate::retry::until_ok(token, "room recovery", || room.catch_up(store))
+                                .await
+                                .is_some();
+                        drop(task);
                         crate::retry::until_ok(token, "room recovery", || room.rebase_turns(store))
                             .await;
                     }
@@ -249,6 +256,21 @@ impl Rooms {
                     .await;
                 metrics::gauge!(crate::metrics::ROOMS).set(map.len() as f64);
             }
+        }
+    }
+}
+
+/// A room's catch-up in its task: if the task is dropped before the catch-up went live (a panic
+/// beside it, the relay stopping), the room is told, so the next loss starts another.
+struct CatchUpTask<'a> {
+    room: &'a Room,
+    live: bool,
+}
+
+impl Drop for CatchUpTask<'_> {
+    fn drop(&mut self) {
+        if !self.live {
+            self.room.abandon_catch_up();
         }
     }
 }
