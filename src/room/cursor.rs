@@ -267,9 +267,7 @@ impl Cursor {
                 return None;
             }
             self.last_sent = id;
-            if let Some(turn) = ended_turn(&out.frame) {
-                self.turns.end(turn);
-            }
+            self.turns.on_stored(&out.frame);
         }
         if let Some(mark) = out.turn {
             if !self.turns.moves(mark) {
@@ -283,12 +281,11 @@ impl Cursor {
 /// Per LLM turn, the attempt and the seq of the last frame a member was sent.
 ///
 /// A turn it follows whose stored end (`llm.response`, `llm.error`) was sent takes no more live
-/// frames:
-/// clients drop a turn's state at its end, so a late delta would begin a reply from nowhere.
-/// Late frames can come: a worker whose lease lapsed while Redis was away may still stream an
-/// attempt another worker has finished, and a recovery's fresh `llm.start` may be read just
-/// before the turn's end was stored. (A cluster fault run once showed every member of a room
-/// deltas of a turn with no start, right after a takeover and a Redis restart.)
+/// frames: clients drop a turn's state at its end, so a late delta would begin a reply from
+/// nowhere. Late frames can come: a worker whose lease lapsed while Redis was away may still
+/// stream an attempt another worker has finished, and a recovery's fresh `llm.start` may be
+/// read just before the turn's end was stored. (A cluster fault run once showed every member
+/// of a room deltas of a turn with no start, right after a takeover and a Redis restart.)
 #[derive(Debug, Default)]
 struct TurnPositions(BTreeMap<StreamId, (u32, i64)>);
 
@@ -315,6 +312,18 @@ impl TurnPositions {
             self.set(mark.turn, (mark.attempt, mark.seq));
         }
         forward
+    }
+
+    /// A stored entry was sent: if it is the end of a turn this member follows, the turn is
+    /// over. Most members follow no turn, and then no frame is looked at (this runs for every
+    /// delivery).
+    fn on_stored(&mut self, frame: &str) {
+        if self.0.is_empty() {
+            return;
+        }
+        if let Some(turn) = ended_turn(frame) {
+            self.end(turn);
+        }
     }
 
     /// The turn's stored end was sent. Only a turn this member follows is marked: marking
@@ -482,7 +491,7 @@ mod tests {
             "llm.response",
             r#"{"hd":{"event":"llm.response","role":"llm","sid":"r","ts":9,"turn_id":"7-0"},"bd":{"text":"x"}}"#,
         );
-        turns.end(ended_turn(&end).unwrap());
+        turns.on_stored(&end);
         assert!(!turns.moves(mark(7, 1, 1, false)), "the next delta, late");
         assert!(!turns.moves(mark(7, 2, -1, true)), "a new attempt, late");
         assert!(turns.moves(mark(8, 1, -1, true)), "other turns go on");

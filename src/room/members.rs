@@ -299,8 +299,9 @@ impl Room {
                 .range_after(&self.sid, Some(after), None, RECOVERY_PAGE)
                 .await?;
             let full_page = page.len() as u64 == RECOVERY_PAGE;
-            let last = page.last().map(|e| e.id.to_string());
-            tracing::debug!(room = %self.sid, %after, n = page.len(), ?last, "recovery page");
+            // Fields are evaluated only when the event is enabled.
+            tracing::debug!(room = %self.sid, %after, n = page.len(),
+                last = ?page.last().map(|e| e.id.to_string()), "recovery page");
             {
                 let mut st = self.lock();
                 for e in &page {
