@@ -72,8 +72,7 @@ rate_label="rate: $(printf '%s ' "${rate_args[@]}" | sed 's/ --timeout [0-9]*//;
 if [ "$build" -eq 1 ]; then
   say "building ($profile)"
   flag=(); [ "$profile" = release ] && flag=(--release)
-  cargo build --quiet "${flag[@]}" -p chat-relay --bin chat-relay
-  cargo build --quiet "${flag[@]}" -p chat-relay-tools --bin loadgen
+  cargo build --quiet "${flag[@]}" --workspace --bins
 fi
 relay_bin="target/$profile/chat-relay" loadgen_bin="target/$profile/loadgen"
 

@@ -65,7 +65,7 @@ esac
 
 if [[ $build -eq 1 ]]; then
     echo "[chaos.sh] building chat-relay and chaos ($profile)" >&2
-    cargo build --quiet "${cargo_flag[@]}" -p chat-relay --bin chat-relay -p chat-relay-tools --bin chaos
+    cargo build --quiet "${cargo_flag[@]}" --workspace --bins
 fi
 relay="target/$profile/chat-relay"
 chaos="target/$profile/chaos"

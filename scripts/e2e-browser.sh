@@ -13,8 +13,8 @@
 #   ARTIFACTS_DIR   where screenshots go (default: target/e2e-artifacts)
 #   CHROMIUM_PATH   browser binary (default: /usr/bin/chromium)
 #   E2E_KEEP_LOGS   1: keep the work dir with the relay/redis logs even when the test passes
-#   RELAY_BIN       use this chat-relay binary instead of `cargo build` + target/debug/chat-relay
-#   FAKE_LLM_BIN    use this fake-llm binary instead of `cargo build -p chat-relay-tools`
+#   RELAY_BIN       use this chat-relay binary instead of target/debug/chat-relay (built here)
+#   FAKE_LLM_BIN    use this fake-llm binary instead of target/debug/fake-llm (built here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -76,21 +76,22 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$lock_hash" ]; then
   echo "$lock_hash" >"$stamp"
 fi
 
+# The same build as every other script (--workspace --bins): one set of features, so the
+# relay's crates are compiled once per suite, not once per package selection.
+if [ -z "${RELAY_BIN:-}" ] || [ -z "${FAKE_LLM_BIN:-}" ]; then
+  say "cargo build --workspace --bins"
+  cargo build --quiet --workspace --bins
+fi
 if [ -n "${RELAY_BIN:-}" ]; then
   [ -x "$RELAY_BIN" ] || die "RELAY_BIN=$RELAY_BIN is not an executable"
-  say "using RELAY_BIN=$RELAY_BIN (no cargo build)"
+  say "using RELAY_BIN=$RELAY_BIN"
 else
-  say "cargo build"
-  cargo build --quiet
   RELAY_BIN="$ROOT/target/debug/chat-relay"
   [ -x "$RELAY_BIN" ] || die "no $RELAY_BIN after cargo build"
 fi
 # A slow, predictable fake LLM for the reload-mid-reply step (the real model is too quick to
 # reload in the middle of its reply reliably).
-if [ -z "${FAKE_LLM_BIN:-}" ]; then
-  cargo build --quiet -p chat-relay-tools --bin fake-llm
-  FAKE_LLM_BIN="$ROOT/target/debug/fake-llm"
-fi
+FAKE_LLM_BIN="${FAKE_LLM_BIN:-$ROOT/target/debug/fake-llm}"
 [ -x "$FAKE_LLM_BIN" ] || die "no fake-llm at $FAKE_LLM_BIN"
 
 # ------------------------------------------------------------------------------- services

@@ -43,8 +43,7 @@ wait_for() { # URL, what
 }
 
 say "building the relay and fake-llm"
-cargo build --quiet -p chat-relay --bin chat-relay
-cargo build --quiet -p chat-relay-tools --bin fake-llm
+cargo build --quiet --workspace --bins
 redis_port=$(free_port)
 llm_port=$(free_port)
 relay_port=$(free_port)

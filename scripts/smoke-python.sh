@@ -24,7 +24,7 @@ trap cleanup EXIT
 say "checking the Postman collection"
 python3 test-clients/postman/validate.py
 
-cargo build --quiet -p chat-relay -p chat-relay-tools --bin chat-relay --bin fake-llm
+cargo build --quiet --workspace --bins
 redis_port=$(free_port)
 relay_port=$(free_port)
 llm_port=$(free_port)
