@@ -55,6 +55,8 @@ if [ -z "$out" ] && [ "$short" -eq 0 ]; then out=BENCHMARKS.md; fi
 # The short form (CI) checks correctness only, so a debug build will do and saves a release build.
 profile=release
 if [ "$short" -eq 1 ] && [ "${BENCH_PROFILE:-}" != release ]; then profile=debug; fi
+# Where cargo puts the binaries (CARGO_TARGET_DIR, if set, moves them).
+bins="${CARGO_TARGET_DIR:-target}/$profile"
 # The short form never needs the reference.
 if [ "$short" -eq 1 ]; then reference=0; fi
 
@@ -146,7 +148,7 @@ relay_flags=(
 
 start_relay() { # NAME: a fresh relay process, logs in $logs/relay-NAME.log
   relay_port="$(free_port)"
-  RELAY_LOG="${RELAY_LOG:-chat_relay=warn}" "target/$profile/chat-relay" serve \
+  RELAY_LOG="${RELAY_LOG:-chat_relay=warn}" "$bins/chat-relay" serve \
     --listen "127.0.0.1:$relay_port" --redis-url "redis://127.0.0.1:$redis_port" \
     "${relay_flags[@]}" >"$logs/relay-$1.log" 2>&1 &
   relay_pid=$!
@@ -210,7 +212,7 @@ run_scenario() { # NAME SERVER LABEL loadgen-run-args...: one `loadgen run`, one
   local rc=0 line port pid flags
   read -r port pid flags <<<"$(server_of "$server")"
   # shellcheck disable=SC2086  # $flags is two words
-  timeout 90 "target/$profile/loadgen" run --url "ws://127.0.0.1:$port" $flags \
+  timeout 90 "$bins/loadgen" run --url "ws://127.0.0.1:$port" $flags \
     --relay-pid "$pid" --redis-pid "$redis_pid" --json "$@" \
     >"$logs/$name.json" 2>"$logs/$name.err" || rc=$?
   line="$(tail -1 "$logs/$name.json")"
@@ -240,7 +242,7 @@ idle_scenario() { # NAME SERVER LABEL loadgen-idle-args...
   local rc=0 line verdict=PASS port pid flags
   read -r port pid flags <<<"$(server_of "$server")"
   # shellcheck disable=SC2086  # $flags is two words
-  timeout 120 "target/$profile/loadgen" idle --url "ws://127.0.0.1:$port" $flags \
+  timeout 120 "$bins/loadgen" idle --url "ws://127.0.0.1:$port" $flags \
     --relay-pid "$pid" --json --timeout 60 "$@" >"$logs/$name.json" 2>"$logs/$name.err" || rc=$?
   line="$(tail -1 "$logs/$name.json")"
   result[$name]="$line"
@@ -261,7 +263,7 @@ llm_scenario() { # NAME LABEL loadgen-llm-args...: LLM fan-out against a fake Op
   local name="$1" label="$2"; shift 2
   say "$name: $label"
   local rc=0 line verdict=PASS
-  timeout 120 "target/$profile/loadgen" llm --url "ws://127.0.0.1:$relay_port" \
+  timeout 120 "$bins/loadgen" llm --url "ws://127.0.0.1:$relay_port" \
     --relay-pid "$relay_pid" --json "$@" >"$logs/$name.json" 2>"$logs/$name.err" || rc=$?
   line="$(tail -1 "$logs/$name.json")"
   result[$name]="$line"
@@ -424,7 +426,7 @@ fi
 # S4: the LLM participant on, against a fast fake OpenAI-compatible server (the `fake-llm` tool),
 # with its own key prefix so the worker does not first read the rooms of S1-S3.
 llm_port="$(free_port)"
-"target/$profile/fake-llm" --port "$llm_port" --delay-ms 2 --tokens 100 >"$logs/fake-llm.log" 2>&1 &
+"$bins/fake-llm" --port "$llm_port" --delay-ms 2 --tokens 100 >"$logs/fake-llm.log" 2>&1 &
 fake_llm_pid=$!
 saved_flags=("${relay_flags[@]}")
 relay_flags=(

@@ -74,7 +74,8 @@ if [ "$build" -eq 1 ]; then
   flag=(); [ "$profile" = release ] && flag=(--release)
   cargo build --quiet "${flag[@]}" --workspace --bins
 fi
-relay_bin="target/$profile/chat-relay" loadgen_bin="target/$profile/loadgen"
+relay_bin="${CARGO_TARGET_DIR:-target}/$profile/chat-relay"
+loadgen_bin="${CARGO_TARGET_DIR:-target}/$profile/loadgen"
 
 # --- processes and cleanup ------------------------------------------------------------------
 

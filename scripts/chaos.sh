@@ -67,8 +67,8 @@ if [[ $build -eq 1 ]]; then
     echo "[chaos.sh] building chat-relay and chaos ($profile)" >&2
     cargo build --quiet "${cargo_flag[@]}" --workspace --bins
 fi
-relay="target/$profile/chat-relay"
-chaos="target/$profile/chaos"
+relay="${CARGO_TARGET_DIR:-target}/$profile/chat-relay"
+chaos="${CARGO_TARGET_DIR:-target}/$profile/chaos"
 for b in "$relay" "$chaos"; do
     [[ -x "$b" ]] || { echo "[chaos.sh] $b not found (build with cargo build ${cargo_flag[*]} --workspace --bins)" >&2; exit 2; }
 done

@@ -86,12 +86,12 @@ if [ -n "${RELAY_BIN:-}" ]; then
   [ -x "$RELAY_BIN" ] || die "RELAY_BIN=$RELAY_BIN is not an executable"
   say "using RELAY_BIN=$RELAY_BIN"
 else
-  RELAY_BIN="$ROOT/target/debug/chat-relay"
+  RELAY_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/chat-relay"
   [ -x "$RELAY_BIN" ] || die "no $RELAY_BIN after cargo build"
 fi
 # A slow, predictable fake LLM for the reload-mid-reply step (the real model is too quick to
 # reload in the middle of its reply reliably).
-FAKE_LLM_BIN="${FAKE_LLM_BIN:-$ROOT/target/debug/fake-llm}"
+FAKE_LLM_BIN="${FAKE_LLM_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/fake-llm}"
 [ -x "$FAKE_LLM_BIN" ] || die "no fake-llm at $FAKE_LLM_BIN"
 
 # ------------------------------------------------------------------------------- services

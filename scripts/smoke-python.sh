@@ -25,6 +25,7 @@ say "checking the Postman collection"
 python3 test-clients/postman/validate.py
 
 cargo build --quiet --workspace --bins
+bins="${CARGO_TARGET_DIR:-target}/debug"
 redis_port=$(free_port)
 relay_port=$(free_port)
 llm_port=$(free_port)
@@ -32,9 +33,9 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --d
   --logfile "$work/redis.log" &
 pids+=($!)
 # Replies of 20 tokens, 50 ms apart: long enough for the evaluation client to cancel one.
-target/debug/fake-llm --port "$llm_port" --delay-ms 50 --tokens 20 >"$work/fake-llm.log" 2>&1 &
+"$bins/fake-llm" --port "$llm_port" --delay-ms 50 --tokens 20 >"$work/fake-llm.log" 2>&1 &
 pids+=($!)
-RELAY_LOG=chat_relay=warn target/debug/chat-relay serve --listen "127.0.0.1:$relay_port" \
+RELAY_LOG=chat_relay=warn "$bins/chat-relay" serve --listen "127.0.0.1:$relay_port" \
   --redis-url "redis://127.0.0.1:$redis_port" --llm-base-url "http://127.0.0.1:$llm_port/v1" \
   2>"$work/relay.log" &
 pids+=($!)
