@@ -8,7 +8,7 @@ use axum::extract::ws::Utf8Bytes;
 
 use super::queue::{self, TrySendError};
 use crate::protocol::{delivery_frame, StreamId};
-use crate::store::{Live, Store, StoreError, TurnMark};
+use crate::store::{Live, Store, StoreError, TurnMark, TurnState};
 
 /// A frame queued for one socket. `id` is set for stored entries so the session can skip what
 /// it already sent during a replay; transient frames have none.
@@ -28,6 +28,9 @@ pub(crate) type ConnId = u64;
 const RECOVERY_BUFFER: usize = 4096;
 /// Page size for catch-up reads.
 const RECOVERY_PAGE: u64 = 1000;
+/// Live LLM frames held while a turn re-base read is in flight; beyond this they go out as
+/// they come (a member that was behind may then wait for the turn's stored end).
+const TURN_HOLD: usize = 4096;
 
 #[derive(Debug)]
 pub(crate) struct Room {
@@ -43,6 +46,7 @@ struct RoomState {
     /// the node subscribed). Live entries at or below it are duplicates.
     last_id: StreamId,
     recovering: Option<Recovery>,
+    turn_hold: TurnHold,
     /// Set once the registry removed the room; joins then retry with a fresh room.
     closed: bool,
     /// The session was deleted: members were dropped for that reason, not for being slow.
@@ -54,6 +58,36 @@ struct RoomState {
 struct Member {
     conn: ConnId,
     tx: queue::Sender,
+}
+
+/// Live LLM frames held back while [`Room::rebase_turns`] reads the turns in progress, so its
+/// fresh `llm.start`s reach members before any delta published after the read. Otherwise a
+/// member that was behind would get those deltas first (and drop them: they do not follow what
+/// it has), then the start, and then drop every later delta as one past a gap, until the
+/// turn's stored end.
+#[derive(Debug, Default)]
+struct TurnHold {
+    /// Re-base reads in flight (a later loss's recovery may start one beside an earlier one).
+    readers: u32,
+    frames: Vec<Outbound>,
+    /// More than [`TURN_HOLD`] frames came during these reads: the rest pass at once.
+    overflowed: bool,
+}
+
+/// One re-base read in flight. Dropped (also when the read fails or its task is cancelled),
+/// it lets the held frames go once no other read is in flight.
+struct TurnHoldGuard<'a>(&'a Room);
+
+impl Drop for TurnHoldGuard<'_> {
+    fn drop(&mut self) {
+        let room = self.0;
+        let mut st = room.lock();
+        st.turn_hold.readers = st.turn_hold.readers.saturating_sub(1);
+        if st.turn_hold.readers == 0 {
+            st.turn_hold.overflowed = false;
+            room.release_held_turn_frames(&mut st);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -73,6 +107,7 @@ impl Room {
                 members: Vec::new(),
                 last_id: StreamId::ZERO,
                 recovering: None,
+                turn_hold: TurnHold::default(),
                 closed: false,
                 deleted: false,
                 empty_since: Some(Instant::now()),
@@ -155,6 +190,15 @@ impl Room {
                     frame: frame.into(),
                 };
                 let mut st = self.lock();
+                let hold = &mut st.turn_hold;
+                if hold.readers > 0 && !hold.overflowed {
+                    if hold.frames.len() < TURN_HOLD {
+                        hold.frames.push(out);
+                        return;
+                    }
+                    hold.overflowed = true;
+                    self.release_held_turn_frames(&mut st);
+                }
                 self.fan_out(&mut st, &out);
             }
             Live::Entries(entries) => {
@@ -276,16 +320,34 @@ impl Room {
 
     /// After [`Room::catch_up`]: LLM deltas are not in the stream, so members may have missed
     /// some. A fresh llm.start per turn in progress re-bases whoever is behind (cursors drop it
-    /// for the others).
+    /// for the others). Live LLM frames wait meanwhile ([`TurnHold`]) and follow the starts.
     pub(super) async fn rebase_turns(&self, store: &Store) -> Result<(), StoreError> {
+        let hold = self.hold_turn_frames();
         let turns = store.active_turns(&self.sid).await?;
-        if !turns.is_empty() {
+        self.rebase(hold, &turns);
+        Ok(())
+    }
+
+    /// The starts of a re-base read, then (unless another read is in flight) what was held.
+    fn rebase(&self, hold: TurnHoldGuard<'_>, turns: &[TurnState]) {
+        {
             let mut st = self.lock();
-            for t in &turns {
+            for t in turns {
                 self.fan_out(&mut st, &super::cursor::turn_start(&self.sid, t));
             }
         }
-        Ok(())
+        drop(hold);
+    }
+
+    fn hold_turn_frames(&self) -> TurnHoldGuard<'_> {
+        self.lock().turn_hold.readers += 1;
+        TurnHoldGuard(self)
+    }
+
+    fn release_held_turn_frames(&self, st: &mut RoomState) {
+        for out in std::mem::take(&mut st.turn_hold.frames) {
+            self.fan_out(st, &out);
+        }
     }
 
     /// Catch up from the stream after `last_id`, then replay the live entries buffered
@@ -377,5 +439,74 @@ mod tests {
             "its task died: the next loss starts another"
         );
         assert!(!room.begin_recovery());
+    }
+
+    fn delta(seq: i64) -> Live {
+        Live::Turn {
+            mark: TurnMark {
+                turn: StreamId::new(1, 0),
+                attempt: 1,
+                seq,
+                start: false,
+            },
+            frame: format!("delta {seq}"),
+        }
+    }
+
+    /// What a member's queue holds, as (start?, seq).
+    fn drain(rx: &mut queue::Receiver) -> Vec<(bool, i64)> {
+        std::iter::from_fn(|| rx.try_recv())
+            .filter_map(|out| out.turn.map(|m| (m.start, m.seq)))
+            .collect()
+    }
+
+    /// Deltas published while a re-base read is in flight reach members after its starts, in
+    /// their order, once the last read in flight is done (or gave up).
+    #[test]
+    fn live_turn_frames_wait_for_the_rebase_starts() {
+        let room = Room::new("r");
+        let (tx, mut rx) = queue::channel(TURN_HOLD + 16);
+        assert!(room.add_member(7, tx));
+        let turn = TurnState {
+            turn: StreamId::new(1, 0),
+            attempt: 1,
+            seq: 4,
+            text: "so far".into(),
+            ..TurnState::default()
+        };
+
+        let first = room.hold_turn_frames();
+        room.on_live(delta(5));
+        let second = room.hold_turn_frames();
+        room.on_live(delta(6));
+        assert_eq!(drain(&mut rx), [], "held while a read is in flight");
+        room.rebase(first, std::slice::from_ref(&turn));
+        assert_eq!(
+            drain(&mut rx),
+            [(true, 4)],
+            "the other read still holds them"
+        );
+        room.rebase(second, &[]);
+        assert_eq!(drain(&mut rx), [(false, 5), (false, 6)]);
+        room.on_live(delta(7));
+        assert_eq!(drain(&mut rx), [(false, 7)], "no read in flight: at once");
+
+        // A failed or cancelled read lets the frames go as well.
+        let failed = room.hold_turn_frames();
+        room.on_live(delta(8));
+        drop(failed);
+        assert_eq!(drain(&mut rx), [(false, 8)]);
+
+        // Too many: all go, in order, and the rest pass at once.
+        let slow = room.hold_turn_frames();
+        let n = TURN_HOLD as i64 + 2;
+        for seq in 0..n {
+            room.on_live(delta(seq));
+        }
+        let got = drain(&mut rx);
+        assert_eq!(got.len() as i64, n);
+        assert!(got.iter().zip(0..).all(|(&(_, seq), i)| seq == i));
+        drop(slow);
+        assert_eq!(drain(&mut rx), []);
     }
 }
