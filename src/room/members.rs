@@ -1,13 +1,14 @@
 //! One room on this node: its local members and the live cursor that keeps delivery in stream
 //! order, exactly once per member, across lost subscriptions.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 
 use super::queue::{self, TrySendError};
-use crate::protocol::{delivery_frame, StreamId};
+use crate::protocol::{delivery_frame, ended_turn, StreamId};
 use crate::store::{Live, Store, StoreError, TurnMark, TurnState};
 
 /// A frame queued for one socket. `id` is set for stored entries so the session can skip what
@@ -28,6 +29,9 @@ pub(crate) type ConnId = u64;
 const RECOVERY_BUFFER: usize = 4096;
 /// Page size for catch-up reads.
 const RECOVERY_PAGE: u64 = 1000;
+/// Ended turns a room remembers ([`RoomState::ended_turns`]); a turn ends seconds after its
+/// re-base read at the very most, and rooms seldom end many turns in that time.
+const ENDED_TURNS: usize = 16;
 /// Live LLM frames held while a turn re-base read is in flight; beyond this they go out as
 /// they come (a member that was behind may then wait for the turn's stored end).
 const TURN_HOLD: usize = 4096;
@@ -47,6 +51,10 @@ struct RoomState {
     last_id: StreamId,
     recovering: Option<Recovery>,
     turn_hold: TurnHold,
+    /// The LLM turns whose stored end (`llm.response`, `llm.error`) the room delivered last,
+    /// newest at the back: a re-base read just before such an end must not restart the turn
+    /// for members (the end went out first, so nothing would end it again).
+    ended_turns: VecDeque<StreamId>,
     /// Set once the registry removed the room; joins then retry with a fresh room.
     closed: bool,
     /// The session was deleted: members were dropped for that reason, not for being slow.
@@ -108,6 +116,7 @@ impl Room {
                 last_id: StreamId::ZERO,
                 recovering: None,
                 turn_hold: TurnHold::default(),
+                ended_turns: VecDeque::new(),
                 closed: false,
                 deleted: false,
                 empty_since: Some(Instant::now()),
@@ -249,6 +258,12 @@ impl Room {
             return;
         }
         st.last_id = id;
+        if let Some(turn) = ended_turn(&out.frame) {
+            if st.ended_turns.len() == ENDED_TURNS {
+                st.ended_turns.pop_front();
+            }
+            st.ended_turns.push_back(turn);
+        }
         let lag_ms = crate::protocol::now_ms().saturating_sub(id.ms);
         crate::metrics::HOT
             .delivery_lag
@@ -333,7 +348,9 @@ impl Room {
         {
             let mut st = self.lock();
             for t in turns {
-                self.fan_out(&mut st, &super::cursor::turn_start(&self.sid, t));
+                if !st.ended_turns.contains(&t.turn) {
+                    self.fan_out(&mut st, &super::cursor::turn_start(&self.sid, t));
+                }
             }
         }
         drop(hold);
@@ -508,5 +525,36 @@ mod tests {
         assert!(got.iter().zip(0..).all(|(&(_, seq), i)| seq == i));
         drop(slow);
         assert_eq!(drain(&mut rx), []);
+    }
+
+    /// A re-base read made just before a turn's end was stored finds the turn in progress; if
+    /// the end reached the room first, the start is not sent (nothing would end it again).
+    #[test]
+    fn no_rebase_start_for_a_turn_the_room_saw_end() {
+        let room = Room::new("r");
+        let (tx, mut rx) = queue::channel(16);
+        assert!(room.add_member(7, tx));
+        let in_progress = |ms| TurnState {
+            turn: StreamId::new(ms, 0),
+            attempt: 1,
+            seq: 2,
+            ..TurnState::default()
+        };
+        let hd = serde_json::json!({"turn_id": "1-0"});
+        let hd = hd.as_object().cloned().unwrap_or_default();
+        let bd = serde_json::json!({"text": "done"});
+        let end = crate::protocol::new_body("llm.response", "llm", None, "r", &hd, &bd);
+
+        let hold = room.hold_turn_frames();
+        room.on_live(Live::Entries(vec![(StreamId::new(9, 0), end)]));
+        room.rebase(hold, &[in_progress(1), in_progress(2)]);
+        let sent: Vec<Option<StreamId>> = std::iter::from_fn(|| rx.try_recv())
+            .map(|out| out.id.or(out.turn.map(|m| m.turn)))
+            .collect();
+        assert_eq!(
+            sent,
+            [Some(StreamId::new(9, 0)), Some(StreamId::new(2, 0))],
+            "the end, then the start of the other turn only"
+        );
     }
 }
