@@ -15,7 +15,7 @@
 #                    (capped by the open-file limit)
 #     --perf         record the relay with `perf` during S1; top symbols into the report
 #     --out FILE     where to write the report (default BENCHMARKS.md; --short writes none)
-#     --no-build     use the existing target/release binaries (and target/reference-relay)
+#     --no-build     use the existing binaries (target/, or $CARGO_TARGET_DIR, and target/reference-relay)
 #     --no-reference skip the reference relay (absolute figures only)
 #     --keep-logs    keep the relay/redis/loadgen logs (otherwise kept only on failure)
 #

@@ -13,7 +13,8 @@
 #   ARTIFACTS_DIR   where screenshots go (default: target/e2e-artifacts)
 #   CHROMIUM_PATH   browser binary (default: /usr/bin/chromium)
 #   E2E_KEEP_LOGS   1: keep the work dir with the relay/redis logs even when the test passes
-#   RELAY_BIN       use this chat-relay binary instead of target/debug/chat-relay (built here)
+#   RELAY_BIN       use this chat-relay binary instead of target/debug/chat-relay (the workspace
+#                   is built here unless FAKE_LLM_BIN is set as well)
 #   FAKE_LLM_BIN    use this fake-llm binary instead of target/debug/fake-llm (built here)
 set -euo pipefail
 cd "$(dirname "$0")/.."

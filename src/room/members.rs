@@ -29,12 +29,13 @@ pub(crate) type ConnId = u64;
 const RECOVERY_BUFFER: usize = 4096;
 /// Page size for catch-up reads.
 const RECOVERY_PAGE: u64 = 1000;
-/// Ended turns a room remembers ([`RoomState::ended_turns`]); a turn ends seconds after its
-/// re-base read at the very most, and rooms seldom end many turns in that time.
+/// Ended turns a room remembers ([`RoomState::ended_turns`]): what matters is how many turns
+/// end while one re-base read is in flight (at most the Redis command timeout), seldom many.
 const ENDED_TURNS: usize = 16;
 /// Live LLM frames held while a turn re-base read is in flight; beyond this they go out as
-/// they come (a member that was behind may then wait for the turn's stored end).
-const TURN_HOLD: usize = 4096;
+/// they come (a member that was behind may then wait for the turn's stored end). Well below
+/// the member queue (`--outbound-queue`, 1024 by default): they are released in one burst.
+const TURN_HOLD: usize = 256;
 
 #[derive(Debug)]
 pub(crate) struct Room {
@@ -80,6 +81,9 @@ struct TurnHold {
     frames: Vec<Outbound>,
     /// More than [`TURN_HOLD`] frames came during these reads: the rest pass at once.
     overflowed: bool,
+    /// Where the starts sent by these reads put each turn: held frames at or before that
+    /// (attempt, seq) are dropped by every member, and are not released.
+    rebased: Vec<TurnMark>,
 }
 
 /// One re-base read in flight. Dropped (also when the read fails or its task is cancelled),
@@ -92,8 +96,8 @@ impl Drop for TurnHoldGuard<'_> {
         let mut st = room.lock();
         st.turn_hold.readers = st.turn_hold.readers.saturating_sub(1);
         if st.turn_hold.readers == 0 {
-            st.turn_hold.overflowed = false;
             room.release_held_turn_frames(&mut st);
+            st.turn_hold = TurnHold::default();
         }
     }
 }
@@ -335,7 +339,9 @@ impl Room {
 
     /// After [`Room::catch_up`]: LLM deltas are not in the stream, so members may have missed
     /// some. A fresh llm.start per turn in progress re-bases whoever is behind (cursors drop it
-    /// for the others). Live LLM frames wait meanwhile ([`TurnHold`]) and follow the starts.
+    /// for the others). Live LLM frames wait meanwhile ([`TurnHold`]) and follow the starts;
+    /// stored entries do not wait, so a turn's end can overtake its held frames (those are then
+    /// not sent: see [`Room::release_held_turn_frames`]).
     pub(super) async fn rebase_turns(&self, store: &Store) -> Result<(), StoreError> {
         let hold = self.hold_turn_frames();
         let turns = store.active_turns(&self.sid).await?;
@@ -349,7 +355,9 @@ impl Room {
             let mut st = self.lock();
             for t in turns {
                 if !st.ended_turns.contains(&t.turn) {
-                    self.fan_out(&mut st, &super::cursor::turn_start(&self.sid, t));
+                    let start = super::cursor::turn_start(&self.sid, t);
+                    st.turn_hold.rebased.extend(start.turn);
+                    self.fan_out(&mut st, &start);
                 }
             }
         }
@@ -361,9 +369,20 @@ impl Room {
         TurnHoldGuard(self)
     }
 
+    /// Sends the held frames in order, but none of a turn whose end the room delivered
+    /// meanwhile (a start would begin it again for members, and nothing would end it) and none
+    /// a re-base start made redundant (every member drops those: fewer frames in the burst).
     fn release_held_turn_frames(&self, st: &mut RoomState) {
         for out in std::mem::take(&mut st.turn_hold.frames) {
-            self.fan_out(st, &out);
+            let stale = out.turn.is_some_and(|mark| {
+                st.ended_turns.contains(&mark.turn)
+                    || st.turn_hold.rebased.iter().any(|r| {
+                        r.turn == mark.turn && (mark.attempt, mark.seq) <= (r.attempt, r.seq)
+                    })
+            });
+            if !stale {
+                self.fan_out(st, &out);
+            }
         }
     }
 
@@ -478,7 +497,8 @@ mod tests {
     }
 
     /// Deltas published while a re-base read is in flight reach members after its starts, in
-    /// their order, once the last read in flight is done (or gave up).
+    /// their order, once the last read in flight is done (or gave up); those the start already
+    /// holds are not sent.
     #[test]
     fn live_turn_frames_wait_for_the_rebase_starts() {
         let room = Room::new("r");
@@ -493,6 +513,7 @@ mod tests {
         };
 
         let first = room.hold_turn_frames();
+        room.on_live(delta(3));
         room.on_live(delta(5));
         let second = room.hold_turn_frames();
         room.on_live(delta(6));
@@ -504,7 +525,11 @@ mod tests {
             "the other read still holds them"
         );
         room.rebase(second, &[]);
-        assert_eq!(drain(&mut rx), [(false, 5), (false, 6)]);
+        assert_eq!(
+            drain(&mut rx),
+            [(false, 5), (false, 6)],
+            "delta 3 is in the start's text"
+        );
         room.on_live(delta(7));
         assert_eq!(drain(&mut rx), [(false, 7)], "no read in flight: at once");
 
@@ -528,9 +553,10 @@ mod tests {
     }
 
     /// A re-base read made just before a turn's end was stored finds the turn in progress; if
-    /// the end reached the room first, the start is not sent (nothing would end it again).
+    /// the end reached the room first, the start is not sent (nothing would end it again). Nor
+    /// are a turn's live frames held during the read, when its end overtook them.
     #[test]
-    fn no_rebase_start_for_a_turn_the_room_saw_end() {
+    fn no_start_for_a_turn_the_room_saw_end() {
         let room = Room::new("r");
         let (tx, mut rx) = queue::channel(16);
         assert!(room.add_member(7, tx));
@@ -548,13 +574,33 @@ mod tests {
         let hold = room.hold_turn_frames();
         room.on_live(Live::Entries(vec![(StreamId::new(9, 0), end)]));
         room.rebase(hold, &[in_progress(1), in_progress(2)]);
-        let sent: Vec<Option<StreamId>> = std::iter::from_fn(|| rx.try_recv())
-            .map(|out| out.id.or(out.turn.map(|m| m.turn)))
-            .collect();
+        let sent = |rx: &mut queue::Receiver| -> Vec<Option<StreamId>> {
+            std::iter::from_fn(|| rx.try_recv())
+                .map(|out| out.id.or(out.turn.map(|m| m.turn)))
+                .collect()
+        };
         assert_eq!(
-            sent,
+            sent(&mut rx),
             [Some(StreamId::new(9, 0)), Some(StreamId::new(2, 0))],
             "the end, then the start of the other turn only"
         );
+
+        // A short turn starts and ends while a read is in flight.
+        let hd = serde_json::json!({"turn_id": "3-0"});
+        let hd = hd.as_object().cloned().unwrap_or_default();
+        let end = crate::protocol::new_body("llm.error", "llm", None, "r", &hd, &bd);
+        let hold = room.hold_turn_frames();
+        room.on_live(Live::Turn {
+            mark: TurnMark {
+                turn: StreamId::new(3, 0),
+                attempt: 1,
+                seq: -1,
+                start: true,
+            },
+            frame: "start".into(),
+        });
+        room.on_live(Live::Entries(vec![(StreamId::new(10, 0), end)]));
+        drop(hold);
+        assert_eq!(sent(&mut rx), [Some(StreamId::new(10, 0))]);
     }
 }
