@@ -65,9 +65,8 @@ async fn answer(
     cancel: &CancellationToken,
 ) -> Result<(), StoreError> {
     let store = &ctx.store;
-    let lease = ctx.args.claim_idle();
     let token = crate::store::lease_token(&ctx.consumer, turn);
-    match store.turn_lock(sid, turn, &token, lease).await? {
+    match lock_turn(ctx, sid, turn, &token, cancel).await? {
         TurnLock::Acquired => {}
         TurnLock::Busy => return Ok(()),
         TurnLock::Done(_) => return store.ack(sid, turn).await,
@@ -194,6 +193,36 @@ async fn answer(
     }
     let end = Ending::new(ctx, sid, turn, &out.published, outcome, &usage);
     finish(ctx, sid, turn, end).await
+}
+
+/// Takes the turn's lease. One held by another worker may be a dead worker's: a request is
+/// claimed once its claim sat idle for a lease's time, but the dead holder may have renewed
+/// its lease after its claim, so the lease can outlive the claim by up to one renewal. Giving
+/// up then would cost the request a second delivery for one death (the next claim), and a few
+/// deaths and restarts in a row would dead-letter a request that never failed. So a busy lease
+/// is waited out for up to one lease time, with this worker's claim kept fresh meanwhile (that
+/// counts no delivery); a live holder renews it, and this worker then leaves the turn to it.
+async fn lock_turn(
+    ctx: &Ctx,
+    sid: &str,
+    turn: StreamId,
+    token: &str,
+    cancel: &CancellationToken,
+) -> Result<TurnLock, StoreError> {
+    let lease = ctx.args.claim_idle();
+    let give_up = tokio::time::Instant::now() + lease;
+    let poll = (lease / 8).max(Duration::from_millis(100));
+    loop {
+        let lock = ctx.store.turn_lock(sid, turn, token, lease).await?;
+        if !matches!(lock, TurnLock::Busy) || tokio::time::Instant::now() >= give_up {
+            return Ok(lock);
+        }
+        ctx.store.touch_claim(sid, &ctx.consumer, turn).await?;
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(TurnLock::Busy),
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
 }
 
 fn state_ttl(ctx: &Ctx) -> Duration {

@@ -436,3 +436,96 @@ async fn a_worker_killed_mid_turn_is_replaced_and_the_turn_answered_once() {
         "the second worker generated it again"
     );
 }
+
+/// A worker died after it claimed a request and took the turn's lease, before it renewed its
+/// claim: the lease outlives the claim. The next worker to claim the request finds the lease
+/// busy and waits it out, and answers with the delivery it has, instead of leaving the request
+/// for one more claim (with `--llm-max-deliveries 2` that would be the dead-letter stream: a
+/// request that never failed, lost to two deaths in a row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_lease_is_waited_out_not_charged_a_delivery() {
+    use fred::prelude::*;
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(Mode::Tokens {
+        tokens: vec!["fine ".into(), "thanks".into()],
+        delay: Duration::from_millis(10),
+    })
+    .await;
+    let client = redis.client().await;
+    let sid = unique_sid("lease");
+    let key = format!("chat:session:{sid}");
+    // The dead worker's state: the request delivered to it once, its lease still live.
+    let body = json!({"hd": {"event": "llm.request", "role": "A"}, "bd": {"text": "how are you?"}});
+    let fields = vec![
+        ("participant", "A".to_owned()),
+        ("event", "llm.request".to_owned()),
+        ("body", body.to_string()),
+    ];
+    let turn: String = client.xadd(&key, false, None, "*", fields).await.unwrap();
+    let _: () = client.xgroup_create(&key, "llm", "0", false).await.unwrap();
+    let _: Value = client
+        .custom(
+            fred::types::CustomCommand::new_static(
+                "XREADGROUP",
+                fred::types::ClusterHash::FirstKey,
+                false,
+            ),
+            vec![
+                "GROUP",
+                "llm",
+                "ghost",
+                "COUNT",
+                "1",
+                "STREAMS",
+                key.as_str(),
+                ">",
+            ],
+        )
+        .await
+        .unwrap();
+    let lease = Duration::from_millis(1800);
+    let _: () = client
+        .set(
+            format!("chat:llm:turn:{{{key}}}:{turn}"),
+            format!("ghost/{turn}"),
+            Some(Expiration::PX(lease.as_millis() as i64)),
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+    let leased_at = Instant::now();
+
+    // Claims a request idle for 1 s, on a tick of 0.5 s: while the ghost's lease is live.
+    let base = fake.base_url();
+    let _worker = WorkerProcess::start(
+        &redis.url(),
+        &[
+            "--llm-base-url",
+            base.as_str(),
+            "--llm-claim-idle-secs",
+            "1",
+            "--llm-max-deliveries",
+            "2",
+            "--llm-consumer",
+            "alive",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let reply = loop {
+        if let Some(reply) = stored_events(&redis, &sid, "llm.response").await.pop() {
+            break reply;
+        }
+        let dead: Vec<(String, Vec<(String, String)>)> = xrange(&client, "chat:llm:dead").await;
+        assert!(dead.is_empty(), "dead-lettered: {dead:?}");
+        assert!(Instant::now() < deadline, "no reply within 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        leased_at.elapsed() >= lease,
+        "answered only once the lease lapsed"
+    );
+    assert_eq!(reply["hd"]["turn_id"], turn.as_str());
+    assert_eq!(reply["bd"]["text"], "fine thanks");
+    assert_eq!(fake.requests().len(), 1);
+}
