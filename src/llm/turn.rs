@@ -66,11 +66,15 @@ async fn answer(
 ) -> Result<(), StoreError> {
     let store = &ctx.store;
     let token = crate::store::lease_token(&ctx.consumer, turn);
-    match lock_turn(ctx, sid, turn, &token, cancel).await? {
+    match lock_turn(ctx, sid, turn, &token).await? {
         TurnLock::Acquired => {}
         TurnLock::Busy => return Ok(()),
         TurnLock::Done(_) => return store.ack(sid, turn).await,
     }
+    // The claim restarts with the lease: should this worker die before its first renewal, the
+    // request is not claimable before the lease lapses. A failure here only makes that wait
+    // (in `lock_turn`) more likely.
+    let _ = store.touch_claim(sid, &ctx.consumer, turn).await;
     let model = ctx.provider.model();
     // A dead attempt's state: what it spent is carried into this turn's usage.
     let prior = store.turn_state(sid, turn).await?;
@@ -196,18 +200,18 @@ async fn answer(
 }
 
 /// Takes the turn's lease. One held by another worker may be a dead worker's: a request is
-/// claimed once its claim sat idle for a lease's time, but the dead holder may have renewed
-/// its lease after its claim, so the lease can outlive the claim by up to one renewal. Giving
-/// up then would cost the request a second delivery for one death (the next claim), and a few
-/// deaths and restarts in a row would dead-letter a request that never failed. So a busy lease
-/// is waited out for up to one lease time, with this worker's claim kept fresh meanwhile (that
-/// counts no delivery); a live holder renews it, and this worker then leaves the turn to it.
+/// claimed once its claim sat idle for a lease's time, and a lease taken (or renewed) after
+/// the claim outlives it. Giving up then would cost the request a second delivery for one
+/// death (the next claim), and a few deaths and restarts in a row would dead-letter a request
+/// that never failed. So a busy lease is waited out for up to one lease time, with this
+/// worker's claim kept fresh meanwhile (that counts no delivery); a live holder renews it, and
+/// this worker then leaves the turn to it. Only shutdown ends the wait early: a cancelled turn
+/// is recorded as such once its lease is taken.
 async fn lock_turn(
     ctx: &Ctx,
     sid: &str,
     turn: StreamId,
     token: &str,
-    cancel: &CancellationToken,
 ) -> Result<TurnLock, StoreError> {
     let lease = ctx.args.claim_idle();
     let give_up = tokio::time::Instant::now() + lease;
@@ -217,9 +221,9 @@ async fn lock_turn(
         if !matches!(lock, TurnLock::Busy) || tokio::time::Instant::now() >= give_up {
             return Ok(lock);
         }
-        ctx.store.touch_claim(sid, &ctx.consumer, turn).await?;
+        let _ = ctx.store.touch_claim(sid, &ctx.consumer, turn).await;
         tokio::select! {
-            _ = cancel.cancelled() => return Ok(TurnLock::Busy),
+            _ = ctx.token.cancelled() => return Ok(TurnLock::Busy),
             _ = tokio::time::sleep(poll) => {}
         }
     }

@@ -483,10 +483,11 @@ async fn a_dead_workers_lease_is_waited_out_not_charged_a_delivery() {
         )
         .await
         .unwrap();
-    let lease = Duration::from_millis(1800);
+    let lease = Duration::from_millis(3500);
+    let lease_key = format!("chat:llm:turn:{{{key}}}:{turn}");
     let _: () = client
         .set(
-            format!("chat:llm:turn:{{{key}}}:{turn}"),
+            &lease_key,
             format!("ghost/{turn}"),
             Some(Expiration::PX(lease.as_millis() as i64)),
             None,
@@ -496,7 +497,7 @@ async fn a_dead_workers_lease_is_waited_out_not_charged_a_delivery() {
         .unwrap();
     let leased_at = Instant::now();
 
-    // Claims a request idle for 1 s, on a tick of 0.5 s: while the ghost's lease is live.
+    // Claims a request idle for 2 s, on a tick of 1 s: while the ghost's lease is live.
     let base = fake.base_url();
     let _worker = WorkerProcess::start(
         &redis.url(),
@@ -504,7 +505,7 @@ async fn a_dead_workers_lease_is_waited_out_not_charged_a_delivery() {
             "--llm-base-url",
             base.as_str(),
             "--llm-claim-idle-secs",
-            "1",
+            "2",
             "--llm-max-deliveries",
             "2",
             "--llm-consumer",
@@ -512,15 +513,26 @@ async fn a_dead_workers_lease_is_waited_out_not_charged_a_delivery() {
         ],
     );
     let deadline = Instant::now() + Duration::from_secs(15);
+    // Seen once: the request claimed by the live worker while the ghost's lease still stood.
+    let mut waited = false;
     let reply = loop {
         if let Some(reply) = stored_events(&redis, &sid, "llm.response").await.pop() {
             break reply;
         }
+        let pending: Vec<(String, String, u64, u64)> =
+            client.xpending(&key, "llm", ("-", "+", 10)).await.unwrap();
+        let holder: Option<String> = client.get(&lease_key).await.unwrap();
+        waited |= pending.iter().any(|p| p.1 == "alive")
+            && holder.is_some_and(|h| h.starts_with("ghost/"));
         let dead: Vec<(String, Vec<(String, String)>)> = xrange(&client, "chat:llm:dead").await;
         assert!(dead.is_empty(), "dead-lettered: {dead:?}");
         assert!(Instant::now() < deadline, "no reply within 15 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    assert!(
+        waited,
+        "the worker claimed the request before the lease lapsed (else this tests nothing)"
+    );
     assert!(
         leased_at.elapsed() >= lease,
         "answered only once the lease lapsed"
