@@ -229,6 +229,24 @@ async fn lock_turn(
     }
 }
 
+/// Renews the lease and the entry's claim, and catches a cancel whose notice was missed.
+/// `Some`: the turn ends here (another worker took it over, or it was cancelled).
+async fn renew_turn(ctx: &Ctx, sid: &str, turn: StreamId, token: &str) -> Option<Outcome> {
+    match ctx
+        .store
+        .turn_lock(sid, turn, token, ctx.args.claim_idle())
+        .await
+    {
+        Ok(TurnLock::Acquired) | Err(_) => {}
+        Ok(TurnLock::Busy | TurnLock::Done(_)) => return Some(Outcome::Superseded),
+    }
+    let _ = ctx.store.touch_claim(sid, &ctx.consumer, turn).await;
+    if ctx.store.is_cancelled(sid, turn).await.unwrap_or(false) {
+        return Some(Outcome::Cancelled);
+    }
+    None
+}
+
 fn state_ttl(ctx: &Ctx) -> Duration {
     crate::store::turn_state_ttl(ctx.args.claim_idle())
 }
@@ -252,20 +270,31 @@ async fn generate(
     usage: &mut UsageTally,
 ) -> Outcome {
     let asked = std::time::Instant::now();
-    let mut completion = tokio::select! {
-        _ = cancel.cancelled() => return Outcome::Cancelled,
-        c = ctx.provider.stream(ask.messages, ask.stops, ask.max_tokens) => match c {
-            Ok(c) => c,
-            Err(err) => return Outcome::Failed(err),
-        },
+    // The lease and the entry's claim are kept fresh from the first request on: connecting and
+    // retrying can outlast a lease, and another worker would take the turn over meanwhile.
+    let renew_every = (ctx.args.claim_idle() / 3).max(Duration::from_millis(300));
+    let mut renew =
+        tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
+    let starting = ctx.provider.stream(ask.messages, ask.stops, ask.max_tokens);
+    tokio::pin!(starting);
+    let mut completion = loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Outcome::Cancelled,
+            _ = renew.tick() => {
+                if let Some(end) = renew_turn(ctx, sid, turn, token).await {
+                    return end;
+                }
+            }
+            c = &mut starting => match c {
+                Ok(c) => break c,
+                Err(err) => return Outcome::Failed(err),
+            },
+        }
     };
     // From here on the provider has read the prompt: the turn spent tokens.
     usage.provider_called = true;
     let mut first_token = true;
-    // Keep the lease and the entry's claim fresh, and catch cancels whose notice was missed.
-    let renew_every = (ctx.args.claim_idle() / 3).max(Duration::from_millis(300));
-    let mut renew =
-        tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
     let mut reason = String::from("stop");
     loop {
         let flush_at = out.flush_due();
@@ -273,13 +302,8 @@ async fn generate(
             biased;
             _ = cancel.cancelled() => return Outcome::Cancelled,
             _ = renew.tick() => {
-                match ctx.store.turn_lock(sid, turn, token, ctx.args.claim_idle()).await {
-                    Ok(TurnLock::Acquired) | Err(_) => {}
-                    Ok(TurnLock::Busy | TurnLock::Done(_)) => return Outcome::Superseded,
-                }
-                let _ = ctx.store.touch_claim(sid, &ctx.consumer, turn).await;
-                if ctx.store.is_cancelled(sid, turn).await.unwrap_or(false) {
-                    return Outcome::Cancelled;
+                if let Some(end) = renew_turn(ctx, sid, turn, token).await {
+                    return end;
                 }
             }
             _ = sleep_until(flush_at), if flush_at.is_some() => {

@@ -541,3 +541,59 @@ async fn a_dead_workers_lease_is_waited_out_not_charged_a_delivery() {
     assert_eq!(reply["bd"]["text"], "fine thanks");
     assert_eq!(fake.requests().len(), 1);
 }
+
+/// The provider refuses the first requests (503), and the worker's retries take three times
+/// its lease before the first token. The lease and the claim are renewed meanwhile, so the
+/// other worker never takes the turn over: the reply is generated once, not twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_before_the_first_token_keep_the_lease() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(Mode::Tokens {
+        tokens: vec!["at ".into(), "last".into()],
+        delay: Duration::from_millis(10),
+    })
+    .await;
+    // Backoff from 200 ms, doubling: 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s ≈ 6 s of retries.
+    fake.fail_next(5, 503);
+    let base = fake.base_url();
+    let relay = Relay::start(&redis.url(), &["--llm", "off"]).await;
+    let sid = unique_sid("retries");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let worker_args = [
+        "--llm-base-url",
+        base.as_str(),
+        "--llm-claim-idle-secs",
+        "2",
+        "--llm-attempts",
+        "6",
+    ];
+    let _w1 = WorkerProcess::start(
+        &redis.url(),
+        &[&worker_args[..], &["--llm-consumer", "one"]].concat(),
+    );
+    let _w2 = WorkerProcess::start(
+        &redis.url(),
+        &[&worker_args[..], &["--llm-consumer", "two"]].concat(),
+    );
+    a.send_json(
+        &json!({"hd": {"event": "llm.request", "role": "A", "cid": "q"}, "bd": {"text": "hello"}}),
+    )
+    .await;
+    let turn = a.expect_ack("q").await;
+    let end = loop {
+        let v = a.next_json().await;
+        if v["hd"]["event"] == "llm.response" {
+            break v;
+        }
+    };
+    assert_eq!(end["hd"]["turn_id"], turn.as_str());
+    assert_eq!(end["bd"]["text"], "at last");
+    // Past two more claim periods: a worker that took the turn over would have asked again.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        fake.requests().len(),
+        6,
+        "five refused, one streamed: the turn was generated once"
+    );
+    assert_eq!(stored_events(&redis, &sid, "llm.response").await.len(), 1);
+}
