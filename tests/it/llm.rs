@@ -45,6 +45,16 @@ async fn watch_turn(c: &mut WsClient) -> Turn {
     }
 }
 
+/// Reads past everything else to the first frame of event `event`.
+async fn next_event(c: &mut WsClient, event: &str) -> Value {
+    loop {
+        let v = c.next_json().await;
+        if v["hd"]["event"] == event {
+            return v;
+        }
+    }
+}
+
 async fn relay_with(redis: &RedisServer, fake: &FakeLlm, extra: &[&str]) -> Relay {
     let base = fake.base_url();
     let mut args = vec![
@@ -191,12 +201,7 @@ async fn cancel_stops_the_turn_promptly_and_records_the_partial_text() {
     )
     .await;
     let cancelled_at = Instant::now();
-    let end = loop {
-        let v = b.next_json().await;
-        if v["hd"]["event"] == "llm.response" {
-            break v;
-        }
-    };
+    let end = next_event(&mut b, "llm.response").await;
     let took = cancelled_at.elapsed();
     assert_eq!(end["bd"]["reason"], "cancelled");
     let partial = end["bd"]["text"].as_str().unwrap();
@@ -416,12 +421,7 @@ async fn a_worker_killed_mid_turn_is_replaced_and_the_turn_answered_once() {
         &redis.url(),
         &[&worker_args[..], &["--llm-consumer", "second"]].concat(),
     );
-    let end = loop {
-        let v = a.next_json().await;
-        if v["hd"]["event"] == "llm.response" {
-            break v;
-        }
-    };
+    let end = next_event(&mut a, "llm.response").await;
     assert_eq!(end["hd"]["turn_id"], turn.as_str());
     assert_eq!(end["bd"]["reason"], "stop");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -580,12 +580,7 @@ async fn retries_before_the_first_token_keep_the_lease() {
     )
     .await;
     let turn = a.expect_ack("q").await;
-    let end = loop {
-        let v = a.next_json().await;
-        if v["hd"]["event"] == "llm.response" {
-            break v;
-        }
-    };
+    let end = next_event(&mut a, "llm.response").await;
     assert_eq!(end["hd"]["turn_id"], turn.as_str());
     assert_eq!(end["bd"]["text"], "at last");
     // Past two more claim periods: a worker that took the turn over would have asked again.
