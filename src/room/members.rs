@@ -1,7 +1,6 @@
 //! One room on this node: its local members and the live cursor that keeps delivery in stream
 //! order, exactly once per member, across lost subscriptions.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -29,8 +28,8 @@ pub(crate) type ConnId = u64;
 const RECOVERY_BUFFER: usize = 4096;
 /// Page size for catch-up reads.
 const RECOVERY_PAGE: u64 = 1000;
-/// Ended turns a room remembers ([`RoomState::ended_turns`]): what matters is how many turns
-/// end while one re-base read is in flight (at most the Redis command timeout), seldom many.
+/// Ended turns a room remembers while re-base reads are in flight ([`TurnHold::ended`]): how
+/// many turns end during one read (at most the Redis command timeout), seldom many.
 const ENDED_TURNS: usize = 16;
 /// Live LLM frames held while a turn re-base read is in flight; beyond this they go out as
 /// they come (a member that was behind may then wait for the turn's stored end). Well below
@@ -52,10 +51,6 @@ struct RoomState {
     last_id: StreamId,
     recovering: Option<Recovery>,
     turn_hold: TurnHold,
-    /// The LLM turns whose stored end (`llm.response`, `llm.error`) the room delivered last,
-    /// newest at the back: a re-base read just before such an end must not restart the turn
-    /// for members (the end went out first, so nothing would end it again).
-    ended_turns: VecDeque<StreamId>,
     /// Set once the registry removed the room; joins then retry with a fresh room.
     closed: bool,
     /// The session was deleted: members were dropped for that reason, not for being slow.
@@ -84,6 +79,12 @@ struct TurnHold {
     /// Where the starts sent by these reads put each turn: held frames at or before that
     /// (attempt, seq) are dropped by every member, and are not released.
     rebased: Vec<TurnMark>,
+    /// The LLM turns whose stored end (`llm.response`, `llm.error`) the room delivered during
+    /// these reads, oldest first. A read made just before such an end still finds the turn in
+    /// progress, and its start must not restart the turn for members: the end went out first,
+    /// so nothing would end it again. (An end delivered before a read began was stored before
+    /// it, and the read does not find that turn.)
+    ended: Vec<StreamId>,
 }
 
 /// One re-base read in flight. Dropped (also when the read fails or its task is cancelled),
@@ -120,7 +121,6 @@ impl Room {
                 last_id: StreamId::ZERO,
                 recovering: None,
                 turn_hold: TurnHold::default(),
-                ended_turns: VecDeque::new(),
                 closed: false,
                 deleted: false,
                 empty_since: Some(Instant::now()),
@@ -262,11 +262,15 @@ impl Room {
             return;
         }
         st.last_id = id;
-        if let Some(turn) = ended_turn(&out.frame) {
-            if st.ended_turns.len() == ENDED_TURNS {
-                st.ended_turns.pop_front();
+        // Only a re-base read in flight needs to know (and most rooms never have one).
+        if st.turn_hold.readers > 0 {
+            if let Some(turn) = ended_turn(&out.frame) {
+                let ended = &mut st.turn_hold.ended;
+                if ended.len() == ENDED_TURNS {
+                    ended.remove(0);
+                }
+                ended.push(turn);
             }
-            st.ended_turns.push_back(turn);
         }
         let lag_ms = crate::protocol::now_ms().saturating_sub(id.ms);
         crate::metrics::HOT
@@ -354,7 +358,7 @@ impl Room {
         {
             let mut st = self.lock();
             for t in turns {
-                if !st.ended_turns.contains(&t.turn) {
+                if !st.turn_hold.ended.contains(&t.turn) {
                     let start = super::cursor::turn_start(&self.sid, t);
                     st.turn_hold.rebased.extend(start.turn);
                     self.fan_out(&mut st, &start);
@@ -375,7 +379,7 @@ impl Room {
     fn release_held_turn_frames(&self, st: &mut RoomState) {
         for out in std::mem::take(&mut st.turn_hold.frames) {
             let stale = out.turn.is_some_and(|mark| {
-                st.ended_turns.contains(&mark.turn)
+                st.turn_hold.ended.contains(&mark.turn)
                     || st.turn_hold.rebased.iter().any(|r| {
                         r.turn == mark.turn && (mark.attempt, mark.seq) <= (r.attempt, r.seq)
                     })
