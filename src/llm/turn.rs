@@ -20,7 +20,9 @@ use super::prompt;
 use super::provider::{Event, LlmError, Usage};
 use super::worker::Ctx;
 use crate::protocol::{llm_start_frame, new_body, transient_frame, StreamId, LLM_ROLE};
-use crate::store::{Entry, Finished, StoreError, TurnBegin, TurnEnd, TurnLock, TurnProgress};
+use crate::store::{
+    Entry, Finished, Progress, StoreError, TurnBegin, TurnEnd, TurnLock, TurnProgress,
+};
 
 /// Deltas are published (and the text so far recorded) at most this often per turn.
 const FLUSH_EVERY: Duration = Duration::from_millis(40);
@@ -70,6 +72,8 @@ async fn answer(
         TurnLock::Acquired => {}
         TurnLock::Busy => return Ok(()),
         TurnLock::Done(_) => return store.ack(sid, turn).await,
+        // Nothing was spent yet, so nothing is owed; the request went with the stream.
+        TurnLock::Gone => return Ok(()),
     }
     // The claim restarts with the lease: should this worker die before its first renewal, the
     // request is not claimable before the lease lapses. A failure here only makes that wait
@@ -182,8 +186,8 @@ async fn answer(
         // Whatever the room has not been sent yet goes out now, so the stored text is exactly
         // what every member rebuilt.
         other => match out.flush(true).await {
-            Ok(true) => other,
-            Ok(false) => Outcome::Superseded,
+            Ok(Progress::Published | Progress::Deleted) => other,
+            Ok(Progress::Lost) => Outcome::Superseded,
             Err(err) => return Err(err),
         },
     };
@@ -239,6 +243,9 @@ async fn renew_turn(ctx: &Ctx, sid: &str, turn: StreamId, token: &str) -> Option
     {
         Ok(TurnLock::Acquired) | Err(_) => {}
         Ok(TurnLock::Busy | TurnLock::Done(_)) => return Some(Outcome::Superseded),
+        // The session was deleted: the turn stops, and its end (stored nowhere) bills what was
+        // spent.
+        Ok(TurnLock::Gone) => return Some(Outcome::Cancelled),
     }
     let _ = ctx.store.touch_claim(sid, &ctx.consumer, turn).await;
     if ctx.store.is_cancelled(sid, turn).await.unwrap_or(false) {
@@ -308,8 +315,10 @@ async fn generate(
             }
             _ = sleep_until(flush_at), if flush_at.is_some() => {
                 match out.flush(false).await {
-                    Ok(true) => {}
-                    Ok(false) => return Outcome::Superseded,
+                    Ok(Progress::Published) => {}
+                    Ok(Progress::Lost) => return Outcome::Superseded,
+                    // As after a lost renewal: the end bills what was spent.
+                    Ok(Progress::Deleted) => return Outcome::Cancelled,
                     Err(err) => tracing::debug!(cause = %err, "deltas not published yet; retrying"),
                 }
             }
@@ -406,16 +415,16 @@ impl Deltas<'_> {
     }
 
     /// Publishes the pending deltas with the text so far. `last`: the generation ended, so a
-    /// reply too short to have decided about a speaker prefix is decided now. `Ok(false)`:
-    /// another attempt owns the turn.
-    async fn flush(&mut self, last: bool) -> Result<bool, StoreError> {
+    /// reply too short to have decided about a speaker prefix is decided now. Anything but
+    /// `Published` leaves the deltas pending.
+    async fn flush(&mut self, last: bool) -> Result<Progress, StoreError> {
         if last && self.skip.is_none() {
             let skip = prompt::speaker_prefix_len(&self.raw, &self.speakers, true).unwrap_or(0);
             self.skip = Some(skip);
             self.queue(skip);
         }
         if self.pending.is_empty() {
-            return Ok(true);
+            return Ok(Progress::Published);
         }
         let mut text = self.published.clone();
         let frames: Vec<(i64, String)> = self
@@ -430,7 +439,7 @@ impl Deltas<'_> {
             .collect();
         let seq = frames.last().map_or(-1, |(s, _)| *s);
         self.last_flush = Some(tokio::time::Instant::now());
-        let ok = self
+        let progress = self
             .ctx
             .store
             .turn_progress(
@@ -445,11 +454,11 @@ impl Deltas<'_> {
                 state_ttl(self.ctx),
             )
             .await?;
-        if ok {
+        if progress == Progress::Published {
             self.published = text;
             self.pending.clear();
         }
-        Ok(ok)
+        Ok(progress)
     }
 }
 
@@ -625,12 +634,10 @@ async fn finish(ctx: &Ctx, sid: &str, turn: StreamId, end: Ending) -> Result<(),
         body: &end.body,
         usage_callback: end.callback.as_deref(),
     };
+    let through_outages =
+        || crate::retry::bounded(Duration::from_millis(100), Duration::from_secs(4), 8);
     let stored = (|| ctx.store.finish_turn(sid, turn, &turn_end))
-        .retry(crate::retry::bounded(
-            Duration::from_millis(100),
-            Duration::from_secs(4),
-            8,
-        ))
+        .retry(through_outages())
         .when(|_| !ctx.token.is_cancelled())
         .notify(|err, _| tracing::warn!(cause = %err, "cannot store the turn's end yet; retrying"))
         .await?;
@@ -642,7 +649,18 @@ async fn finish(ctx: &Ctx, sid: &str, turn: StreamId, end: Ending) -> Result<(),
             }
         }
         Finished::AlreadyDone(id) => {
-            tracing::info!(existing = ?id.map(|i| i.to_string()), "turn was already answered; dropping this reply")
+            tracing::info!(existing = %id, "turn was already answered; dropping this reply")
+        }
+        Finished::Gone => {
+            tracing::info!("the session was deleted during the turn; nothing stored");
+            // The tokens were spent all the same.
+            if let Some(callback) = &end.callback {
+                (|| ctx.store.bill_deleted_session(sid, turn, callback))
+                    .retry(through_outages())
+                    .when(|_| !ctx.token.is_cancelled())
+                    .await?;
+                ctx.usage_wake.notify_one();
+            }
         }
     }
     Ok(())

@@ -14,12 +14,13 @@
 -- ARGV[10] usage callback body, a JSON object without "turn" ('' = no callback)
 -- ARGV[11] retention by age, ms (0 = none)   ARGV[12] room idle ttl, ms (0 = rooms never expire)
 --
--- Returns {'stored', id, ordinal} or, when some worker already finished this turn, {'done', id}
--- ({'done'} without an id when the session was deleted, or deleted and created again).
+-- Returns {'stored', id, ordinal}; {'done', id} when some worker already finished this turn;
+-- {'gone'} when the session was deleted (or deleted and created again): nothing is written, and
+-- the caller queues the usage callback in the outbox of deleted sessions.
 
--- A deleted session (its stream is gone) gets nothing back: answered like a finished turn.
+-- A deleted session (its stream is gone) gets nothing back.
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {'done'}
+  return {'gone'}
 end
 local cur = redis.call('GET', KEYS[2])
 if cur and string.sub(cur, 1, 5) == 'done:' then
@@ -31,7 +32,7 @@ end
 -- or by a first message): its stream never held this request, so the reply is not its to keep.
 local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[5], ARGV[6], ARGV[6], 1)
 if not ok or #pending == 0 then
-  return {'done'}
+  return {'gone'}
 end
 local maxlen = tonumber(redis.call('HGET', KEYS[10], 'ret_len') or ARGV[1])
 local id

@@ -22,7 +22,8 @@
 //! | `chat:llm:turns:{<room key>}` | string | turns finished in the room (each turn's ordinal) |
 //! | `chat:usage:outbox:{<room key>}` | sorted set | usage callbacks to deliver, by due time |
 //! | `chat:usage:record:{<room key>}` | hash | their bodies and attempt counts |
-//! | `chat:usage:rooms` | sorted set | rooms with callbacks to deliver (by time of the last one added) |
+//! | `chat:usage:outbox:{chat:session::deleted}`, `chat:usage:record:{…}` | sorted set, hash | the outbox of deleted sessions: callbacks they still owed, members `<turn id> <sid>` (`:` is in no session id) |
+//! | `chat:usage:rooms` | sorted set | rooms with callbacks to deliver (by time of the last one added), and `:deleted` |
 //! | `chat:usage:dead` | stream | usage callbacks that could not be delivered in time |
 //! | `chat:llm:rate:{<room key>}:<window>` | string | LLM turns counted per room per window |
 //! | `chat:voice:rate:{<room key>}` | sorted set | the voice dialect's requests of the last minute (`--voice-requests-per-minute`, a sliding window), scored by Redis time; expires with the window |
@@ -34,7 +35,8 @@
 //! deleting a session (`DELETE /api/sessions/{id}`) removes the fixed names in one script and
 //! finds the rest (per-turn keys, rate windows) with `SCAN MATCH
 //! *{chat:session:<sid>}*` ([`Keys::room_pattern`]); the global keys (`chat:rooms`,
-//! `chat:usage:rooms`, the dead-letter streams) only name the room inside their entries.
+//! `chat:usage:rooms`, the dead-letter streams, the outbox of deleted sessions) only name the
+//! room inside their entries.
 //! A room-deleted notice (`-x`) on the room's channel tells every node to close its members.
 //!
 //! The channel deliberately has the key's name: in Redis Cluster a sharded channel hashes like a

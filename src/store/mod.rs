@@ -37,7 +37,8 @@ pub(crate) use sessions::{merge_patch, Created, Session};
 pub(crate) use stats::RoomStats;
 pub use turns::lease_holder;
 pub(crate) use turns::{
-    lease_token, turn_state_ttl, Finished, TurnBegin, TurnEnd, TurnLock, TurnProgress, TurnState,
+    lease_token, turn_state_ttl, Finished, Progress, TurnBegin, TurnEnd, TurnLock, TurnProgress,
+    TurnState,
 };
 pub(crate) use usage::PendingCallback;
 
@@ -82,6 +83,7 @@ struct Scripts {
     active_turns: Lua,
     finish: Lua,
     usage_claim: Lua,
+    usage_adopt: Lua,
     usage_settle: Lua,
     usage_forget: Lua,
     voice_rate: Lua,
@@ -275,6 +277,7 @@ impl Store {
                     active_turns: Lua::new(include_str!("active_turns.lua")),
                     finish: Lua::new(include_str!("finish.lua")),
                     usage_claim: Lua::new(include_str!("usage_claim.lua")),
+                    usage_adopt: Lua::new(include_str!("usage_adopt.lua")),
                     usage_settle: Lua::new(include_str!("usage_settle.lua")),
                     usage_forget: Lua::new(include_str!("usage_forget.lua")),
                     voice_rate: Lua::new(include_str!("voice_rate.lua")),

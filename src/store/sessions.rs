@@ -10,12 +10,15 @@
 //! and publishes a room-deleted notice on the room's channel, which every node turns into an
 //! error frame and a close for its members.
 
+use std::time::Duration;
+
+use backon::Retryable;
 use fred::interfaces::{HashesInterface, KeysInterface, SortedSetsInterface};
 use fred::types::Value;
 use serde_json::{Map, Value as Json};
 
 use super::feed::encode_deleted;
-use super::{AppendReply, RoomStats, Store, StoreError, StreamInfo, Target};
+use super::{value_str, AppendReply, RoomStats, Store, StoreError, StreamInfo, Target};
 use crate::protocol::{EventKind, StreamId};
 
 /// How often a patch is retried when other patches keep changing the record under it.
@@ -219,12 +222,12 @@ impl Store {
         let mut keys = vec![
             k.room(sid),
             k.session_record(sid),
+            k.usage_outbox(sid),
+            k.usage_records(sid),
             k.stats(sid),
             k.active_turns(sid),
             k.turn_attempts(sid),
             k.turn_counter(sid),
-            k.usage_outbox(sid),
-            k.usage_records(sid),
         ];
         keys.extend(k.cid_generations(sid));
         let reply = self
@@ -234,7 +237,26 @@ impl Store {
                 vec![encode_deleted()],
             )
             .await?;
-        let existed = matches!(reply, Value::Integer(1));
+        let (existed, owed) = deleted_reply(reply)?;
+        if !owed.is_empty() {
+            // The session is gone already: a failure here would lose what it owes, so it is
+            // retried through a short outage, and logged in full if it still fails.
+            let adopted = (|| self.adopt_usage(sid, &owed))
+                .retry(crate::retry::bounded(
+                    Duration::from_millis(100),
+                    Duration::from_secs(2),
+                    6,
+                ))
+                .await;
+            match adopted {
+                Ok(()) => {
+                    tracing::info!(room = %sid, callbacks = owed.len(), "usage callbacks of the deleted session moved to the outbox of deleted sessions")
+                }
+                Err(err) => {
+                    tracing::error!(room = %sid, cause = %err, callbacks = ?owed, "usage callbacks of the deleted session lost")
+                }
+            }
+        }
         // Also when it did not exist: a delete that failed half-way is finished by the retry.
         let rest = self.scan_keys(&k.room_pattern(sid), None).await?;
         for chunk in rest.chunks(500) {
@@ -289,6 +311,28 @@ pub(crate) fn merge_patch(target: &mut Json, patch: &Json) {
             }
         }
     }
+}
+
+/// `session_delete.lua`'s reply: whether the session existed, and the usage callbacks it still
+/// owed (turn id, due ms, body, created ms, attempts).
+fn deleted_reply(reply: Value) -> Result<(bool, Vec<[String; 5]>), StoreError> {
+    let items = match reply {
+        Value::Integer(0) => return Ok((false, Vec::new())),
+        Value::Array(items) => items,
+        _ => return Err(StoreError::Reply("session delete reply unknown")),
+    };
+    let mut fields = items.iter().skip(1).map(value_str);
+    let mut owed = Vec::new();
+    while let Some(turn) = fields.next() {
+        let mut next = || fields.next().flatten();
+        match (turn, next(), next(), next(), next()) {
+            (Some(turn), Some(due), Some(body), Some(created), Some(attempts)) => {
+                owed.push([turn, due, body, created, attempts])
+            }
+            _ => return Err(StoreError::Reply("session delete reply unknown")),
+        }
+    }
+    Ok((true, owed))
 }
 
 #[cfg(test)]

@@ -5,8 +5,12 @@
 -- ARGV[1]  attempt   ARGV[2]  seq of the last delta included   ARGV[3]  the text so far
 -- ARGV[4]  state ttl, ms   ARGV[5..]  pub/sub payloads of the llm.delta frames, in order
 --
--- Returns 0, publishing nothing, when the state belongs to another attempt (this worker lost
--- the turn to another one) or is gone.
+-- Returns 1 when published; else, publishing nothing, 0 when the state belongs to another
+-- attempt (this worker lost the turn to another one) or is gone, and -1 when the session was
+-- deleted.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return -1
+end
 if redis.call('HGET', KEYS[2], 'attempt') ~= ARGV[1] then
   return 0
 end

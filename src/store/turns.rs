@@ -22,6 +22,8 @@ pub enum TurnLock {
     Busy,
     /// The turn already has its final entry.
     Done(Option<StreamId>),
+    /// The session was deleted: nothing was written.
+    Gone,
 }
 
 /// The value a worker's lease puts in a turn key: `<consumer>/<turn>` (until the finish script
@@ -40,13 +42,25 @@ pub fn lease_holder(value: &str) -> Option<(&str, StreamId)> {
     Some((consumer, turn.parse().ok()?))
 }
 
+/// What [`Store::turn_progress`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    Published,
+    /// Another attempt owns the turn's state (this worker lost the turn): nothing published.
+    Lost,
+    /// The session was deleted: nothing published.
+    Deleted,
+}
+
 /// What [`Store::finish_turn`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finished {
     /// Stored as this entry; the turn is the room's `ordinal`-th.
     Stored { id: StreamId, ordinal: u64 },
     /// Another worker finished first; nothing was written.
-    AlreadyDone(Option<StreamId>),
+    AlreadyDone(StreamId),
+    /// The session was deleted (perhaps created again since): nothing was written.
+    Gone,
 }
 
 /// A turn in progress as Redis holds it.
@@ -132,6 +146,7 @@ impl Store {
         let keys = vec![
             self.inner.keys.turn(sid, turn),
             self.inner.keys.turn_state(sid, turn),
+            self.inner.keys.room(sid),
         ];
         let ttl = (turn_state_ttl(lease).as_millis() as u64).to_string();
         let lease = (lease.as_millis() as u64).to_string();
@@ -148,6 +163,7 @@ impl Store {
         match parts.first().and_then(value_str).as_deref() {
             Some("acquired") => Ok(TurnLock::Acquired),
             Some("busy") => Ok(TurnLock::Busy),
+            Some("gone") => Ok(TurnLock::Gone),
             Some("done") => Ok(TurnLock::Done(
                 parts
                     .get(1)
@@ -215,7 +231,7 @@ impl Store {
         turn: StreamId,
         progress: &TurnProgress<'_>,
         ttl: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Progress, StoreError> {
         let TurnProgress {
             attempt,
             seq,
@@ -244,7 +260,11 @@ impl Store {
         let reply: Value = self
             .eval_script(&self.inner.scripts.turn_progress, keys, args)
             .await?;
-        Ok(matches!(reply, Value::Integer(1)))
+        Ok(match reply {
+            Value::Integer(1) => Progress::Published,
+            Value::Integer(-1) => Progress::Deleted,
+            _ => Progress::Lost,
+        })
     }
 
     /// The room's turns in progress, oldest first.
@@ -344,7 +364,8 @@ impl Store {
                 id,
                 ordinal: parts.get(2).and_then(Value::as_u64).unwrap_or(0),
             }),
-            (Some("done"), id) => Ok(Finished::AlreadyDone(id)),
+            (Some("done"), Some(id)) => Ok(Finished::AlreadyDone(id)),
+            (Some("gone"), _) => Ok(Finished::Gone),
             _ => Err(StoreError::Reply("finish reply unknown")),
         }
     }

@@ -6,6 +6,10 @@
 //! of rooms with callbacks lets workers find them without scanning; a room is listed before its
 //! callback is queued and unlisted only when its outbox is empty and nothing was added to it
 //! for a while, so no callback is ever left unlisted.
+//!
+//! Deleting a session must not forget what it owes: its pending callbacks, and those of turns
+//! that end after it is gone, move to one more outbox, [`DELETED_SESSIONS`], whose name no
+//! session can have, so a `SCAN` for a deleted session's id still finds nothing.
 
 use fred::interfaces::{SortedSetsInterface, StreamsInterface};
 use fred::types::Value;
@@ -15,11 +19,20 @@ use super::{value_str, Store, StoreError};
 /// A room stays in the index this long after its last callback was queued, even when empty.
 const INDEX_GRACE_MS: u64 = 5 * 60 * 1000;
 
+/// The outbox of deleted sessions, in the index like a room's. `:` is not in a session id's
+/// alphabet, so no session's keys, and no `SCAN` pattern for one, name it. Its members are
+/// `<turn id> <session id>`: turn ids are stream ids, unique only within their session.
+pub(crate) const DELETED_SESSIONS: &str = ":deleted";
+
 /// One callback taken for delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingCallback {
+    /// The session and the turn it bills.
     pub sid: String,
     pub turn: String,
+    /// Where it waits: the session's own outbox, or [`DELETED_SESSIONS`]; and its name there.
+    outbox: String,
+    member: String,
     pub body: String,
     pub created_ms: u64,
     /// Attempts so far, this one included.
@@ -97,9 +110,16 @@ impl Store {
                     return None;
                 };
                 let text = |i: usize| parts.get(i).and_then(value_str);
+                let member = text(0)?;
+                let (turn, owner) = match sid {
+                    DELETED_SESSIONS => member.split_once(' ')?,
+                    _ => (member.as_str(), sid),
+                };
                 Some(PendingCallback {
-                    sid: sid.to_owned(),
-                    turn: text(0)?,
+                    sid: owner.to_owned(),
+                    turn: turn.to_owned(),
+                    outbox: sid.to_owned(),
+                    member: member.clone(),
                     body: text(1)?,
                     created_ms: text(2).and_then(|t| t.parse().ok()).unwrap_or(0),
                     attempts: parts.get(3).and_then(Value::as_u64).unwrap_or(1),
@@ -156,14 +176,64 @@ impl Store {
         due_ms: u64,
     ) -> Result<(), StoreError> {
         let keys = vec![
-            self.inner.keys.usage_outbox(&cb.sid),
-            self.inner.keys.usage_records(&cb.sid),
+            self.inner.keys.usage_outbox(&cb.outbox),
+            self.inner.keys.usage_records(&cb.outbox),
         ];
-        let args = vec![cb.turn.clone(), how.to_owned(), due_ms.to_string()];
+        let args = vec![cb.member.clone(), how.to_owned(), due_ms.to_string()];
         let _: Value = self
             .eval_script(&self.inner.scripts.usage_settle, keys, args)
             .await?;
         Ok(())
+    }
+
+    /// Moves callbacks of session `sid` (deleted) to the outbox of deleted sessions. Each is
+    /// `(turn id, due ms, body, created ms, attempts so far)`.
+    pub(super) async fn adopt_usage(
+        &self,
+        sid: &str,
+        callbacks: &[[String; 5]],
+    ) -> Result<(), StoreError> {
+        if callbacks.is_empty() {
+            return Ok(());
+        }
+        // Listed first, as for any outbox (see the module's doc).
+        self.note_usage_room(DELETED_SESSIONS).await?;
+        let keys = vec![
+            self.inner.keys.usage_outbox(DELETED_SESSIONS),
+            self.inner.keys.usage_records(DELETED_SESSIONS),
+        ];
+        let mut args = Vec::with_capacity(5 * callbacks.len());
+        for [turn, due, body, created, attempts] in callbacks {
+            args.extend([
+                format!("{turn} {sid}"),
+                due.clone(),
+                body.clone(),
+                created.clone(),
+                attempts.clone(),
+            ]);
+        }
+        let _: Value = self
+            .eval_script(&self.inner.scripts.usage_adopt, keys, args)
+            .await?;
+        Ok(())
+    }
+
+    /// Queues the callback of a turn that ended after its session was deleted (or deleted and
+    /// created again): billed all the same, from the outbox of deleted sessions. Its `turn` is
+    /// 0: the room that would have counted it is gone.
+    pub async fn bill_deleted_session(
+        &self,
+        sid: &str,
+        turn: crate::protocol::StreamId,
+        callback: &str,
+    ) -> Result<(), StoreError> {
+        let now = crate::protocol::now_ms().to_string();
+        let body = with_ordinal(callback, 0);
+        self.adopt_usage(
+            sid,
+            &[[turn.to_string(), now.clone(), body, now, "0".to_owned()]],
+        )
+        .await
     }
 
     /// Unlists a room whose outbox is empty, unless a callback was queued there recently.
@@ -178,5 +248,24 @@ impl Store {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// The callback body with its turn ordinal, as `finish.lua` completes it: `{...,"turn":n}`.
+fn with_ordinal(body: &str, ordinal: u64) -> String {
+    let open = body.strip_suffix('}').unwrap_or(body);
+    format!("{open},\"turn\":{ordinal}}}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ordinal_closes_the_body() {
+        let body = r#"{"type":"usage","session_id":"s"}"#;
+        let full: serde_json::Value = serde_json::from_str(&with_ordinal(body, 0)).unwrap();
+        assert_eq!(full["turn"], 0);
+        assert_eq!(full["session_id"], "s");
     }
 }

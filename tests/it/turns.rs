@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use fred::interfaces::SortedSetsInterface;
 use serde_json::{json, Value};
 
 use crate::support::sse::SseEvent;
@@ -595,5 +596,111 @@ async fn a_callback_never_accepted_lands_in_the_dead_letter_stream() {
     assert!(
         metrics.contains(r#"chat_relay_usage_callbacks_total{outcome="dead"} 1"#),
         "{metrics}"
+    );
+}
+
+/// `DELETE /api/sessions/{id}` removes every key that names the session, yet what the session
+/// owes is still billed: its callback, refused so far, is delivered once from the outbox of
+/// deleted sessions, with the fields it had (its ordinal included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_sessions_pending_callback_is_still_delivered() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(FakeLlm::tokens(&["one ", "two"], Duration::ZERO)).await;
+    let callback = crate::support::Callback::start(0).await;
+    callback.set_down(true);
+    let (base, url) = (fake.base_url(), callback.url());
+    let relay = Relay::start(
+        &redis.url(),
+        &["--llm-base-url", &base, "--usage-callback-url", &url],
+    )
+    .await;
+    let sid = unique_sid("owed");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    a.send_json(&request("q", "count")).await;
+    let turn = a.expect_ack("q").await;
+    rebuild_ws(&mut a, &turn).await;
+    eventually(Duration::from_secs(15), "a refused attempt", || {
+        !callback.posts().is_empty()
+    })
+    .await;
+
+    let deleted = reqwest::Client::new()
+        .delete(relay.http(&format!("/api/sessions/{sid}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let client = redis.client().await;
+    assert_eq!(
+        crate::sessions::keys_naming(&client, &sid).await,
+        Vec::<String>::new(),
+        "a SCAN for the id finds nothing"
+    );
+
+    callback.set_down(false);
+    eventually(Duration::from_secs(20), "the callback accepted", || {
+        !callback.accepted().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let accepted = callback.accepted();
+    assert_eq!(accepted.len(), 1, "delivered once: {accepted:?}");
+    let b = &accepted[0].body;
+    assert_eq!(b["session_id"], sid.as_str());
+    assert_eq!(b["turn_id"], turn.as_str());
+    assert_eq!(b["turn"], 1, "the ordinal it was queued with: {b}");
+    assert_eq!(b["completion_tokens"], 2);
+    assert_eq!(accepted[0].idempotency_key.as_deref(), Some(turn.as_str()));
+    let outbox: i64 = client
+        .zcard("chat:usage:outbox:{chat:session::deleted}")
+        .await
+        .unwrap();
+    assert_eq!(outbox, 0, "nothing left to deliver");
+}
+
+/// A session deleted while the LLM answers it gets nothing stored, but the tokens spent are
+/// billed: one callback, `turn` 0 (the room that would have counted the turn is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_cut_short_by_a_delete_is_billed_all_the_same() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(numbered(40, Duration::from_millis(50))).await;
+    let callback = crate::support::Callback::start(0).await;
+    let (base, url) = (fake.base_url(), callback.url());
+    let relay = Relay::start(
+        &redis.url(),
+        &["--llm-base-url", &base, "--usage-callback-url", &url],
+    )
+    .await;
+    let sid = unique_sid("cut");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    a.send_json(&request("q", "count")).await;
+    let turn = a.expect_ack("q").await;
+    // Tokens are being spent.
+    a.take_where(|v| v["hd"]["event"] == "llm.delta" && v["bd"]["seq"] == 2)
+        .await;
+    let deleted = reqwest::Client::new()
+        .delete(relay.http(&format!("/api/sessions/{sid}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+
+    eventually(Duration::from_secs(20), "the callback accepted", || {
+        !callback.accepted().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let accepted = callback.accepted();
+    assert_eq!(accepted.len(), 1, "billed once: {accepted:?}");
+    let b = &accepted[0].body;
+    assert_eq!(b["session_id"], sid.as_str());
+    assert_eq!(b["turn_id"], turn.as_str());
+    assert_eq!(b["turn"], 0, "no room left to count it: {b}");
+    assert!(b["completion_tokens"].as_u64().unwrap() >= 3, "{b}");
+    let client = redis.client().await;
+    assert_eq!(
+        crate::sessions::keys_naming(&client, &sid).await,
+        Vec::<String>::new(),
+        "neither the reply nor the turn's lease brought a key of the session back"
     );
 }
