@@ -135,7 +135,11 @@ async fn answer(
     let stops = prompt::stop_sequences(&speakers);
     let prompt_tokens = prompt::estimate_tokens(&messages);
 
-    let attempt = store.next_attempt(sid, turn).await?;
+    let Some(attempt) = store.next_attempt(sid, turn).await? else {
+        // Deleted since the lease was taken. What dead attempts spent went with their state.
+        tracing::info!("the session was deleted before the turn began");
+        return Ok(());
+    };
     let header = turn_header(turn, model);
     let start = llm_start_frame(sid, turn, model, attempt, -1, "");
     let requester_sub = request_body.pointer("/hd/sub").and_then(Value::as_str);
@@ -655,11 +659,17 @@ async fn finish(ctx: &Ctx, sid: &str, turn: StreamId, end: Ending) -> Result<(),
             tracing::info!("the session was deleted during the turn; nothing stored");
             // The tokens were spent all the same.
             if let Some(callback) = &end.callback {
-                (|| ctx.store.bill_deleted_session(sid, turn, callback))
+                let billed = (|| ctx.store.bill_deleted_session(sid, turn, callback))
                     .retry(through_outages())
                     .when(|_| !ctx.token.is_cancelled())
-                    .await?;
-                ctx.usage_wake.notify_one();
+                    .await;
+                match billed {
+                    Ok(()) => ctx.usage_wake.notify_one(),
+                    // Nothing retries it later: the request went with the stream.
+                    Err(err) => {
+                        tracing::error!(cause = %err, %callback, "usage callback of a turn whose session was deleted lost")
+                    }
+                }
             }
         }
     }

@@ -1,6 +1,6 @@
 -- End one LLM turn: store its final entry, mark the turn done, acknowledge the request, retire
 -- its live state and queue its usage callback, all at once, so a turn has exactly one final
--- entry and one callback whatever crashes or races happen.
+-- entry and queues one callback whatever crashes or races happen.
 --
 -- KEYS[1]  the room stream (also its channel)     KEYS[2]  the turn key
 -- KEYS[3]  the turn's live state   KEYS[4]  the room's turns in progress
@@ -27,11 +27,15 @@ if cur and string.sub(cur, 1, 5) == 'done:' then
   redis.call('XACK', KEYS[1], ARGV[5], ARGV[6])
   return {'done', string.sub(cur, 6)}
 end
--- The request must still be pending in this stream's group. If it is not, the session was
--- deleted while the turn ran and a new one exists under the same id (created through the API,
--- or by a first message): its stream never held this request, so the reply is not its to keep.
+-- The request should still be pending in this stream's group. If it is not, either the session
+-- was deleted while the turn ran and a new one exists under the same id (created through the
+-- API, or by a first message): its stream never held this request, so the reply is not its to
+-- keep; or the request was trimmed away (Redis 7 drops trimmed entries from the pending list
+-- when they are claimed) or dead-lettered, and the session is the same. The turn's live state
+-- tells them apart: the delete removed it, and nothing writes it again in a stream that does
+-- not hold the request as pending (turn_attempt.lua, turn_progress.lua).
 local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[5], ARGV[6], ARGV[6], 1)
-if not ok or #pending == 0 then
+if (not ok or #pending == 0) and redis.call('EXISTS', KEYS[3]) == 0 then
   return {'gone'}
 end
 local maxlen = tonumber(redis.call('HGET', KEYS[10], 'ret_len') or ARGV[1])

@@ -22,7 +22,7 @@
 //! | `chat:llm:turns:{<room key>}` | string | turns finished in the room (each turn's ordinal) |
 //! | `chat:usage:outbox:{<room key>}` | sorted set | usage callbacks to deliver, by due time |
 //! | `chat:usage:record:{<room key>}` | hash | their bodies and attempt counts |
-//! | `chat:usage:outbox:{chat:session::deleted}`, `chat:usage:record:{…}` | sorted set, hash | the outbox of deleted sessions: callbacks they still owed, members `<turn id> <sid>` (`:` is in no session id) |
+//! | `chat:usage:outbox:{chat:session::deleted}`, `chat:usage:record:{…}` | sorted set, hash | the outbox of deleted sessions: callbacks they still owed, members `<turn id> <sid>` (`:` is in no session id, so no session's keys are named so) |
 //! | `chat:usage:rooms` | sorted set | rooms with callbacks to deliver (by time of the last one added), and `:deleted` |
 //! | `chat:usage:dead` | stream | usage callbacks that could not be delivered in time |
 //! | `chat:llm:rate:{<room key>}:<window>` | string | LLM turns counted per room per window |

@@ -217,8 +217,23 @@ impl Store {
     /// First the fixed keys and the notice, in one script (from then on nothing writes to the
     /// room: see `session_delete.lua`); then the keys with variable names, found by `SCAN` on
     /// every primary; then the room's entry in the usage index, which lives on another shard.
+    ///
+    /// The usage callbacks the session owes are copied to the outbox of deleted sessions
+    /// before the script, which hands back (and deletes) what it found, taken too: a reply
+    /// lost after the script ran, or a retry of the whole delete, then loses nothing. It runs
+    /// in a task of its own, so a caller that goes away (a client hanging up on `DELETE`) does
+    /// not stop it half-way.
     pub async fn delete_session(&self, sid: &str) -> Result<bool, StoreError> {
+        let (store, owner) = (self.clone(), sid.to_owned());
+        tokio::spawn(async move { store.delete_session_now(&owner).await })
+            .await
+            .unwrap_or(Err(StoreError::Reply("the session delete task failed")))
+    }
+
+    async fn delete_session_now(&self, sid: &str) -> Result<bool, StoreError> {
         let k = &self.inner.keys;
+        let owed = self.usage_owed(sid).await?;
+        self.adopt_usage(sid, &owed).await?;
         let mut keys = vec![
             k.room(sid),
             k.session_record(sid),
@@ -239,8 +254,8 @@ impl Store {
             .await?;
         let (existed, owed) = deleted_reply(reply)?;
         if !owed.is_empty() {
-            // The session is gone already: a failure here would lose what it owes, so it is
-            // retried through a short outage, and logged in full if it still fails.
+            // Most were copied above; those queued since exist nowhere else now, so a failure
+            // is retried through a short outage, and logged in full if it still fails.
             let adopted = (|| self.adopt_usage(sid, &owed))
                 .retry(crate::retry::bounded(
                     Duration::from_millis(100),

@@ -150,12 +150,16 @@ impl Store {
         ];
         let ttl = (turn_state_ttl(lease).as_millis() as u64).to_string();
         let lease = (lease.as_millis() as u64).to_string();
+        let turn = turn.to_string();
+        let args = vec![
+            token,
+            lease.as_str(),
+            ttl.as_str(),
+            self.inner.llm_group.as_str(),
+            turn.as_str(),
+        ];
         let reply: Value = self
-            .eval_script(
-                &self.inner.scripts.turn_lock,
-                keys,
-                vec![token, lease.as_str(), ttl.as_str()],
-            )
+            .eval_script(&self.inner.scripts.turn_lock, keys, args)
             .await?;
         let Value::Array(parts) = reply else {
             return Err(StoreError::Reply("turn lock reply is not an array"));
@@ -175,14 +179,23 @@ impl Store {
     }
 
     /// Numbers a new attempt at `turn`: one above every attempt started before, even when their
-    /// live state is gone. Call it holding the turn's lease.
-    pub async fn next_attempt(&self, sid: &str, turn: StreamId) -> Result<u32, StoreError> {
-        let n: i64 = self
-            .inner
-            .client
-            .hincrby(self.inner.keys.turn_attempts(sid), turn.to_string(), 1)
+    /// live state is gone. Call it holding the turn's lease. `None`: the session was deleted.
+    pub async fn next_attempt(&self, sid: &str, turn: StreamId) -> Result<Option<u32>, StoreError> {
+        let keys = vec![
+            self.inner.keys.room(sid),
+            self.inner.keys.turn_attempts(sid),
+        ];
+        let reply: Value = self
+            .eval_script(
+                &self.inner.scripts.turn_attempt,
+                keys,
+                vec![turn.to_string(), self.inner.llm_group.clone()],
+            )
             .await?;
-        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        Ok(match reply.as_i64() {
+            Some(0) | None => None,
+            Some(n) => Some(u32::try_from(n).unwrap_or(u32::MAX)),
+        })
     }
 
     /// Records the start of an attempt and publishes its `llm.start`, atomically.
@@ -247,6 +260,8 @@ impl Store {
             seq.to_string(),
             text.to_owned(),
             (ttl.as_millis() as u64).to_string(),
+            self.inner.llm_group.clone(),
+            turn.to_string(),
         ];
         args.extend(frames.iter().map(|(seq, frame)| {
             let mark = TurnMark {

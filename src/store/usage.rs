@@ -11,7 +11,7 @@
 //! that end after it is gone, move to one more outbox, [`DELETED_SESSIONS`], whose name no
 //! session can have, so a `SCAN` for a deleted session's id still finds nothing.
 
-use fred::interfaces::{SortedSetsInterface, StreamsInterface};
+use fred::interfaces::{HashesInterface, SortedSetsInterface, StreamsInterface};
 use fred::types::Value;
 
 use super::{value_str, Store, StoreError};
@@ -111,8 +111,10 @@ impl Store {
                 };
                 let text = |i: usize| parts.get(i).and_then(value_str);
                 let member = text(0)?;
+                // Only this module writes members there; one without its session is still
+                // delivered (its body names the session) rather than leased forever.
                 let (turn, owner) = match sid {
-                    DELETED_SESSIONS => member.split_once(' ')?,
+                    DELETED_SESSIONS => member.split_once(' ').unwrap_or((member.as_str(), "")),
                     _ => (member.as_str(), sid),
                 };
                 Some(PendingCallback {
@@ -184,6 +186,57 @@ impl Store {
             .eval_script(&self.inner.scripts.usage_settle, keys, args)
             .await?;
         Ok(())
+    }
+
+    /// The usage callbacks `sid` has queued, as [`Store::adopt_usage`] takes them.
+    pub(super) async fn usage_owed(&self, sid: &str) -> Result<Vec<[String; 5]>, StoreError> {
+        let due: Value = self
+            .inner
+            .client
+            .zrange(
+                self.inner.keys.usage_outbox(sid),
+                0,
+                -1,
+                None,
+                false,
+                None,
+                true,
+            )
+            .await?;
+        // RESP2 answers `[member, score, ...]`, RESP3 `[[member, score], ...]`.
+        let flat: Vec<String> = match due {
+            Value::Array(items) => items
+                .into_iter()
+                .flat_map(|item| match item {
+                    Value::Array(pair) => pair,
+                    other => vec![other],
+                })
+                .filter_map(|v| value_str(&v))
+                .collect(),
+            _ => Vec::new(),
+        };
+        if flat.is_empty() {
+            return Ok(Vec::new());
+        }
+        let records: std::collections::HashMap<String, String> = self
+            .inner
+            .client
+            .hgetall(self.inner.keys.usage_records(sid))
+            .await?;
+        Ok(flat
+            .chunks_exact(2)
+            .filter_map(|pair| {
+                let (turn, due) = (&pair[0], &pair[1]);
+                let field = |suffix: &str| records.get(&format!("{turn}{suffix}")).cloned();
+                Some([
+                    turn.clone(),
+                    due.clone(),
+                    field("")?,
+                    field("#created").unwrap_or_else(|| "0".to_owned()),
+                    field("#attempts").unwrap_or_else(|| "0".to_owned()),
+                ])
+            })
+            .collect())
     }
 
     /// Moves callbacks of session `sid` (deleted) to the outbox of deleted sessions. Each is

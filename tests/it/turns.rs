@@ -704,3 +704,66 @@ async fn a_turn_cut_short_by_a_delete_is_billed_all_the_same() {
         "neither the reply nor the turn's lease brought a key of the session back"
     );
 }
+
+/// A session deleted and at once created again under the same id, while the LLM answers the
+/// old one: the new session gets nothing of the old turn (no entry, no turn key, no frames
+/// after the delete), and the old turn's tokens are billed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_of_a_session_deleted_and_created_again_stays_out_of_the_new_one() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(numbered(40, Duration::from_millis(50))).await;
+    let callback = crate::support::Callback::start(0).await;
+    let (base, url) = (fake.base_url(), callback.url());
+    let relay = Relay::start(
+        &redis.url(),
+        &["--llm-base-url", &base, "--usage-callback-url", &url],
+    )
+    .await;
+    let sid = unique_sid("again");
+    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    a.send_json(&request("q", "count")).await;
+    let turn = a.expect_ack("q").await;
+    a.take_where(|v| v["hd"]["event"] == "llm.delta" && v["bd"]["seq"] == 2)
+        .await;
+    let http = reqwest::Client::new();
+    let deleted = http
+        .delete(relay.http(&format!("/api/sessions/{sid}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let created = http
+        .post(relay.http("/api/sessions"))
+        .json(&json!({"session_id": sid}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let mut b = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=B"))).await;
+
+    eventually(Duration::from_secs(20), "the callback accepted", || {
+        !callback.accepted().is_empty()
+    })
+    .await;
+    let b_body = &callback.accepted()[0].body;
+    assert_eq!(b_body["turn_id"], turn.as_str());
+    assert_eq!(b_body["turn"], 0, "{b_body}");
+    // The old turn's worker has stopped; nothing of it reached the new session.
+    let cid = b.chat("B", "the new session's first word").await;
+    b.expect_ack(&cid).await;
+    let seen = b.collect_messages(1).await;
+    assert_eq!(seen[0]["bd"]["text"], "the new session's first word");
+    let client = redis.client().await;
+    let keys = crate::sessions::keys_naming(&client, &sid).await;
+    assert!(
+        keys.iter().all(|k| !k.contains("llm:")),
+        "no key of the old turn in the new session: {keys:?}"
+    );
+    let entries = crate::support::redis::xrange(&client, &format!("chat:session:{sid}")).await;
+    assert!(
+        entries
+            .iter()
+            .all(|(_, fields)| fields.iter().all(|(f, v)| f != "participant" || v != "llm")),
+        "no LLM entry in the new session: {entries:?}"
+    );
+}
