@@ -158,6 +158,11 @@ impl Room {
         }
     }
 
+    /// The id of the last stored entry the room delivered (or its baseline).
+    pub(super) fn last_id(&self) -> StreamId {
+        self.lock().last_id
+    }
+
     /// Whether the session was deleted (its members were closed for that reason).
     pub(crate) fn is_deleted(&self) -> bool {
         self.lock().deleted

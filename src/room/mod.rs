@@ -163,7 +163,9 @@ impl Rooms {
                             "live feed interrupted; recovering rooms from their streams"
                         );
                     }
-                    let rooms = self.inner.map.iter().map(|r| r.value().clone()).collect();
+                    let rooms: Vec<Arc<Room>> =
+                        self.inner.map.iter().map(|r| r.value().clone()).collect();
+                    self.forget_missed_deletes(&rooms, token.clone());
                     self.recover(rooms, token.clone());
                 }
                 Some(FeedEvent::Cancel { .. } | FeedEvent::Activity) => {}
@@ -177,7 +179,12 @@ impl Rooms {
     /// registry at once, so a later join (the session created again under the same id) starts
     /// a fresh room. The subscription goes too, unless such a join took it over meanwhile.
     fn forget_deleted(&self, sid: String) {
-        let Some((_, room)) = self.inner.map.remove(&sid) else {
+        self.forget_deleted_if(sid, |_| true);
+    }
+
+    /// [`Rooms::forget_deleted`] if the registry's room for `sid` passes `check`.
+    fn forget_deleted_if(&self, sid: String, check: impl FnOnce(&Arc<Room>) -> bool) {
+        let Some((_, room)) = self.inner.map.remove_if(&sid, |_, room| check(room)) else {
             return;
         };
         tracing::info!(room = %sid, members = room.member_count(), "session deleted; closing its members");
@@ -191,6 +198,45 @@ impl Rooms {
                 .feed
                 .unfollow_room_if(&sid, || !map.contains_key(&sid))
                 .await;
+        });
+    }
+
+    /// The feed was away: a room-deleted notice may have gone out meanwhile. The deletion log
+    /// says which sessions were deleted; a room here is closed as deleted when its session is
+    /// in the log after the last entry the room delivered, and its stream is gone now (a
+    /// session created again, or a delete that failed, keeps its members).
+    fn forget_missed_deletes(&self, rooms: &[Arc<Room>], token: CancellationToken) {
+        let Some(after) = rooms.iter().map(|room| room.last_id()).min() else {
+            return;
+        };
+        let this = self.clone();
+        self.inner.tracker.spawn(async move {
+            let store = &this.inner.store;
+            let Some(deleted) = crate::retry::until_ok(&token, "reading the deletion log", || {
+                store.deletions_after(after)
+            })
+            .await
+            else {
+                return;
+            };
+            for (when, sid) in deleted {
+                let Some(room) = this.get(&sid) else {
+                    continue;
+                };
+                if room.last_id() > when {
+                    continue;
+                }
+                match store.session_exists(&sid).await {
+                    Ok(false) => {}
+                    Ok(true) => continue,
+                    Err(err) => {
+                        tracing::warn!(room = %sid, cause = %err, "cannot tell whether a session the log names as deleted is gone");
+                        continue;
+                    }
+                }
+                tracing::info!(room = %sid, "the room-deleted notice was missed while the feed was away");
+                this.forget_deleted_if(sid, |r| Arc::ptr_eq(r, &room));
+            }
         });
     }
 

@@ -30,6 +30,7 @@
 //! | `chat:llm:cancel` | pub/sub channel | cancel notices to workers (`<sid> <turn>`) |
 //! | `chat:llm:wake` | pub/sub channel | on Redis Cluster: a room stored an entry that asks the LLM (`<sid>`) |
 //! | `chat:llm:dead` | stream | LLM requests that failed too often |
+//! | `chat:deleted` | stream | sessions deleted lately (`sid`), capped at ~10,000: a node whose subscriber missed a room-deleted notice reads it when it subscribes again |
 //!
 //! Every key a room owns carries the room key as its hash tag (`{chat:session:<sid>}`), so
 //! deleting a session (`DELETE /api/sessions/{id}`) removes the fixed names in one script and
@@ -66,6 +67,12 @@ impl Keys {
     /// of active rooms), tailed by LLM workers to discover rooms without scanning keys.
     pub fn rooms_registry(&self) -> String {
         format!("{}rooms", self.root)
+    }
+
+    /// `chat:deleted`: recently deleted sessions, for a node whose subscriber was away when the
+    /// room-deleted notice went out.
+    pub fn deletions(&self) -> String {
+        format!("{}deleted", self.root)
     }
 
     /// `chat:llm:dead`: LLM requests that failed too many deliveries.

@@ -13,13 +13,16 @@
 use std::time::Duration;
 
 use backon::Retryable;
-use fred::interfaces::{HashesInterface, KeysInterface, SortedSetsInterface};
+use fred::interfaces::{HashesInterface, KeysInterface, SortedSetsInterface, StreamsInterface};
 use fred::types::Value;
 use serde_json::{Map, Value as Json};
 
 use super::feed::encode_deleted;
 use super::{value_str, AppendReply, RoomStats, Store, StoreError, StreamInfo, Target};
 use crate::protocol::{EventKind, StreamId};
+
+/// Deleted sessions the log keeps (about: it is trimmed with `~`).
+const DELETIONS_KEPT: u64 = 10_000;
 
 /// How often a patch is retried when other patches keep changing the record under it.
 const PATCH_ATTEMPTS: usize = 16;
@@ -124,6 +127,41 @@ impl Store {
             )
             .await?;
         Ok(())
+    }
+
+    /// Sessions deleted after `after` (at most [`DELETIONS_KEPT`] of the latest), oldest first:
+    /// `(when, sid)`, `when` the id of the log entry, written just before the delete.
+    pub async fn deletions_after(
+        &self,
+        after: StreamId,
+    ) -> Result<Vec<(StreamId, String)>, StoreError> {
+        let reply: Value = self
+            .inner
+            .client
+            .xrange(
+                self.inner.keys.deletions(),
+                format!("({after}"),
+                "+",
+                Some(DELETIONS_KEPT),
+            )
+            .await?;
+        let Value::Array(items) = reply else {
+            return Ok(Vec::new());
+        };
+        // Each item is `[id, [field, value, ...]]`; the log's only field is `sid`.
+        Ok(items
+            .into_iter()
+            .filter_map(|item| {
+                let Value::Array(pair) = item else {
+                    return None;
+                };
+                let id = pair.first().and_then(value_str)?.parse().ok()?;
+                let Some(Value::Array(fields)) = pair.get(1) else {
+                    return None;
+                };
+                Some((id, fields.get(1).and_then(value_str)?))
+            })
+            .collect())
     }
 
     /// Whether the room exists: its stream or its session record.
@@ -232,6 +270,22 @@ impl Store {
 
     async fn delete_session_now(&self, sid: &str) -> Result<bool, StoreError> {
         let k = &self.inner.keys;
+        // Logged before the notice goes out, so a node that misses the notice finds the entry
+        // when it subscribes again (see `deletions_after`); an entry for a delete that then
+        // fails is harmless, since nodes act on it only for a room whose stream is gone.
+        if self.session_exists(sid).await? {
+            let _: Value = self
+                .inner
+                .client
+                .xadd(
+                    k.deletions(),
+                    false,
+                    ("MAXLEN", "~", DELETIONS_KEPT),
+                    "*",
+                    vec![("sid", sid)],
+                )
+                .await?;
+        }
         let owed = self.usage_owed(sid).await?;
         self.adopt_usage(sid, &owed).await?;
         let mut keys = vec![

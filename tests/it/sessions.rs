@@ -598,3 +598,66 @@ async fn health_reports_redis_and_the_llm() {
     assert_eq!(body["status"], "degraded");
     assert_eq!(body["redis"], "unavailable");
 }
+
+/// A raw command on the test's own connection.
+async fn redis_cmd(client: &Client, args: &[&str]) -> Value {
+    let reply: fred::types::Value = client
+        .custom(
+            fred::types::CustomCommand::new(args[0], fred::types::ClusterHash::FirstKey, false),
+            args[1..].iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        )
+        .await
+        .expect("redis command");
+    json!(reply.as_str().map(|s| s.into_owned()))
+}
+
+/// A node whose subscriber was away when the room-deleted notice went out still closes its
+/// members, once it subscribes again: the deletion log tells it. Redis here refuses every new
+/// connection while the session is deleted, so the node's subscriber cannot come back in time
+/// for the notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_notice_missed_by_a_node_still_closes_its_members() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), &["--llm", "off"]).await;
+    let sid = unique_sid("missed");
+    create_session(&relay, json!({"session_id": sid})).await;
+    let mut member = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+    let cid = member.chat("A", "before").await;
+    member.expect_ack(&cid).await;
+    member.collect_messages(1).await;
+
+    let client = redis.client().await;
+    let info = redis_cmd(&client, &["INFO", "clients"]).await;
+    let connected: usize = info
+        .as_str()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("connected_clients:")))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("connected_clients");
+    let pubsub = redis_cmd(&client, &["CLIENT", "LIST", "TYPE", "pubsub"]).await;
+    let subscribers = pubsub.as_str().map_or(0, |s| s.lines().count());
+    assert!(subscribers >= 1, "the node follows the room: {pubsub}");
+    let limit = (connected - subscribers).to_string();
+    redis_cmd(&client, &["CONFIG", "SET", "maxclients", &limit]).await;
+    redis_cmd(&client, &["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+
+    let (status, _, _) = call(
+        reqwest::Method::DELETE,
+        relay.http(&format!("/api/sessions/{sid}")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    // The notice went to nobody; the member is still there.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let pubsub = redis_cmd(&client, &["CLIENT", "LIST", "TYPE", "pubsub"]).await;
+    assert_eq!(
+        pubsub.as_str().map_or(0, |s| s.lines().count()),
+        0,
+        "no subscriber came back: {pubsub}"
+    );
+
+    redis_cmd(&client, &["CONFIG", "SET", "maxclients", "10000"]).await;
+    let err = member.expect_error().await;
+    assert_eq!(err["hd"]["code"], "session_deleted", "{err}");
+    member.expect_catalogued_close(Close::SessionDeleted).await;
+}
