@@ -40,7 +40,9 @@ const TURN_HOLD: usize = 256;
 pub(crate) struct Room {
     sid: Arc<str>,
     state: Mutex<RoomState>,
-    pub(super) subscribed: tokio::sync::OnceCell<()>,
+    /// Set once this node follows the room's channel: the deletion log's newest id then. A
+    /// deletion logged after it was announced while the node was following.
+    pub(super) subscribed: tokio::sync::OnceCell<StreamId>,
 }
 
 #[derive(Debug)]
@@ -156,11 +158,6 @@ impl Room {
         if st.members.is_empty() && st.empty_since.is_none() {
             st.empty_since = Some(Instant::now());
         }
-    }
-
-    /// The id of the last stored entry the room delivered (or its baseline).
-    pub(super) fn last_id(&self) -> StreamId {
-        self.lock().last_id
     }
 
     /// Whether the session was deleted (its members were closed for that reason).

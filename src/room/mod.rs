@@ -31,6 +31,7 @@ pub(crate) use members::{ConnId, Outbound, Room};
 pub(crate) use presence::{Member, Presence};
 pub(crate) use turn_reader::TurnReader;
 
+use crate::protocol::StreamId;
 use crate::store::{Feed, FeedEvent, FeedHandle, Live, Store, StoreError};
 
 /// How long an empty room keeps its subscription, so a reconnecting client does not pay for a
@@ -38,6 +39,8 @@ use crate::store::{Feed, FeedEvent, FeedHandle, Live, Store, StoreError};
 const IDLE_ROOM_TTL: Duration = Duration::from_secs(30);
 /// Rooms recovered at once after the subscription is lost.
 const RECOVERY_CONCURRENCY: usize = 32;
+/// Deletion log entries read at once.
+const DELETIONS_PAGE: u64 = 1_000;
 
 /// Registry of the rooms with members on this node. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -51,6 +54,10 @@ struct Inner {
     store: Store,
     feed: FeedHandle,
     tracker: TaskTracker,
+    /// How far this node has read the deletion log (set when the first room subscribes).
+    deletions_read: std::sync::Mutex<Option<StreamId>>,
+    /// One reader of the deletion log at a time: resyncs can come in bursts.
+    deletions_reader: tokio::sync::Mutex<()>,
 }
 
 impl Rooms {
@@ -67,6 +74,8 @@ impl Rooms {
                 store,
                 feed: feed.handle(),
                 tracker: tracker.clone(),
+                deletions_read: std::sync::Mutex::new(None),
+                deletions_reader: tokio::sync::Mutex::new(()),
             }),
         };
         tracker.spawn(rooms.clone().follow(feed, token.clone()));
@@ -118,12 +127,18 @@ impl Rooms {
         room.subscribed
             .get_or_try_init(|| async {
                 self.inner.feed.follow_room(room.sid()).await?;
-                // Everything after the stream's current end will arrive live.
-                let newest = self.inner.store.range_before(room.sid(), None, 1).await?;
+                // Everything after the stream's current end will arrive live, and so will the
+                // notice of any deletion logged after the log's current end.
+                let store = &self.inner.store;
+                let (newest, deletions) = tokio::try_join!(
+                    store.range_before(room.sid(), None, 1),
+                    store.deletions_tail()
+                )?;
                 if let Some(e) = newest.last() {
                     room.set_baseline(e.id);
                 }
-                Ok::<(), StoreError>(())
+                self.deletions_read().get_or_insert(deletions);
+                Ok::<StreamId, StoreError>(deletions)
             })
             .await?;
         Ok(())
@@ -163,9 +178,8 @@ impl Rooms {
                             "live feed interrupted; recovering rooms from their streams"
                         );
                     }
-                    let rooms: Vec<Arc<Room>> =
-                        self.inner.map.iter().map(|r| r.value().clone()).collect();
-                    self.forget_missed_deletes(&rooms, token.clone());
+                    let rooms = self.inner.map.iter().map(|r| r.value().clone()).collect();
+                    self.forget_missed_deletes(token.clone());
                     self.recover(rooms, token.clone());
                 }
                 Some(FeedEvent::Cancel { .. } | FeedEvent::Activity) => {}
@@ -201,41 +215,61 @@ impl Rooms {
         });
     }
 
-    /// The feed was away: a room-deleted notice may have gone out meanwhile. The deletion log
-    /// says which sessions were deleted; a room here is closed as deleted when its session is
-    /// in the log after the last entry the room delivered, and its stream is gone now (a
-    /// session created again, or a delete that failed, keeps its members).
-    fn forget_missed_deletes(&self, rooms: &[Arc<Room>], token: CancellationToken) {
-        let Some(after) = rooms.iter().map(|room| room.last_id()).min() else {
-            return;
-        };
+    fn deletions_read(&self) -> std::sync::MutexGuard<'_, Option<StreamId>> {
+        let read = self.inner.deletions_read.lock();
+        read.unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The feed was away: room-deleted notices may have gone out meanwhile. The deletion log
+    /// says which sessions were deleted since this node last read it; a room here is closed as
+    /// deleted when its session was logged after the room subscribed and its stream is still
+    /// gone (a delete that failed, or a session created again, keeps its members).
+    fn forget_missed_deletes(&self, token: CancellationToken) {
         let this = self.clone();
         self.inner.tracker.spawn(async move {
-            let store = &this.inner.store;
-            let Some(deleted) = crate::retry::until_ok(&token, "reading the deletion log", || {
-                store.deletions_after(after)
-            })
-            .await
-            else {
-                return;
+            let _one = this.inner.deletions_reader.lock().await;
+            let Some(mut after) = *this.deletions_read() else {
+                return; // no room has subscribed yet: nothing to miss
             };
-            for (when, sid) in deleted {
-                let Some(room) = this.get(&sid) else {
-                    continue;
+            let store = &this.inner.store;
+            loop {
+                let Some(page) = crate::retry::until_ok(&token, "reading the deletion log", || {
+                    store.deletions_after(after, DELETIONS_PAGE)
+                })
+                .await
+                else {
+                    return;
                 };
-                if room.last_id() > when {
-                    continue;
-                }
-                match store.session_exists(&sid).await {
-                    Ok(false) => {}
-                    Ok(true) => continue,
-                    Err(err) => {
-                        tracing::warn!(room = %sid, cause = %err, "cannot tell whether a session the log names as deleted is gone");
+                for (when, sid) in &page {
+                    if token.is_cancelled() {
+                        return;
+                    }
+                    let Some(room) = this.get(sid) else {
+                        continue;
+                    };
+                    if room.subscribed.get().is_none_or(|since| since >= when) {
                         continue;
                     }
+                    match store.session_exists(sid).await {
+                        Ok(false) => {}
+                        Ok(true) => continue,
+                        Err(err) => {
+                            tracing::warn!(room = %sid, cause = %err, "cannot tell whether a session the deletion log names is gone");
+                            continue;
+                        }
+                    }
+                    tracing::info!(room = %sid, "the room-deleted notice was missed while the feed was away");
+                    this.forget_deleted_if(sid.clone(), |r| Arc::ptr_eq(r, &room));
                 }
-                tracing::info!(room = %sid, "the room-deleted notice was missed while the feed was away");
-                this.forget_deleted_if(sid, |r| Arc::ptr_eq(r, &room));
+                let Some((last, _)) = page.last() else {
+                    return;
+                };
+                after = *last;
+                let mut read = this.deletions_read();
+                *read = (*read).max(Some(after));
+                if (page.len() as u64) < DELETIONS_PAGE {
+                    return;
+                }
             }
         });
     }

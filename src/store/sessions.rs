@@ -129,11 +129,25 @@ impl Store {
         Ok(())
     }
 
-    /// Sessions deleted after `after` (at most [`DELETIONS_KEPT`] of the latest), oldest first:
-    /// `(when, sid)`, `when` the id of the log entry, written just before the delete.
+    /// The deletion log's newest id (`0-0` when it is empty).
+    pub async fn deletions_tail(&self) -> Result<StreamId, StoreError> {
+        let reply: Value = self
+            .inner
+            .client
+            .xrevrange(self.inner.keys.deletions(), "+", "-", Some(1))
+            .await?;
+        Ok(deletion_items(reply)
+            .first()
+            .map_or(StreamId::ZERO, |(id, _)| *id))
+    }
+
+    /// Up to `count` sessions deleted after `after`, oldest first: `(log id, sid)`, the log
+    /// entry written just before the delete. Entries trimmed from the log (it keeps about
+    /// [`DELETIONS_KEPT`]) are not there to read.
     pub async fn deletions_after(
         &self,
         after: StreamId,
+        count: u64,
     ) -> Result<Vec<(StreamId, String)>, StoreError> {
         let reply: Value = self
             .inner
@@ -142,26 +156,10 @@ impl Store {
                 self.inner.keys.deletions(),
                 format!("({after}"),
                 "+",
-                Some(DELETIONS_KEPT),
+                Some(count),
             )
             .await?;
-        let Value::Array(items) = reply else {
-            return Ok(Vec::new());
-        };
-        // Each item is `[id, [field, value, ...]]`; the log's only field is `sid`.
-        Ok(items
-            .into_iter()
-            .filter_map(|item| {
-                let Value::Array(pair) = item else {
-                    return None;
-                };
-                let id = pair.first().and_then(value_str)?.parse().ok()?;
-                let Some(Value::Array(fields)) = pair.get(1) else {
-                    return None;
-                };
-                Some((id, fields.get(1).and_then(value_str)?))
-            })
-            .collect())
+        Ok(deletion_items(reply))
     }
 
     /// Whether the room exists: its stream or its session record.
@@ -380,6 +378,26 @@ pub(crate) fn merge_patch(target: &mut Json, patch: &Json) {
             }
         }
     }
+}
+
+/// Deletion log entries, `[id, ["sid", sid]]` each → `(id, sid)`.
+fn deletion_items(reply: Value) -> Vec<(StreamId, String)> {
+    let Value::Array(items) = reply else {
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else {
+                return None;
+            };
+            let id = pair.first().and_then(value_str)?.parse().ok()?;
+            let Some(Value::Array(fields)) = pair.get(1) else {
+                return None;
+            };
+            Some((id, fields.get(1).and_then(value_str)?))
+        })
+        .collect()
 }
 
 /// `session_delete.lua`'s reply: whether the session existed, and the usage callbacks it still

@@ -661,3 +661,38 @@ async fn a_delete_notice_missed_by_a_node_still_closes_its_members() {
     assert_eq!(err["hd"]["code"], "session_deleted", "{err}");
     member.expect_catalogued_close(Close::SessionDeleted).await;
 }
+
+/// The deletion log only speaks of deletions a room's node could have missed: an SSE follower
+/// that came to a deleted session's id afterwards (waiting for it to come back) is not closed
+/// by the next resync, and sees the session's next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_after_a_delete_is_not_closed_by_the_log() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(&redis.url(), &["--llm", "off"]).await;
+    let sid = unique_sid("after");
+    create_session(&relay, json!({"session_id": sid})).await;
+    let (status, _, _) = call(
+        reqwest::Method::DELETE,
+        relay.http(&format!("/api/sessions/{sid}")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let mut sse =
+        crate::support::SseReader::open(&relay.http(&format!("/v1/sessions/{sid}/events")), None)
+            .await;
+    let client = redis.client().await;
+    redis_cmd(&client, &["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    // The feed resubscribes (a resync) and reads the log, which names this session.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let r = relay
+        .post(
+            &sid,
+            &json!({"hd": {"event": "chat.message", "role": "A"}, "bd": {"text": "back"}}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let (event, _, data) = sse.next().await;
+    assert_eq!(event, "chat.message", "{data}");
+    assert_eq!(data["bd"]["text"], "back");
+}
