@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::sessions::{call, create_session};
+use crate::sessions::{call, create_session, delete_session};
 use crate::support::redis::xrange;
 use crate::support::{unique_sid, FakeLlm, Mode, RedisServer, Relay, SseReader, WsClient};
 
@@ -344,13 +344,7 @@ async fn deleting_mid_reply_ends_the_stream_and_writes_nothing_more() {
     let mut sse = SseReader::from_response(resp);
     assert_eq!(sse.next().await.0, "start");
     assert_eq!(sse.next().await.0, "delta");
-    let (status, _, _) = call(
-        reqwest::Method::DELETE,
-        relay.http(&format!("/api/sessions/{sid}")),
-        None,
-    )
-    .await;
-    assert_eq!(status, 204);
+    delete_session(&relay, &sid).await;
     let end = loop {
         let (name, _, data) = sse.next().await;
         if name != "delta" {

@@ -44,6 +44,17 @@ pub async fn create_session(relay: &Relay, body: Value) -> Value {
     created
 }
 
+/// `DELETE /api/sessions/{sid}`, which must answer 204.
+pub async fn delete_session(relay: &Relay, sid: &str) {
+    let (status, _, _) = call(
+        reqwest::Method::DELETE,
+        relay.http(&format!("/api/sessions/{sid}")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+}
+
 fn is_rfc3339(v: &Value) -> bool {
     let s = v.as_str().unwrap_or("");
     s.len() >= 20 && s.as_bytes()[10] == b'T' && s.ends_with('Z')
@@ -435,13 +446,7 @@ async fn delete_closes_members_on_every_node_and_leaves_nothing() {
         "dedup keys exist before: {before:?}"
     );
 
-    let (status, _, _) = call(
-        reqwest::Method::DELETE,
-        relay.http(&format!("/api/sessions/{sid}")),
-        None,
-    )
-    .await;
-    assert_eq!(status, 204);
+    delete_session(&relay, &sid).await;
     for c in [&mut here, &mut there] {
         let err = c.expect_error().await;
         assert_eq!(err["hd"]["code"], "session_deleted", "{err}");
@@ -640,13 +645,7 @@ async fn a_delete_notice_missed_by_a_node_still_closes_its_members() {
     redis_cmd(&client, &["CONFIG", "SET", "maxclients", &limit]).await;
     redis_cmd(&client, &["CLIENT", "KILL", "TYPE", "pubsub"]).await;
 
-    let (status, _, _) = call(
-        reqwest::Method::DELETE,
-        relay.http(&format!("/api/sessions/{sid}")),
-        None,
-    )
-    .await;
-    assert_eq!(status, 204);
+    delete_session(&relay, &sid).await;
     // The notice went to nobody; the member is still there.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let pubsub = redis_cmd(&client, &["CLIENT", "LIST", "TYPE", "pubsub"]).await;
@@ -671,13 +670,7 @@ async fn a_follower_after_a_delete_is_not_closed_by_the_log() {
     let relay = Relay::start(&redis.url(), &["--llm", "off"]).await;
     let sid = unique_sid("after");
     create_session(&relay, json!({"session_id": sid})).await;
-    let (status, _, _) = call(
-        reqwest::Method::DELETE,
-        relay.http(&format!("/api/sessions/{sid}")),
-        None,
-    )
-    .await;
-    assert_eq!(status, 204);
+    delete_session(&relay, &sid).await;
     let mut sse =
         crate::support::SseReader::open(&relay.http(&format!("/v1/sessions/{sid}/events")), None)
             .await;

@@ -658,10 +658,17 @@ async fn a_deleted_sessions_pending_callback_is_still_delivered() {
     assert_eq!(outbox, 0, "nothing left to deliver");
 }
 
-/// A session deleted while the LLM answers it gets nothing stored, but the tokens spent are
-/// billed: one callback, `turn` 0 (the room that would have counted the turn is gone).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_turn_cut_short_by_a_delete_is_billed_all_the_same() {
+/// A room whose session was deleted while the LLM answered in it (tokens already spent).
+struct MidTurn {
+    redis: RedisServer,
+    _fake: FakeLlm,
+    callback: crate::support::Callback,
+    relay: Relay,
+    sid: String,
+    turn: String,
+}
+
+async fn delete_mid_turn(name: &str) -> MidTurn {
     let redis = RedisServer::start();
     let fake = FakeLlm::start(numbered(40, Duration::from_millis(50))).await;
     let callback = crate::support::Callback::start(0).await;
@@ -671,19 +678,37 @@ async fn a_turn_cut_short_by_a_delete_is_billed_all_the_same() {
         &["--llm-base-url", &base, "--usage-callback-url", &url],
     )
     .await;
-    let sid = unique_sid("cut");
+    let sid = unique_sid(name);
     let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
     a.send_json(&request("q", "count")).await;
     let turn = a.expect_ack("q").await;
     // Tokens are being spent.
     a.take_where(|v| v["hd"]["event"] == "llm.delta" && v["bd"]["seq"] == 2)
         .await;
-    let deleted = reqwest::Client::new()
-        .delete(relay.http(&format!("/api/sessions/{sid}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(deleted.status(), 204);
+    crate::sessions::delete_session(&relay, &sid).await;
+    MidTurn {
+        redis,
+        _fake: fake,
+        callback,
+        relay,
+        sid,
+        turn,
+    }
+}
+
+/// A session deleted while the LLM answers it gets nothing stored, but the tokens spent are
+/// billed: one callback, `turn` 0 (the room that would have counted the turn is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_cut_short_by_a_delete_is_billed_all_the_same() {
+    // Every part is bound: the relay and the fake provider must outlive the turn.
+    let MidTurn {
+        redis,
+        _fake,
+        callback,
+        relay: _relay,
+        sid,
+        turn,
+    } = delete_mid_turn("cut").await;
 
     eventually(Duration::from_secs(20), "the callback accepted", || {
         !callback.accepted().is_empty()
@@ -710,29 +735,15 @@ async fn a_turn_cut_short_by_a_delete_is_billed_all_the_same() {
 /// after the delete), and the old turn's tokens are billed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_of_a_session_deleted_and_created_again_stays_out_of_the_new_one() {
-    let redis = RedisServer::start();
-    let fake = FakeLlm::start(numbered(40, Duration::from_millis(50))).await;
-    let callback = crate::support::Callback::start(0).await;
-    let (base, url) = (fake.base_url(), callback.url());
-    let relay = Relay::start(
-        &redis.url(),
-        &["--llm-base-url", &base, "--usage-callback-url", &url],
-    )
-    .await;
-    let sid = unique_sid("again");
-    let mut a = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
-    a.send_json(&request("q", "count")).await;
-    let turn = a.expect_ack("q").await;
-    a.take_where(|v| v["hd"]["event"] == "llm.delta" && v["bd"]["seq"] == 2)
-        .await;
-    let http = reqwest::Client::new();
-    let deleted = http
-        .delete(relay.http(&format!("/api/sessions/{sid}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(deleted.status(), 204);
-    let created = http
+    let MidTurn {
+        redis,
+        _fake,
+        callback,
+        relay,
+        sid,
+        turn,
+    } = delete_mid_turn("again").await;
+    let created = reqwest::Client::new()
         .post(relay.http("/api/sessions"))
         .json(&json!({"session_id": sid}))
         .send()

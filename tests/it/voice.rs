@@ -12,23 +12,13 @@ use chat_relay::{Keys, RedisSettings, Store, VoiceRate};
 
 use crate::chat::{relay_with, stored};
 use crate::dialects::{voice_ask, voice_reply, voice_request, voice_url};
-use crate::sessions::{call, create_session, keys_naming};
+use crate::sessions::{create_session, delete_session, keys_naming};
 use crate::support::redis::xrange;
 use crate::support::{unique_sid, FakeLlm, Mode, RedisServer, Relay, WsClient};
 
 /// The exact error frame of a refusal that belongs to no turn.
 fn refusal(error: &str, code: &str) -> Value {
     json!({"type": "ai_stream_error", "data": {"error": error, "code": code}})
-}
-
-async fn delete_session(relay: &Relay, sid: &str) {
-    let (status, _, _) = call(
-        reqwest::Method::DELETE,
-        relay.http(&format!("/api/sessions/{sid}")),
-        None,
-    )
-    .await;
-    assert_eq!(status, 204);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
