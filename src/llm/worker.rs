@@ -172,12 +172,16 @@ async fn read_loop(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
                 handle_batch(&ctx, entries).await;
             }
             Err(err) => {
-                if let StoreError::Redis(e) = &err {
-                    if e.details().contains("NOGROUP") {
-                        repair_groups(&ctx, &rooms).await;
-                    }
+                let nogroup =
+                    matches!(&err, StoreError::Redis(e) if e.details().contains("NOGROUP"));
+                if nogroup {
+                    // What every session delete and room expiry causes once: not worth a
+                    // warning. Rooms whose stream is gone are forgotten, lost groups remade.
+                    repair_groups(&ctx, &rooms).await;
+                    tracing::info!(cause = %err, "a room's stream or group was gone; rooms repaired, reading again");
+                } else {
+                    tracing::warn!(cause = %err, "reading the LLM group failed; retrying");
                 }
-                tracing::warn!(cause = %err, "reading the LLM group failed; retrying");
                 if !delays.wait(&ctx.token).await {
                     break;
                 }
