@@ -35,6 +35,9 @@ pub enum WorkerError {
     Emotions(#[from] EmotionsError),
 }
 
+/// Deletion log entries read at once.
+const DELETIONS_PAGE: u64 = 1_000;
+
 /// State shared by the worker's loops and its turns.
 #[derive(Debug)]
 pub(super) struct Ctx {
@@ -57,6 +60,8 @@ pub(super) struct Ctx {
     /// Rung when a turn queued a usage callback.
     pub usage_wake: Notify,
     slots: Arc<Semaphore>,
+    /// How far this worker has read the deletion log (`None` until its tail was read).
+    deletions_read: std::sync::Mutex<Option<StreamId>>,
 }
 
 /// Runs the LLM participant until `token` is cancelled. Unfinished turns are left pending, so
@@ -103,12 +108,17 @@ pub async fn run_worker(
         active: DashMap::new(),
         wake: Notify::new(),
         usage_wake: Notify::new(),
+        deletions_read: std::sync::Mutex::new(None),
     });
     tracing::info!(consumer = %ctx.consumer, model = %ctx.provider.model(), base_url = %ctx.args.llm_base_url, "LLM participant starting");
 
     // Registry position first, then the scan: a room created in between is seen by the tail.
     let registry_from = until_ok(&ctx.token, "reading the room registry", || {
         ctx.store.registry_tail()
+    })
+    .await;
+    *ctx.deletions_read() = until_ok(&ctx.token, "reading the deletion log", || {
+        ctx.store.deletions_tail()
     })
     .await;
     let existing = until_ok(&ctx.token, "scanning for rooms", || ctx.store.scan_rooms()).await;
@@ -131,6 +141,13 @@ pub async fn run_worker(
         read_loop(ctx).await?;
     }
     Ok(())
+}
+
+impl Ctx {
+    fn deletions_read(&self) -> std::sync::MutexGuard<'_, Option<StreamId>> {
+        let read = self.deletions_read.lock();
+        read.unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 fn default_consumer() -> String {
@@ -172,15 +189,21 @@ async fn read_loop(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
                 handle_batch(&ctx, entries).await;
             }
             Err(err) => {
-                let nogroup =
-                    matches!(&err, StoreError::Redis(e) if e.details().contains("NOGROUP"));
-                if nogroup {
-                    // What every session delete and room expiry causes once: not worth a
-                    // warning. Rooms whose stream is gone are forgotten, lost groups remade.
-                    repair_groups(&ctx, &rooms).await;
-                    tracing::info!(cause = %err, "a room's stream or group was gone; rooms repaired, reading again");
+                let details = match &err {
+                    StoreError::Redis(e) => e.details().to_owned(),
+                    StoreError::Reply(_) => String::new(),
+                };
+                // NOGROUP: a room's stream (and group) is gone, or only its group. UNBLOCKED: a
+                // stream the blocked read named was deleted meanwhile.
+                if details.contains("NOGROUP") || details.contains("UNBLOCKED") {
+                    // What every session delete and room expiry causes: not worth a warning.
+                    // Rooms whose stream is gone are forgotten, lost groups remade.
+                    if !forget_deleted_rooms(&ctx).await {
+                        repair_groups(&ctx, &rooms).await;
+                    }
+                    tracing::info!(cause = %details, "a room's stream or group was gone; rooms repaired, reading again");
                 } else {
-                    tracing::warn!(cause = %err, "reading the LLM group failed; retrying");
+                    tracing::warn!(cause = %err, %details, "reading the LLM group failed; retrying");
                 }
                 if !delays.wait(&ctx.token).await {
                     break;
@@ -231,6 +254,38 @@ async fn read_rooms(
 
 /// A group vanished (Redis restarted without its data): recreate it where the stream still
 /// exists, forget rooms whose stream is gone.
+/// Forgets the rooms whose session was deleted since this worker last read the deletion log:
+/// what a `NOGROUP` read usually means, found without a call per room read (every delete makes
+/// every worker's read fail once). `false` when the log named none of them (a room expired, or
+/// its group was lost): the caller checks every room.
+async fn forget_deleted_rooms(ctx: &Ctx) -> bool {
+    let Some(mut after) = *ctx.deletions_read() else {
+        return false;
+    };
+    let mut forgot = false;
+    loop {
+        let Ok(page) = ctx.store.deletions_after(after, DELETIONS_PAGE).await else {
+            return forgot;
+        };
+        for (_, sid) in &page {
+            // A session created again under the same id since has its stream and group.
+            if ctx.rooms.contains(sid) && matches!(ctx.store.session_exists(sid).await, Ok(false)) {
+                tracing::debug!(room = %sid, "session deleted; no longer read");
+                ctx.rooms.forget(sid);
+                forgot = true;
+            }
+        }
+        let Some((last, _)) = page.last() else {
+            return forgot;
+        };
+        after = *last;
+        *ctx.deletions_read() = Some(after);
+        if (page.len() as u64) < DELETIONS_PAGE {
+            return forgot;
+        }
+    }
+}
+
 async fn repair_groups(ctx: &Ctx, rooms: &[String]) {
     for sid in rooms {
         match ctx.store.ensure_group(sid, "0").await {

@@ -592,3 +592,62 @@ async fn retries_before_the_first_token_keep_the_lease() {
     );
     assert_eq!(stored_events(&redis, &sid, "llm.response").await.len(), 1);
 }
+
+/// Deleting a session makes the worker's next group read fail (`NOGROUP`: the stream it names
+/// is gone). The worker learns which room from the deletion log and stops reading it, without
+/// a group check per room it reads, and goes on answering the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_costs_the_worker_no_call_per_room() {
+    let redis = RedisServer::start();
+    let fake = FakeLlm::start(FakeLlm::tokens(&["ok"], Duration::ZERO)).await;
+    let relay = relay_with(&redis, &fake, &[]).await;
+    let sids: Vec<String> = (0..12).map(|i| unique_sid(&format!("many{i}"))).collect();
+    let mut clients = Vec::new();
+    for sid in &sids {
+        let mut c = WsClient::join(&relay.ws_url(&format!("sid={sid}&role=A"))).await;
+        let cid = c.chat("A", "hello").await;
+        c.expect_ack(&cid).await;
+        clients.push(c);
+    }
+    // The worker reads every room: each one answers.
+    let ask = |i: usize| json!({"hd": {"event": "llm.request", "role": "A", "cid": format!("q{i}")}, "bd": {"text": "hi"}});
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send_json(&ask(i)).await;
+        c.expect_event("llm.response").await;
+    }
+    let client = redis.client().await;
+    // Calls of a command, its subcommands included (`cmdstat_xgroup|create:calls=3,...`).
+    let stat = |info: &str, name: &str| -> u64 {
+        info.lines()
+            .filter(|l| {
+                l.strip_prefix(&format!("cmdstat_{name}"))
+                    .is_some_and(|rest| rest.starts_with(':') || rest.starts_with('|'))
+            })
+            .filter_map(|l| {
+                l.split_once(":calls=")?
+                    .1
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    };
+    crate::sessions::redis_cmd(&client, &["CONFIG", "RESETSTAT"]).await;
+
+    crate::sessions::delete_session(&relay, &sids[0]).await;
+    // The next room's request is answered: the worker read past the failure.
+    clients[1].send_json(&ask(100)).await;
+    clients[1].expect_event("llm.response").await;
+    let info = crate::sessions::redis_cmd(&client, &["INFO", "commandstats"]).await;
+    let info = info.as_str().unwrap_or_default();
+    assert!(
+        stat(info, "xreadgroup") > 0,
+        "the worker read the rooms meanwhile: {info}"
+    );
+    assert_eq!(
+        stat(info, "xgroup"),
+        0,
+        "no group check per room after a delete: {info}"
+    );
+}

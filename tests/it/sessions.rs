@@ -604,8 +604,8 @@ async fn health_reports_redis_and_the_llm() {
     assert_eq!(body["redis"], "unavailable");
 }
 
-/// A raw command on the test's own connection.
-async fn redis_cmd(client: &Client, args: &[&str]) -> Value {
+/// A raw command on the test's own connection; a string reply as a JSON string.
+pub async fn redis_cmd(client: &Client, args: &[&str]) -> Value {
     let reply: fred::types::Value = client
         .custom(
             fred::types::CustomCommand::new(args[0], fred::types::ClusterHash::FirstKey, false),

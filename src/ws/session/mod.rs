@@ -225,7 +225,13 @@ async fn finish(
         .record_presence(conn, Presence::Leave, &leave)
         .await
     {
-        tracing::warn!(cause = %err, "could not record leave");
+        match err {
+            // The session was deleted (or expired): its members leave no entry behind.
+            AppendRefused::NoRoom => {
+                tracing::debug!("the room is gone; no leave recorded")
+            }
+            err => tracing::warn!(cause = %err, "could not record leave"),
+        }
     }
 }
 
