@@ -17,7 +17,7 @@ use super::rooms::ReadSet;
 use super::{LlmArgs, ReplyPolicy};
 use crate::protocol::{valid_sid, StreamId, LLM_ROLE};
 use crate::retry::until_ok;
-use crate::store::{BlockingConn, Entry, FeedEvent, GroupEntry, Store, StoreError};
+use crate::store::{BlockingConn, DeletionCursor, Entry, FeedEvent, GroupEntry, Store, StoreError};
 
 /// How long one `XREADGROUP` blocks; also the longest delay before a newly found room is read.
 const BLOCK: Duration = Duration::from_millis(1000);
@@ -34,9 +34,6 @@ pub enum WorkerError {
     #[error(transparent)]
     Emotions(#[from] EmotionsError),
 }
-
-/// Deletion log entries read at once.
-const DELETIONS_PAGE: u64 = 1_000;
 
 /// State shared by the worker's loops and its turns.
 #[derive(Debug)]
@@ -60,8 +57,8 @@ pub(super) struct Ctx {
     /// Rung when a turn queued a usage callback.
     pub usage_wake: Notify,
     slots: Arc<Semaphore>,
-    /// How far this worker has read the deletion log (`None` until its tail was read).
-    deletions_read: std::sync::Mutex<Option<StreamId>>,
+    /// How far this worker has read the deletion log.
+    deletions: DeletionCursor,
 }
 
 /// Runs the LLM participant until `token` is cancelled. Unfinished turns are left pending, so
@@ -108,7 +105,7 @@ pub async fn run_worker(
         active: DashMap::new(),
         wake: Notify::new(),
         usage_wake: Notify::new(),
-        deletions_read: std::sync::Mutex::new(None),
+        deletions: DeletionCursor::default(),
     });
     tracing::info!(consumer = %ctx.consumer, model = %ctx.provider.model(), base_url = %ctx.args.llm_base_url, "LLM participant starting");
 
@@ -117,10 +114,13 @@ pub async fn run_worker(
         ctx.store.registry_tail()
     })
     .await;
-    *ctx.deletions_read() = until_ok(&ctx.token, "reading the deletion log", || {
+    if let Some(tail) = until_ok(&ctx.token, "reading the deletion log", || {
         ctx.store.deletions_tail()
     })
-    .await;
+    .await
+    {
+        ctx.deletions.start_at(tail);
+    }
     let existing = until_ok(&ctx.token, "scanning for rooms", || ctx.store.scan_rooms()).await;
     if let (Some(from), Some(existing)) = (registry_from, existing) {
         for sid in existing {
@@ -141,13 +141,6 @@ pub async fn run_worker(
         read_loop(ctx).await?;
     }
     Ok(())
-}
-
-impl Ctx {
-    fn deletions_read(&self) -> std::sync::MutexGuard<'_, Option<StreamId>> {
-        let read = self.deletions_read.lock();
-        read.unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
 }
 
 fn default_consumer() -> String {
@@ -259,31 +252,19 @@ async fn read_rooms(
 /// every worker's read fail once). `false` when the log named none of them (a room expired, or
 /// its group was lost): the caller checks every room.
 async fn forget_deleted_rooms(ctx: &Ctx) -> bool {
-    let Some(mut after) = *ctx.deletions_read() else {
+    let Ok(Some(logged)) = ctx.deletions.read_new(&ctx.store).await else {
         return false;
     };
     let mut forgot = false;
-    loop {
-        let Ok(page) = ctx.store.deletions_after(after, DELETIONS_PAGE).await else {
-            return forgot;
-        };
-        for (_, sid) in &page {
-            // A session created again under the same id since has its stream and group.
-            if ctx.rooms.contains(sid) && matches!(ctx.store.session_exists(sid).await, Ok(false)) {
-                tracing::debug!(room = %sid, "session deleted; no longer read");
-                ctx.rooms.forget(sid);
-                forgot = true;
-            }
-        }
-        let Some((last, _)) = page.last() else {
-            return forgot;
-        };
-        after = *last;
-        *ctx.deletions_read() = Some(after);
-        if (page.len() as u64) < DELETIONS_PAGE {
-            return forgot;
+    for (_, sid) in logged {
+        // A session created again under the same id since has its stream and group.
+        if ctx.rooms.contains(&sid) && matches!(ctx.store.session_exists(&sid).await, Ok(false)) {
+            tracing::debug!(room = %sid, "session deleted; no longer read");
+            ctx.rooms.forget(&sid);
+            forgot = true;
         }
     }
+    forgot
 }
 
 async fn repair_groups(ctx: &Ctx, rooms: &[String]) {

@@ -32,15 +32,13 @@ pub(crate) use presence::{Member, Presence};
 pub(crate) use turn_reader::TurnReader;
 
 use crate::protocol::StreamId;
-use crate::store::{Feed, FeedEvent, FeedHandle, Live, Store, StoreError};
+use crate::store::{DeletionCursor, Feed, FeedEvent, FeedHandle, Live, Store, StoreError};
 
 /// How long an empty room keeps its subscription, so a reconnecting client does not pay for a
 /// fresh SUBSCRIBE and baseline read.
 const IDLE_ROOM_TTL: Duration = Duration::from_secs(30);
 /// Rooms recovered at once after the subscription is lost.
 const RECOVERY_CONCURRENCY: usize = 32;
-/// Deletion log entries read at once.
-const DELETIONS_PAGE: u64 = 1_000;
 
 /// Registry of the rooms with members on this node. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -54,10 +52,8 @@ struct Inner {
     store: Store,
     feed: FeedHandle,
     tracker: TaskTracker,
-    /// How far this node has read the deletion log (set when the first room subscribes).
-    deletions_read: std::sync::Mutex<Option<StreamId>>,
-    /// One reader of the deletion log at a time: resyncs can come in bursts.
-    deletions_reader: tokio::sync::Mutex<()>,
+    /// How far this node has read the deletion log (started when the first room subscribes).
+    deletions: DeletionCursor,
 }
 
 impl Rooms {
@@ -74,8 +70,7 @@ impl Rooms {
                 store,
                 feed: feed.handle(),
                 tracker: tracker.clone(),
-                deletions_read: std::sync::Mutex::new(None),
-                deletions_reader: tokio::sync::Mutex::new(()),
+                deletions: DeletionCursor::default(),
             }),
         };
         tracker.spawn(rooms.clone().follow(feed, token.clone()));
@@ -137,7 +132,7 @@ impl Rooms {
                 if let Some(e) = newest.last() {
                     room.set_baseline(e.id);
                 }
-                self.deletions_read().get_or_insert(deletions);
+                self.inner.deletions.start_at(deletions);
                 Ok::<StreamId, StoreError>(deletions)
             })
             .await?;
@@ -215,11 +210,6 @@ impl Rooms {
         });
     }
 
-    fn deletions_read(&self) -> std::sync::MutexGuard<'_, Option<StreamId>> {
-        let read = self.inner.deletions_read.lock();
-        read.unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// The feed was away: room-deleted notices may have gone out meanwhile. The deletion log
     /// says which sessions were deleted since this node last read it; a room here is closed as
     /// deleted when its session was logged after the room subscribed and its stream is still
@@ -227,49 +217,34 @@ impl Rooms {
     fn forget_missed_deletes(&self, token: CancellationToken) {
         let this = self.clone();
         self.inner.tracker.spawn(async move {
-            let _one = this.inner.deletions_reader.lock().await;
-            let Some(mut after) = *this.deletions_read() else {
-                return; // no room has subscribed yet: nothing to miss
-            };
             let store = &this.inner.store;
-            loop {
-                let Some(page) = crate::retry::until_ok(&token, "reading the deletion log", || {
-                    store.deletions_after(after, DELETIONS_PAGE)
-                })
-                .await
-                else {
-                    return;
-                };
-                for (when, sid) in &page {
-                    if token.is_cancelled() {
-                        return;
-                    }
-                    let Some(room) = this.get(sid) else {
-                        continue;
-                    };
-                    if room.subscribed.get().is_none_or(|since| since >= when) {
-                        continue;
-                    }
-                    match store.session_exists(sid).await {
-                        Ok(false) => {}
-                        Ok(true) => continue,
-                        Err(err) => {
-                            tracing::warn!(room = %sid, cause = %err, "cannot tell whether a session the deletion log names is gone");
-                            continue;
-                        }
-                    }
-                    tracing::info!(room = %sid, "the room-deleted notice was missed while the feed was away");
-                    this.forget_deleted_if(sid.clone(), |r| Arc::ptr_eq(r, &room));
-                }
-                let Some((last, _)) = page.last() else {
-                    return;
-                };
-                after = *last;
-                let mut read = this.deletions_read();
-                *read = (*read).max(Some(after));
-                if (page.len() as u64) < DELETIONS_PAGE {
+            let Some(Some(logged)) = crate::retry::until_ok(&token, "reading the deletion log", || {
+                this.inner.deletions.read_new(store)
+            })
+            .await
+            else {
+                return; // shutting down, or no room has subscribed yet: nothing to miss
+            };
+            for (when, sid) in logged {
+                if token.is_cancelled() {
                     return;
                 }
+                let Some(room) = this.get(&sid) else {
+                    continue;
+                };
+                if room.subscribed.get().is_none_or(|since| *since >= when) {
+                    continue;
+                }
+                match store.session_exists(&sid).await {
+                    Ok(false) => {}
+                    Ok(true) => continue,
+                    Err(err) => {
+                        tracing::warn!(room = %sid, cause = %err, "cannot tell whether a session the deletion log names is gone");
+                        continue;
+                    }
+                }
+                tracing::info!(room = %sid, "the room-deleted notice was missed while the feed was away");
+                this.forget_deleted_if(sid, |r| Arc::ptr_eq(r, &room));
             }
         });
     }

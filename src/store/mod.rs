@@ -14,6 +14,7 @@
 //! Every command has a timeout so a dead Redis turns into `store_unavailable`, not silence.
 
 mod commit;
+mod deletions;
 mod dialects;
 mod feed;
 mod held;
@@ -26,6 +27,7 @@ mod stats;
 mod turns;
 mod usage;
 
+pub(crate) use deletions::DeletionCursor;
 pub use dialects::VoiceRate;
 pub(crate) use feed::{Feed, FeedEvent, FeedHandle};
 pub use keys::Keys;

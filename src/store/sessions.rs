@@ -13,16 +13,13 @@
 use std::time::Duration;
 
 use backon::Retryable;
-use fred::interfaces::{HashesInterface, KeysInterface, SortedSetsInterface, StreamsInterface};
+use fred::interfaces::{HashesInterface, KeysInterface, SortedSetsInterface};
 use fred::types::Value;
 use serde_json::{Map, Value as Json};
 
 use super::feed::encode_deleted;
 use super::{value_str, AppendReply, RoomStats, Store, StoreError, StreamInfo, Target};
 use crate::protocol::{EventKind, StreamId};
-
-/// Deleted sessions the log keeps (about: it is trimmed with `~`).
-const DELETIONS_KEPT: u64 = 10_000;
 
 /// How often a patch is retried when other patches keep changing the record under it.
 const PATCH_ATTEMPTS: usize = 16;
@@ -127,39 +124,6 @@ impl Store {
             )
             .await?;
         Ok(())
-    }
-
-    /// The deletion log's newest id (`0-0` when it is empty).
-    pub async fn deletions_tail(&self) -> Result<StreamId, StoreError> {
-        let reply: Value = self
-            .inner
-            .client
-            .xrevrange(self.inner.keys.deletions(), "+", "-", Some(1))
-            .await?;
-        Ok(deletion_items(reply)
-            .first()
-            .map_or(StreamId::ZERO, |(id, _)| *id))
-    }
-
-    /// Up to `count` sessions deleted after `after`, oldest first: `(log id, sid)`, the log
-    /// entry written just before the delete. Entries trimmed from the log (it keeps about
-    /// [`DELETIONS_KEPT`]) are not there to read.
-    pub async fn deletions_after(
-        &self,
-        after: StreamId,
-        count: u64,
-    ) -> Result<Vec<(StreamId, String)>, StoreError> {
-        let reply: Value = self
-            .inner
-            .client
-            .xrange(
-                self.inner.keys.deletions(),
-                format!("({after}"),
-                "+",
-                Some(count),
-            )
-            .await?;
-        Ok(deletion_items(reply))
     }
 
     /// Whether the room exists: its stream or its session record.
@@ -268,21 +232,11 @@ impl Store {
 
     async fn delete_session_now(&self, sid: &str) -> Result<bool, StoreError> {
         let k = &self.inner.keys;
-        // Logged before the notice goes out, so a node that misses the notice finds the entry
-        // when it subscribes again (see `deletions_after`); an entry for a delete that then
-        // fails is harmless, since nodes act on it only for a room whose stream is gone.
+        // Logged before the notice goes out, so whoever misses the notice finds the entry (see
+        // deletions.rs); an entry for a delete that then fails is harmless, since readers act
+        // on it only for a room whose stream is gone.
         if self.session_exists(sid).await? {
-            let _: Value = self
-                .inner
-                .client
-                .xadd(
-                    k.deletions(),
-                    false,
-                    ("MAXLEN", "~", DELETIONS_KEPT),
-                    "*",
-                    vec![("sid", sid)],
-                )
-                .await?;
+            self.log_deletion(sid).await?;
         }
         let owed = self.usage_owed(sid).await?;
         self.adopt_usage(sid, &owed).await?;
@@ -378,26 +332,6 @@ pub(crate) fn merge_patch(target: &mut Json, patch: &Json) {
             }
         }
     }
-}
-
-/// Deletion log entries, `[id, ["sid", sid]]` each → `(id, sid)`.
-fn deletion_items(reply: Value) -> Vec<(StreamId, String)> {
-    let Value::Array(items) = reply else {
-        return Vec::new();
-    };
-    items
-        .into_iter()
-        .filter_map(|item| {
-            let Value::Array(pair) = item else {
-                return None;
-            };
-            let id = pair.first().and_then(value_str)?.parse().ok()?;
-            let Some(Value::Array(fields)) = pair.get(1) else {
-                return None;
-            };
-            Some((id, fields.get(1).and_then(value_str)?))
-        })
-        .collect()
 }
 
 /// `session_delete.lua`'s reply: whether the session existed, and the usage callbacks it still
