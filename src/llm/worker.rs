@@ -245,8 +245,6 @@ async fn read_rooms(
     Ok(entries)
 }
 
-/// A group vanished (Redis restarted without its data): recreate it where the stream still
-/// exists, forget rooms whose stream is gone.
 /// Forgets the rooms whose session was deleted since this worker last read the deletion log:
 /// what a `NOGROUP` read usually means, found without a call per room read (every delete makes
 /// every worker's read fail once). `false` when the log named none of them (a room expired, or
@@ -267,6 +265,8 @@ async fn forget_deleted_rooms(ctx: &Ctx) -> bool {
     forgot
 }
 
+/// A group vanished (Redis restarted without its data): recreate it where the stream still
+/// exists, forget rooms whose stream is gone.
 async fn repair_groups(ctx: &Ctx, rooms: &[String]) {
     for sid in rooms {
         match ctx.store.ensure_group(sid, "0").await {

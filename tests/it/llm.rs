@@ -446,10 +446,10 @@ async fn a_worker_killed_mid_turn_is_replaced_and_the_turn_answered_once() {
 async fn a_dead_workers_lease_is_waited_out_not_charged_a_delivery() {
     use fred::prelude::*;
     let redis = RedisServer::start();
-    let fake = FakeLlm::start(Mode::Tokens {
-        tokens: vec!["fine ".into(), "thanks".into()],
-        delay: Duration::from_millis(10),
-    })
+    let fake = FakeLlm::start(FakeLlm::tokens(
+        &["fine ", "thanks"],
+        Duration::from_millis(10),
+    ))
     .await;
     let client = redis.client().await;
     let sid = unique_sid("lease");
@@ -548,11 +548,7 @@ async fn a_dead_workers_lease_is_waited_out_not_charged_a_delivery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_before_the_first_token_keep_the_lease() {
     let redis = RedisServer::start();
-    let fake = FakeLlm::start(Mode::Tokens {
-        tokens: vec!["at ".into(), "last".into()],
-        delay: Duration::from_millis(10),
-    })
-    .await;
+    let fake = FakeLlm::start(FakeLlm::tokens(&["at ", "last"], Duration::from_millis(10))).await;
     // Backoff from 200 ms, doubling: 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s ≈ 6 s of retries.
     fake.fail_next(5, 503);
     let base = fake.base_url();
